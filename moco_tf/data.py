@@ -1,0 +1,524 @@
+"""Image sources (TFDS, image folders, the embedded digits set) and their tf.data pipelines.
+
+A `Source` is checked when it is made: every user mistake (unknown name, missing or empty
+folder, unprepared TFDS data, corrupt files with `strict`) raises `DataError` with one line
+that says what to do, before any training starts. Offline, TFDS would retry a download for
+minutes, so nothing here lets it download: the prepared files are looked for on disk.
+
+Pipelines:
+- `pretrain_dataset`: shuffled, repeated; each element one float32 tensor [B, 2, S, S, 3] of
+  two independent views (one tensor, not a tuple: MultiWorkerMirroredStrategy + Keras `fit`
+  is fragile with tuples). Encoded files are cropped per file (JPEG: decode only the crop
+  windows), then jitter/grayscale/blur run on whole batches.
+- `labelled_dataset`: (images [b, S, S, 3], labels int32 [b]) for kNN and the linear protocol.
+Both shard per input pipeline when given a `tf.distribute.InputContext`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import random
+
+import numpy as np
+import tensorflow as tf
+
+from moco_tf import augment
+
+log = logging.getLogger(__name__)
+
+AUTOTUNE = tf.data.AUTOTUNE
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# The smallest view side that still leaves a few pixels in a 0.2-area crop and through a
+# CIFAR-stem ResNet; smaller requests are a mistake, not a choice.
+MIN_IMAGE_SIZE = 16
+# Shuffle buffer for datasets read as records (file lists are shuffled whole): enough to mix
+# TFDS's interleaved shards, small enough for ImageNet's ~110 KB JPEGs (~1 GB).
+RECORD_SHUFFLE_BUFFER = 10_000
+DIGITS_SIZE = 32
+# Splits of the TFDS datasets MoCo is usually run on: (pretrain, train, eval).
+TFDS_SPLITS = {
+    "stl10": ("unlabelled", "train", "test"),
+    "imagenet2012": ("train", "train", "validation"),
+}
+
+
+class DataError(ValueError):
+    """A data set the user asked for cannot be used; the message says what to do, in one line."""
+
+
+@dataclasses.dataclass
+class Source:
+    """A data set: where its splits come from and what they hold.
+
+    `kind` is "files" (paths + labels, read from disk), "tfds" (a prepared TFDS builder, images
+    kept encoded) or "arrays" (uint8 images in memory). Labels are -1 where there are none.
+    """
+
+    name: str
+    kind: str
+    num_classes: int | None
+    pretrain_split: str
+    train_split: str
+    eval_split: str | None
+    class_names: tuple[str, ...] = ()
+    min_image_size: int = MIN_IMAGE_SIZE
+    # kind == "files": split -> (paths, labels); kind == "arrays": split -> (images, labels)
+    splits: dict = dataclasses.field(default_factory=dict, repr=False)
+    builder: object = dataclasses.field(default=None, repr=False)  # kind == "tfds"
+    skipped_files: tuple[str, ...] = ()
+    strict: bool = False
+
+    def num_examples(self, split: str) -> int:
+        """Number of images in `split`."""
+        self._check_split(split)
+        if self.kind == "tfds":
+            return int(self.builder.info.splits[split].num_examples)
+        return len(self.splits[split][1])
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        if self.kind == "tfds":
+            return tuple(self.builder.info.splits.keys())
+        return tuple(self.splits)
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.split_names:
+            raise DataError(
+                f"dataset {self.name!r} has no split {split!r}; it has {', '.join(self.split_names)}"
+            )
+
+    def examples(
+        self,
+        split: str,
+        input_context: tf.distribute.InputContext | None = None,
+        shuffle: bool = False,
+        seed: int | None = None,
+    ) -> tf.data.Dataset:
+        """(image, label int32) per example, sharded by input pipeline; images are encoded bytes
+        (`kind` files/tfds) or uint8 [H, W, 3] (arrays). Shuffled (every epoch anew) if asked."""
+        self._check_split(split)
+        n_shards, shard = (
+            (input_context.num_input_pipelines, input_context.input_pipeline_id) if input_context else (1, 0)
+        )
+        if self.kind == "tfds":
+            import tensorflow_datasets as tfds
+
+            read_config = tfds.ReadConfig(
+                input_context=input_context, shuffle_seed=seed, interleave_cycle_length=16
+            )
+            ds = self.builder.as_dataset(
+                split=split,
+                shuffle_files=shuffle,
+                read_config=read_config,
+                decoders={"image": tfds.decode.SkipDecoding()},
+            )
+            has_label = "label" in self.builder.info.features
+            ds = ds.map(
+                lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32) if has_label else tf.constant(-1)),
+                num_parallel_calls=AUTOTUNE,
+            )
+            if shuffle:
+                ds = ds.shuffle(RECORD_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
+            return ds
+        data, labels = self.splits[split]
+        ds = tf.data.Dataset.from_tensor_slices((data, np.asarray(labels, np.int32)))
+        if n_shards > 1:
+            ds = ds.shard(n_shards, shard)
+        if shuffle:
+            ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        if self.kind == "files":
+            ds = ds.map(lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=AUTOTUNE)
+        return ds
+
+
+# ----------------------------------------------------------------------------------------------
+# making sources
+
+
+def make_source(dataset: str, data_dir: str | None = None, strict: bool = False) -> Source:
+    """The data set named `dataset`, checked; raises DataError with what to do if unusable.
+
+    "digits": the embedded default (scikit-learn's handwritten digits, 32x32 RGB).
+    "folder": `data_dir` with one subfolder per class (images found recursively), or with
+        train/ and val/ (or test/) folders of class subfolders; images directly in `data_dir`
+        form an unlabelled set. Unreadable or non-image files are skipped with one warning,
+        or, with `strict`, stop here naming the first.
+    anything else: a TFDS name, read from `data_dir` (may be gs://) or TFDS's default folder.
+    """
+    if not dataset:
+        raise DataError(
+            "no dataset given: use --dataset=digits, --dataset=folder --data_dir=DIR, or a TFDS name"
+        )
+    if dataset == "digits":
+        return _digits_source()
+    if dataset == "folder":
+        return _folder_source(data_dir, strict)
+    return _tfds_source(dataset, data_dir)
+
+
+def _digits_source() -> Source:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # 8x8 values 0..16 -> 0..255, upscaled (antialiased bilinear) to 32x32, gray -> RGB.
+    small = (digits.images.astype(np.float32) * (255.0 / 16.0))[..., None]
+    big = tf.image.resize(small, [DIGITS_SIZE, DIGITS_SIZE], method="bilinear", antialias=True)
+    images = np.repeat(np.clip(np.round(big.numpy()), 0, 255).astype(np.uint8), 3, axis=-1)
+    labels = digits.target.astype(np.int32)
+    # A fixed held-out split: every 5th image (the set cycles through the classes, so the
+    # split is close to stratified): 1438 train, 359 test.
+    test = np.arange(len(labels)) % 5 == 4
+    return Source(
+        name="digits",
+        kind="arrays",
+        num_classes=10,
+        pretrain_split="train",
+        train_split="train",
+        eval_split="test",
+        class_names=tuple(str(d) for d in range(10)),
+        min_image_size=MIN_IMAGE_SIZE,
+        splits={"train": (images[~test], labels[~test]), "test": (images[test], labels[test])},
+    )
+
+
+def _folder_source(data_dir: str | None, strict: bool) -> Source:
+    if not data_dir:
+        raise DataError(
+            "--dataset=folder needs --data_dir=DIR, a folder with one subfolder of images per class"
+        )
+    if not tf.io.gfile.isdir(data_dir):
+        raise DataError(f"--data_dir={data_dir} is not a folder: give the folder that holds your images")
+    entries = set(tf.io.gfile.listdir(data_dir))
+    entries = {e.rstrip("/") for e in entries}
+    layout = {}
+    if "train" in entries and tf.io.gfile.isdir(os.path.join(data_dir, "train")):
+        layout["train"] = os.path.join(data_dir, "train")
+        for name in ("val", "test"):
+            if name in entries and tf.io.gfile.isdir(os.path.join(data_dir, name)):
+                layout[name] = os.path.join(data_dir, name)
+                break
+    else:
+        layout["train"] = data_dir
+    class_names = _class_names(layout["train"])
+    splits, skipped = {}, []
+    for split, folder in layout.items():
+        paths, labels = _list_images(folder, class_names)
+        good, bad = _validate_files(paths)
+        if bad and strict:
+            raise DataError(
+                f"unreadable image {bad[0][0]} ({bad[0][1]}): fix or remove it, or drop --strict_data"
+            )
+        keep = set(good)
+        labels = [label for path, label in zip(paths, labels, strict=True) if path in keep]
+        paths = [p for p in paths if p in keep]
+        skipped += [path for path, _ in bad]
+        if not paths:
+            raise DataError(
+                f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}: put your images there, "
+                "one subfolder per class"
+            )
+        splits[split] = (np.array(paths), np.array(labels, np.int32))
+    if skipped:
+        log.warning(
+            "skipping %d unreadable or non-image file(s) in %s, e.g. %s",
+            len(skipped),
+            data_dir,
+            ", ".join(skipped[:5]),
+        )
+    eval_split = next((s for s in ("val", "test") if s in splits), None)
+    return Source(
+        name=f"folder:{data_dir}",
+        kind="files",
+        num_classes=len(class_names) or None,
+        pretrain_split="train",
+        train_split="train",
+        eval_split=eval_split,
+        class_names=tuple(class_names),
+        splits=splits,
+        skipped_files=tuple(skipped),
+        strict=strict,
+    )
+
+
+def _class_names(folder: str) -> list[str]:
+    return sorted(
+        e.rstrip("/") for e in tf.io.gfile.listdir(folder) if tf.io.gfile.isdir(os.path.join(folder, e))
+    )
+
+
+def _list_images(folder: str, class_names: list[str]) -> tuple[list[str], list[int]]:
+    """Image paths under `folder`: in class subfolders (recursively) with their class index, and
+    directly in `folder` with label -1 when there are no class subfolders."""
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        root = os.path.join(folder, name)
+        if not tf.io.gfile.isdir(root):
+            continue
+        for dirpath, _, files in sorted(tf.io.gfile.walk(root)):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(os.path.join(dirpath, f))
+                    labels.append(label)
+    if not class_names:
+        for f in sorted(tf.io.gfile.listdir(folder)):
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(folder, f))
+                labels.append(-1)
+    return paths, labels
+
+
+# Magic bytes of the formats tf.io.decode_image reads.
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF87a", b"GIF89a")
+_END_MARKERS = {b"\xff\xd8\xff": b"\xff\xd9", b"\x89PN": b"IEND"}
+
+
+def _check_file(path: str) -> str | None:
+    """Why `path` cannot be an image (None if it looks fine). Cheap: reads the first 16 bytes,
+    and for JPEG and PNG the last KiB, where the end marker (JPEG EOI, PNG IEND) must be: it is
+    missing when a download or copy was cut short. (Some JPEGs carry bytes after EOI, hence a KiB.)"""
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            head = f.read(16)
+            end_marker = _END_MARKERS.get(head[:3])
+            if end_marker:
+                size = f.size()
+                f.seek(max(16, size - 1024))
+                if end_marker not in f.read():
+                    return "truncated file (no end-of-image marker)"
+    except (OSError, tf.errors.OpError) as e:
+        return f"cannot read: {e}"
+    if not head:
+        return "empty file"
+    if not head.startswith(_MAGIC):
+        return "not a JPEG, PNG, BMP or GIF file"
+    return None
+
+
+def _validate_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split paths into readable images and (path, reason) for the others, in order.
+
+    A header check, not a full decode: it catches empty, truncated and non-image files at
+    ImageNet scale in seconds (threads, since it is I/O); a file that passes it but still fails
+    to decode is dropped by the pipeline's `ignore_errors` (or stops it, with `strict`)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+        reasons = list(pool.map(_check_file, paths, chunksize=256))
+    good = [p for p, r in zip(paths, reasons, strict=True) if r is None]
+    bad = [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
+    return good, bad
+
+
+def _tfds_source(name: str, data_dir: str | None) -> Source:
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataError(
+            f"unknown dataset {name!r}: use digits, folder (with --data_dir), or a TFDS name such as cifar10"
+        ) from None
+    except Exception as e:  # a malformed name or config, e.g. "cifar10/nope"
+        raise DataError(f"cannot open TFDS dataset {name!r}: {str(e).splitlines()[0]}") from None
+    # Prepared data has its dataset_info.json in the versioned folder; without it TFDS would try
+    # to download (and retry for minutes offline), so stop here and say how to prepare it.
+    if not tf.io.gfile.exists(os.path.join(str(builder.data_dir), "dataset_info.json")):
+        where = data_dir or "TFDS's default folder (~/tensorflow_datasets)"
+        how = (
+            "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar by hand into "
+            "<data_dir>/downloads/manual/, then run `tfds build imagenet2012 --data_dir=<data_dir>`"
+            if name.startswith("imagenet2012")
+            else f"run `tfds build {name} --data_dir=<data_dir>` on a machine with network"
+        )
+        raise DataError(f"TFDS dataset {name!r} is not prepared in {where}: {how}")
+    info = builder.info
+    if "image" not in info.features:
+        raise DataError(f"TFDS dataset {name!r} has no 'image' feature: pick an image dataset")
+    splits = list(info.splits.keys())
+    base = name.split("/")[0].split(":")[0]
+    if base in TFDS_SPLITS:
+        pretrain, train, evaluation = TFDS_SPLITS[base]
+    else:
+        pretrain = train = "train" if "train" in splits else splits[0]
+        evaluation = next((s for s in ("validation", "test") if s in splits), None)
+    label = info.features["label"] if "label" in info.features else None
+    num_classes = getattr(label, "num_classes", None)
+    return Source(
+        name=name,
+        kind="tfds",
+        num_classes=num_classes,
+        pretrain_split=pretrain,
+        train_split=train,
+        eval_split=evaluation if evaluation in splits else None,
+        class_names=tuple(label.names) if num_classes else (),
+        builder=builder,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# pipelines
+
+
+def _check_image_size(source: Source, image_size: int) -> None:
+    if not isinstance(image_size, int) or image_size < source.min_image_size:
+        raise DataError(
+            f"--image_size={image_size} is too small: use at least {source.min_image_size} "
+            "(32 for CIFAR-size data, 224 for ImageNet)"
+        )
+
+
+def _local_batch(batch_size: int, input_context: tf.distribute.InputContext | None) -> int:
+    if batch_size < 1:
+        raise DataError(f"--batch_size={batch_size} must be at least 1")
+    if input_context is None:
+        return batch_size
+    if batch_size % input_context.num_replicas_in_sync:
+        raise DataError(
+            f"--batch_size={batch_size} must be a multiple of the number of replicas, "
+            f"{input_context.num_replicas_in_sync}"
+        )
+    return input_context.get_per_replica_batch_size(batch_size)
+
+
+def _base_seed(seed: int | None, input_context: tf.distribute.InputContext | None) -> tf.Tensor:
+    # Every input pipeline gets its own stream, reproducible when a seed is given.
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31)
+    pipeline = input_context.input_pipeline_id if input_context else 0
+    return tf.constant([seed, pipeline], tf.int64)
+
+
+def _with_seeds(ds: tf.data.Dataset, base: tf.Tensor, salt: int) -> tf.data.Dataset:
+    """Zip a distinct stateless seed onto each element: fold the element's index into `base`."""
+    seeds = tf.data.Dataset.counter().map(
+        lambda i: tf.random.experimental.stateless_fold_in(
+            tf.random.experimental.stateless_fold_in(base, salt), i
+        )
+    )
+    return tf.data.Dataset.zip((ds, seeds))
+
+
+def _options(ds: tf.data.Dataset, input_context) -> tf.data.Dataset:
+    options = tf.data.Options()
+    if input_context is None:
+        # Handed to strategy.experimental_distribute_dataset: shard elements, not files.
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    options.deterministic = True
+    return ds.with_options(options)
+
+
+def pretrain_dataset(
+    source: Source,
+    split: str,
+    image_size: int,
+    aug: str,
+    global_batch_size: int,
+    seed: int | None = None,
+    input_context: tf.distribute.InputContext | None = None,
+) -> tf.data.Dataset:
+    """Two MoCo views per image: infinite batches float32 [local_batch, 2, S, S, 3].
+
+    Shuffled anew each epoch, drop_remainder (static shapes), prefetched. With a seed the
+    stream is the same on every run (per input pipeline).
+    """
+    _check_image_size(source, image_size)
+    augment._config(aug)
+    batch = _local_batch(global_batch_size, input_context)
+    if source.num_examples(split) < batch * (input_context.num_input_pipelines if input_context else 1):
+        raise DataError(
+            f"split {split!r} of {source.name} has {source.num_examples(split)} images, fewer than one batch "
+            f"of {global_batch_size}: lower --batch_size"
+        )
+    base = _base_seed(seed, input_context)
+    ds = source.examples(split, input_context, shuffle=True, seed=seed).repeat()
+    if source.kind == "arrays":
+        # Equally sized decoded images: the whole augmentation runs on batches.
+        ds = ds.batch(batch, drop_remainder=True)
+        ds = _with_seeds(ds, base, 1)
+
+        def two_views(examples, seed):
+            images, _ = examples
+            s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+            views = [augment.augment_batch(images, aug, image_size, s) for s in (s1, s2)]
+            return tf.stack(views, axis=1)
+
+        ds = ds.map(two_views, num_parallel_calls=AUTOTUNE)
+    else:
+        # Encoded files: crop (and flip) per file, decoding only the windows of a JPEG...
+        ds = _with_seeds(ds, base, 1)
+        ds = ds.map(
+            lambda example, seed: augment.random_crops_encoded(example[0], image_size, 2, seed),
+            num_parallel_calls=AUTOTUNE,
+        )
+        if not source.strict:
+            ds = ds.ignore_errors(log_warning=True)
+        # ...then the colour ops on whole batches of views.
+        ds = ds.batch(batch, drop_remainder=True)
+        ds = _with_seeds(ds, base, 2)
+
+        def color(crops, seed):
+            views = augment.augment_crops(
+                tf.reshape(crops, [-1, image_size, image_size, 3]), aug, image_size, seed
+            )
+            return tf.reshape(views, [batch, 2, image_size, image_size, 3])
+
+        ds = ds.map(color, num_parallel_calls=AUTOTUNE)
+    return _options(ds.prefetch(AUTOTUNE), input_context)
+
+
+def labelled_dataset(
+    source: Source,
+    split: str,
+    image_size: int,
+    batch_size: int,
+    train_aug: bool = False,
+    input_context: tf.distribute.InputContext | None = None,
+    drop_remainder: bool = False,
+    repeat: bool = False,
+    shuffle: bool = False,
+    seed: int | None = None,
+) -> tf.data.Dataset:
+    """(images float32 [b, S, S, 3] normalised, labels int32 [b]) from a labelled split.
+
+    `train_aug`: RandomResizedCrop(S, scale 0.08-1) + flip (the linear protocol's training
+    transform); otherwise the eval transform (resize to S * 256/224, centre crop). `batch_size`
+    is global: with an input context each pipeline yields its per-replica share.
+    """
+    _check_image_size(source, image_size)
+    if not source.num_classes:
+        raise DataError(f"{source.name} has no labels: kNN and linear evaluation need class subfolders")
+    batch = _local_batch(batch_size, input_context)
+    base = _base_seed(seed, input_context)
+    ds = source.examples(split, input_context, shuffle=shuffle, seed=seed)
+    if repeat:
+        ds = ds.repeat()
+    ds = _with_seeds(ds, base, 3)
+    encoded = source.kind != "arrays"
+
+    def transform(example, seed):
+        image, label = example
+        if train_aug:
+            if encoded:
+                view = augment.random_crops_encoded(
+                    image, image_size, 1, seed, scale=augment.LINCLS_CROP_SCALE
+                )[0]
+            else:
+                s_crop, s_flip = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+                shape = tf.shape(image)
+                window = augment.sample_crop_windows(
+                    shape[0:1], shape[1:2], s_crop, scale=augment.LINCLS_CROP_SCALE
+                )
+                flip = tf.random.stateless_uniform([1], s_flip) < 0.5
+                view = tf.round(augment.crop_and_resize_batch(image[None], window, image_size, flip))[0]
+            view = augment.normalize(tf.cast(view, tf.float32) / 255.0)
+        else:
+            view = augment.eval_transform(augment.decode_image(image) if encoded else image, image_size)
+        view.set_shape([image_size, image_size, 3])
+        return view, label
+
+    ds = ds.map(transform, num_parallel_calls=AUTOTUNE)
+    if encoded and not source.strict:
+        ds = ds.ignore_errors(log_warning=True)
+    ds = ds.batch(batch, drop_remainder=drop_remainder)
+    return _options(ds.prefetch(AUTOTUNE), input_context)
