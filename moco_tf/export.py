@@ -1,0 +1,223 @@
+"""Export a MoCo backbone as a reusable TF-Hub SavedModel.
+
+    python -m moco_tf.export --model_dir=DIR --export_dir=export/NAME [--overwrite]
+
+Keras 3's `model.export()` alone cannot be fine-tuned through `hub.KerasLayer(trainable=True)`:
+it has no `__call__` with a `training` argument and no `regularization_losses`. The export is
+therefore a `tf.Module` following the TF-Hub reusable SavedModel convention:
+
+- `__call__(images, training=False)`, traced for both values of `training` (BatchNorm uses batch
+  statistics and updates its moving statistics when `training=True`);
+- `variables`, `trainable_variables`, `regularization_losses` (empty: weight decay is the
+  optimizer's job, as in PyTorch);
+- a `serving_default` signature returning `{"feature_vector": [batch, 512 or 2048]}` (and
+  `"projection"` when the MoCo head is exported too);
+- `assets/moco_config.json` describing the architecture, the MoCo run and the preprocessing.
+
+Inputs follow the TF-Hub image convention: float32 RGB in [0, 1], shape [batch, height, width, 3],
+any height and width. The ImageNet mean/std normalisation happens inside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CONFIG_ASSET = "moco_config.json"
+
+_IMAGES = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
+
+
+class HubModule(tf.Module):
+    """The exported object: normalisation + backbone (+ optional projection head).
+
+    `variables` and `trainable_variables` are read-only properties on `tf.Module` that collect
+    variables by walking attributes; Keras 3 variables are not `tf.Variable`s, so the walk would
+    miss them. Shadowing the properties with class attributes lets us assign explicit lists of the
+    underlying `tf.Variable`s, which is what `hub.KerasLayer` reads after loading.
+    """
+
+    variables = None
+    trainable_variables = None
+    regularization_losses = None
+
+    def __init__(
+        self,
+        backbone: keras.Model,
+        head: keras.Model | None = None,
+        config_file: str | None = None,
+    ):
+        super().__init__(name="moco_encoder")
+        self._backbone = backbone
+        self._head = head
+        layers = [backbone] + ([head] if head is not None else [])
+        self.variables = [v.value for layer in layers for v in layer.weights]
+        # The projection head is exported for inspection; fine-tuning touches the backbone only.
+        self.trainable_variables = [v.value for v in backbone.trainable_weights]
+        self.regularization_losses = []
+        self._mean = tf.constant(IMAGENET_MEAN, tf.float32)
+        self._std = tf.constant(IMAGENET_STD, tf.float32)
+        if config_file is not None:
+            self.config_file = tf.saved_model.Asset(config_file)
+
+    def _features(self, images, training):
+        x = (tf.convert_to_tensor(images, tf.float32) - self._mean) / self._std
+        return self._backbone(x, training=training)
+
+    @tf.function
+    def __call__(self, images, training=False):
+        """images float32 [batch, h, w, 3] in [0, 1] -> pooled features [batch, 512 or 2048]."""
+        return self._features(images, training)
+
+    @tf.function(input_signature=[_IMAGES])
+    def serve(self, images):
+        features = self._features(images, training=False)
+        outputs = {"feature_vector": features}
+        if self._head is not None:
+            outputs["projection"] = self._head(features, training=False)
+        return outputs
+
+
+def export_backbone(
+    backbone: keras.Model,
+    export_dir: str,
+    config: Mapping[str, Any],
+    head: keras.Model | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Write `backbone` (images -> pooled features) as a TF-Hub reusable SavedModel.
+
+    backbone: a `moco_tf.resnet` model taking ImageNet-normalised images (e.g. `MoCo.backbone_q`).
+    export_dir: the folder to create. It is written under a temporary name next to it and renamed
+        at the end, so an interrupted export leaves nothing half-written.
+    config: what the export should say about itself in `assets/moco_config.json` (arch, MoCo
+        version, epochs, dataset, ...); the preprocessing contract is added here.
+    head: the MoCo projection head (`MoCo.encoder_q.head`); when given, `serving_default` also
+        returns its output under "projection".
+    overwrite: replace an existing `export_dir`; without it an existing folder is an error.
+
+    Returns export_dir. Raises FileExistsError when export_dir exists and overwrite is False.
+    """
+    export_dir = os.path.normpath(export_dir)
+    if os.path.exists(export_dir) and not overwrite:
+        raise FileExistsError(f"export {export_dir} already exists; pass overwrite=True (--overwrite)")
+    parent = os.path.dirname(os.path.abspath(export_dir))
+    os.makedirs(parent, exist_ok=True)
+    name = os.path.basename(export_dir)
+    # Same parent folder, so the final rename stays on one filesystem and is atomic.
+    staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    try:
+        saved = os.path.join(staging, "saved_model")
+        config_path = os.path.join(staging, CONFIG_ASSET)
+        with open(config_path, "w") as f:
+            json.dump(_full_config(backbone, config, head), f, indent=2, sort_keys=True)
+        module = HubModule(backbone, head, config_path)
+        # Trace both training values so hub.KerasLayer finds a function for each.
+        module.__call__.get_concrete_function(_IMAGES, training=False)
+        module.__call__.get_concrete_function(_IMAGES, training=True)
+        tf.saved_model.save(module, saved, signatures={"serving_default": module.serve})
+        _replace(saved, export_dir, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return export_dir
+
+
+def _full_config(backbone: keras.Model, config: Mapping[str, Any], head) -> dict[str, Any]:
+    full = dict(config)
+    full.setdefault("feature_dim", int(backbone.output.shape[-1]))
+    if head is not None:
+        full.setdefault("projection_dim", int(head.layers[-1].units))
+    full["preprocessing"] = {
+        "input": "float32 RGB in [0, 1], shape [batch, height, width, 3], any height and width",
+        "normalization": "inside the model: (x - mean) / std",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "eval_transform": "resize shorter side to 256, center crop 224 (the linear protocol's)",
+    }
+    full["signatures"] = {"serving_default": ["feature_vector"] + (["projection"] if head else [])}
+    return full
+
+
+def _replace(src: str, dst: str, overwrite: bool) -> None:
+    """Move src to dst; with overwrite, the old dst disappears only once src is in place."""
+    if not os.path.exists(dst):
+        os.rename(src, dst)
+        return
+    if not overwrite:
+        raise FileExistsError(f"export {dst} already exists; pass overwrite=True (--overwrite)")
+    old = src + ".old"
+    os.rename(dst, old)
+    os.rename(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_config(export_dir: str) -> dict[str, Any]:
+    """The `assets/moco_config.json` of an export."""
+    with open(os.path.join(export_dir, "assets", CONFIG_ASSET)) as f:
+        return json.load(f)
+
+
+def export_model_dir(model_dir: str, export_dir: str, overwrite: bool = False) -> str:
+    """Export the query backbone (and head) of the MoCo model saved in `model_dir`."""
+    from moco_tf.checkpoint import restore_model
+
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model_dir {model_dir} does not exist")
+    model, config = restore_model(model_dir)
+    config = {**config, "source": f"moco_tf model_dir {os.path.abspath(model_dir)}"}
+    return export_backbone(
+        model.encoder_q.backbone, export_dir, config, head=model.encoder_q.head, overwrite=overwrite
+    )
+
+
+# User mistakes the CLIs report in one line instead of a traceback.
+USER_ERRORS = (FileExistsError, FileNotFoundError, NotADirectoryError, ValueError)
+
+
+def _main(argv) -> None:
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.model_dir or not FLAGS.export_dir:
+        raise ValueError("both --model_dir and --export_dir are required")
+    path = export_model_dir(FLAGS.model_dir, FLAGS.export_dir, overwrite=FLAGS.overwrite)
+    print(f"exported {path}")
+
+
+def run_cli(main, argv=None, user_errors: tuple[type[BaseException], ...] = ()) -> None:
+    """absl's app.run, with user mistakes turned into one line on stderr and exit status 2."""
+    from absl import app
+
+    def wrapped(args):
+        try:
+            main(args)
+        except USER_ERRORS + user_errors as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(wrapped, argv=argv)
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("model_dir", None, "moco_tf model_dir to export (written by training)")
+    flags.DEFINE_string("export_dir", None, "folder to create, e.g. export/moco_v2_r50")
+    flags.DEFINE_bool("overwrite", False, "replace an existing export_dir")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    run_cli(_main)
