@@ -169,10 +169,12 @@ def read_config(export_dir: str) -> dict[str, Any]:
 
 def export_model_dir(model_dir: str, export_dir: str, overwrite: bool = False) -> str:
     """Export the query backbone (and head) of the MoCo model saved in `model_dir`."""
-    from moco_tf.checkpoint import restore_model
-
+    if os.path.exists(export_dir) and not overwrite:  # before the slow restore
+        raise FileExistsError(f"export {export_dir} already exists; pass overwrite=True (--overwrite)")
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model_dir {model_dir} does not exist")
+    from moco_tf.checkpoint import restore_model
+
     model, config = restore_model(model_dir)
     config = {**config, "source": f"moco_tf model_dir {os.path.abspath(model_dir)}"}
     return export_backbone(
