@@ -152,10 +152,12 @@ def crop_and_resize_batch(
 
     One `crop_and_resize` for the batch. The boxes are placed so that output pixel k samples
     the source at top + (k + 0.5) * h / S - 0.5, the half-pixel convention of torchvision's and
-    tf.image.resize's bilinear resize; a one-pixel replicated border stands in for their edge
-    clamping. Bilinear without antialiasing: exact for the usual upscaling of small images,
-    slightly aliased when shrinking a large crop (the per-file path antialiases). Returns
-    float32 in the input's value range.
+    tf.image.resize's bilinear resize; a one-pixel replicated border stands in for their
+    clamping at the image's edge. Two differences from resizing the cut-out crop: when a crop
+    is upscaled, the outermost output rows/columns (sample points up to half a source pixel
+    outside the crop) blend in the neighbouring source pixel instead of repeating the crop's
+    edge; and shrinking has no antialiasing (slightly aliased for large crops; the per-file
+    path antialiases). Returns float32 in the input's value range.
     """
     images = tf.convert_to_tensor(images)
     padded = tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
@@ -285,14 +287,55 @@ def adjust_hue(images: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
     TF's fused AdjustHue kernel (RGB -> HSV, shift, back in one pass) takes one delta, so it
     runs image by image; that is still ~2.5x faster than the batched rgb_to_hsv round trip.
     """
-    return tf.map_fn(
+    hued = tf.map_fn(
         lambda args: tf.image.adjust_hue(args[0], args[1]),
         (images, tf.cast(factors, images.dtype)),
         fn_output_signature=images.dtype,
     )
+    return tf.reshape(hued, tf.shape(images))  # map_fn over no images loses the inner shape
 
 
 _ADJUST = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def jitter_params(
+    n: tf.Tensor | int, strength: tuple[float, float, float, float], p: float, seed: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """RandomApply(ColorJitter(*strength), p) draws for n images, as torchvision makes them.
+
+    Returns factors float32 [n, 4] (brightness, contrast, saturation ~ U[max(0, 1-s), 1+s], hue
+    ~ U[-h, h]), order int32 [n, 4] (a random permutation of the four ops per image, like
+    torch.randperm(4)) and applied bool [n]. Ops of strength 0 are skipped (set to -1 in order),
+    as torchvision leaves them None.
+    """
+    s_apply, s_order, *s_factor = _split(seed, 6)
+    factors = []
+    for k, (s, sd) in enumerate(zip(strength, s_factor, strict=True)):
+        low, high = (max(0.0, 1.0 - s), 1.0 + s) if k < 3 else (-s, s)
+        factors.append(_uniform([n], sd, low, high))
+    order = tf.argsort(_uniform([n, 4], s_order), axis=1)  # int32
+    enabled = tf.constant([s > 0 for s in strength])
+    order = tf.where(tf.gather(enabled, order), order, -1)
+    return tf.stack(factors, axis=1), order, _bernoulli(n, p, s_apply)
+
+
+def apply_jitter(images: tf.Tensor, factors: tf.Tensor, order: tf.Tensor, applied: tf.Tensor) -> tf.Tensor:
+    """The jitter ops in each image's own order (see `jitter_params`), batched.
+
+    Each of the 4 stages splits the batch by the op each image needs there
+    (`dynamic_partition`), so every image pays for exactly its own ops, and images left out by
+    `applied` pay for none.
+    """
+    n = tf.shape(images)[0]
+    index = tf.range(n)
+    for stage in range(4):
+        op = order[:, stage]
+        op = tf.where(applied & (op >= 0), op, 4)  # 4 = leave unchanged
+        parts = tf.dynamic_partition(images, op, 5)
+        indices = tf.dynamic_partition(index, op, 5)
+        outs = [fn(parts[k], tf.dynamic_partition(factors[:, k], op, 5)[k]) for k, fn in enumerate(_ADJUST)]
+        images = tf.dynamic_stitch(indices, outs + [parts[4]])
+    return images
 
 
 def color_jitter(
@@ -301,35 +344,8 @@ def color_jitter(
     p: float,
     seed: tf.Tensor,
 ) -> tf.Tensor:
-    """RandomApply(ColorJitter(*strength), p) per image of a batch.
-
-    Factors as torchvision draws them: brightness/contrast/saturation U[max(0, 1-s), 1+s], hue
-    U[-h, h]; the four adjustments in a random order per image. Each of the 4 stages splits the
-    batch by the op each image needs there (`dynamic_partition`), so every image pays for
-    exactly its own ops, and images left out by p pay for none.
-    """
-    n = tf.shape(images)[0]
-    s_apply, s_order, *s_factor = _split(seed, 6)
-    factors = []
-    for k, (s, sd) in enumerate(zip(strength, s_factor, strict=True)):
-        if k < 3:
-            factors.append(_uniform([n], sd, max(0.0, 1.0 - s), 1.0 + s))
-        else:
-            factors.append(_uniform([n], sd, -s, s))
-    # A random permutation per image (torch.randperm(4)) by argsort of uniforms.
-    order = tf.argsort(_uniform([n, 4], s_order), axis=1)  # int32
-    applied = _bernoulli(n, p, s_apply)
-    # Ops of strength 0 are skipped (torchvision sets them to None).
-    enabled = tf.constant([s > 0 for s in strength])
-    index = tf.range(n)
-    for stage in range(4):
-        op = order[:, stage]
-        op = tf.where(applied & tf.gather(enabled, op), op, 4)  # 4 = leave unchanged
-        parts = tf.dynamic_partition(images, op, 5)
-        indices = tf.dynamic_partition(index, op, 5)
-        outs = [fn(parts[k], tf.dynamic_partition(factors[k], op, 5)[k]) for k, fn in enumerate(_ADJUST)]
-        images = tf.dynamic_stitch(indices, outs + [parts[4]])
-    return images
+    """RandomApply(ColorJitter(*strength), p) on each image of a batch (float32 in [0, 1])."""
+    return apply_jitter(images, *jitter_params(tf.shape(images)[0], strength, p, seed))
 
 
 def random_grayscale(images: tf.Tensor, p: float, seed: tf.Tensor) -> tf.Tensor:
