@@ -386,3 +386,57 @@ def test_cli_user_errors_are_one_line(tmp_path, r18):
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and expected in last, result.stderr
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- into a MoCo model
+
+
+def test_official_checkpoint_into_moco_resumes_a_step(reference):
+    model_module = pytest.importorskip("moco_tf.model")
+    import keras
+
+    path, outputs, mlp = reference("resnet18")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint["state_dict"]
+    model = model_module.MoCo(arch="resnet18", dim=128, queue_size=QUEUE, mlp=mlp)
+    report = convert.load_torch_state_dict(model, state)
+    assert report.head == "v2" and not report.ignored
+
+    x = (images(*SIZES[1]) - MEAN) / STD
+    projection = model.encoder_q(x, training=False).numpy()
+    assert np.abs(projection - outputs[SIZES[1]][1]).max() < TOLERANCE
+    np.testing.assert_array_equal(
+        model.encoder_k.backbone.get_layer("layer2.0.conv1").kernel.numpy(),
+        state["module.encoder_k.layer2.0.conv1.weight"].numpy().transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(
+        model.encoder_k.head.get_layer("fc.2").kernel.numpy(), state["module.encoder_k.fc.2.weight"].numpy().T
+    )
+    np.testing.assert_array_equal(model.queue.numpy(), state["module.queue"].numpy().T)
+    assert int(model.queue_ptr.numpy()) == 8
+
+    model.compile(optimizer=keras.optimizers.SGD(0.03, momentum=0.9))
+    views = np.random.RandomState(5).normal(size=(2, 8, 32, 32, 3)).astype(np.float32)
+    logs = model.train_step((views[0], views[1]))
+    assert np.isfinite(float(logs["loss"]))
+    assert int(model.queue_ptr.numpy()) == 16
+
+
+def test_checkpoint_without_moco_head_leaves_the_moco_head(r18):
+    model_module = pytest.importorskip("moco_tf.model")
+    model = model_module.MoCo(arch="resnet18", dim=128, queue_size=QUEUE, mlp=False)
+    before = model.encoder_q.head.get_layer("fc").kernel.numpy().copy()
+    report = convert.load_torch_state_dict(model, _numpy_state(r18, "module."))  # lincls-like
+    assert report.head == "classifier" and "encoder_q.fc.weight" in report.ignored
+    np.testing.assert_array_equal(model.encoder_q.head.get_layer("fc").kernel.numpy(), before)
+    # No key encoder in the checkpoint: it starts as a copy of the query encoder.
+    for q, k in zip(model.encoder_q.weights, model.encoder_k.weights, strict=True):
+        np.testing.assert_array_equal(q.numpy(), k.numpy())
+
+
+def test_v1_checkpoint_into_v2_model_is_a_clear_error(reference):
+    model_module = pytest.importorskip("moco_tf.model")
+    path, _, _ = reference("resnet18")  # a v2 checkpoint
+    model = model_module.MoCo(arch="resnet18", dim=128, queue_size=QUEUE, mlp=False)
+    with pytest.raises(convert.CheckpointError, match="fc.0.weight"):
+        convert.load_torch_state_dict(model, torch.load(path, weights_only=True)["state_dict"])
