@@ -180,9 +180,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         t = time.perf_counter()
         large, small = prepare(workdir, args.num_large, args.num_small)
-        print(
-            f"prepared {args.num_large} upscaled + {args.num_small} CIFAR JPEGs in {time.perf_counter() - t:.0f} s"
-        )
+        took = time.perf_counter() - t
+        print(f"prepared {args.num_large} upscaled + {args.num_small} CIFAR JPEGs in {took:.0f} s")
         results = {}
         for size, folder, batch in ((224, large, 32), (32, small, 256)):
             sides = [("moco_tf", sys.executable)]
@@ -194,9 +193,8 @@ def main() -> None:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 results[(size, name)] = json.loads(out.strip().splitlines()[-1])
                 r = results[(size, name)]
-                print(
-                    f"{size}x{size} {name:12s} {r['pairs_per_s']:8.1f} pairs/s ({r['batches']} batches of {batch})"
-                )
+                rate = r["pairs_per_s"]
+                print(f"{size}x{size} {name:12s} {rate:8.1f} pairs/s ({r['batches']} batches of {batch})")
             if args.torch_python:
                 ratio = (
                     results[(size, "moco_tf")]["pairs_per_s"] / results[(size, "torchvision")]["pairs_per_s"]
