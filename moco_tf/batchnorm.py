@@ -50,28 +50,35 @@ class BatchNorm(keras.layers.Layer):
         self.moving_variance = self.add_weight(initializer="ones", name="moving_variance", **stat)
 
     def call(self, inputs, training=False):
-        x = tf.cast(inputs, tf.float32)
-        gamma = tf.cast(self.gamma, tf.float32)
-        beta = tf.cast(self.beta, tf.float32)
+        # float32 at least: float16 statistics lose too much; float64 stays float64.
+        dtype = tf.float64 if inputs.dtype == tf.float64 else tf.float32
+        x = tf.cast(inputs, dtype)
+        gamma, beta = tf.cast(self.gamma, dtype), tf.cast(self.beta, dtype)
+        moving_mean = tf.cast(self.moving_mean, dtype)
+        moving_variance = tf.cast(self.moving_variance, dtype)
         if not training:
-            scale = gamma * tf.math.rsqrt(self.moving_variance + self.epsilon)
-            return tf.cast(x * scale + (beta - self.moving_mean * scale), inputs.dtype)
+            scale = gamma * tf.math.rsqrt(moving_variance + self.epsilon)
+            return tf.cast(x * scale + (beta - moving_mean * scale), inputs.dtype)
 
+        # Group g holds samples g, g + G, g + 2G, ...: the official SplitBatchNorm's
+        # `x.view(-1, C * G, H, W)` interleaves the batch this way.
         groups = self.num_groups
         shape = tf.shape(x)
-        grouped = tf.reshape(x, tf.concat([[groups, shape[0] // groups], shape[1:]], 0))
-        axes = list(range(1, len(x.shape)))  # all but the group and channel axes
+        grouped = tf.reshape(x, tf.concat([[shape[0] // groups, groups], shape[1:]], 0))
+        axes = [0] + list(range(2, len(x.shape)))  # all but the group and channel axes
         mean, var = tf.nn.moments(grouped, axes=axes, keepdims=True)
         out = (grouped - mean) * tf.math.rsqrt(var + self.epsilon) * gamma + beta
         out = tf.reshape(out, shape)
 
         # Moving statistics: unbiased variance as PyTorch, averaged over the groups.
-        count = tf.cast(tf.reduce_prod(tf.shape(grouped)[1:-1]), tf.float32)
+        count = tf.cast(tf.size(grouped) // (groups * shape[-1]), dtype)
         batch_mean = tf.reduce_mean(tf.reshape(mean, [groups, -1]), axis=0)
         batch_var = tf.reduce_mean(tf.reshape(var, [groups, -1]), axis=0) * count / (count - 1.0)
         m = self.momentum
-        self.moving_mean.assign(m * self.moving_mean + (1.0 - m) * batch_mean)
-        self.moving_variance.assign(m * self.moving_variance + (1.0 - m) * batch_var)
+        self.moving_mean.assign(tf.cast(m * moving_mean + (1.0 - m) * batch_mean, self.moving_mean.dtype))
+        self.moving_variance.assign(
+            tf.cast(m * moving_variance + (1.0 - m) * batch_var, self.moving_variance.dtype)
+        )
         return tf.cast(out, inputs.dtype)
 
     def get_config(self):

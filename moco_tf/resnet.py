@@ -84,7 +84,7 @@ def _basic_block(x, planes: int, stride: int, name: str, bn_groups: int):
     if stride != 1 or x.shape[-1] != planes:
         shortcut = _conv(planes, 1, stride, f"{name}.downsample.0")(x)
         shortcut = _bn(f"{name}.downsample.1", bn_groups)(shortcut)
-    return keras.layers.ReLU()(keras.layers.Add()([out, shortcut]))
+    return keras.layers.ReLU(name=f"{name}.out")(keras.layers.Add()([out, shortcut]))
 
 
 def _bottleneck_block(x, planes: int, stride: int, name: str, bn_groups: int):
@@ -98,7 +98,7 @@ def _bottleneck_block(x, planes: int, stride: int, name: str, bn_groups: int):
     if stride != 1 or x.shape[-1] != planes * 4:
         shortcut = _conv(planes * 4, 1, stride, f"{name}.downsample.0")(x)
         shortcut = _bn(f"{name}.downsample.1", bn_groups)(shortcut)
-    return keras.layers.ReLU()(keras.layers.Add()([out, shortcut]))
+    return keras.layers.ReLU(name=f"{name}.out")(keras.layers.Add()([out, shortcut]))
 
 
 def resnet(

@@ -1,0 +1,125 @@
+"""The MoCo model: shapes and parameter counts, the official step against PyTorch, EMA, queue."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from moco_tf import resnet
+from moco_tf.model import MoCo
+from moco_tf.optimizers import SGD
+
+
+@pytest.mark.parametrize("arch,count", [("resnet18", 11_689_512), ("resnet50", 25_557_032)])
+def test_parameter_count_equals_torchvision(arch, count):
+    backbone = resnet.resnet(arch)
+    params = sum(int(np.prod(w.shape)) for w in backbone.trainable_weights)
+    width = resnet.feature_dim(arch)
+    assert params + width * 1000 + 1000 == count  # torchvision counts its 1000-way fc
+
+
+@pytest.mark.parametrize(
+    "arch,cifar_stem,size,shapes",
+    [
+        ("resnet18", False, 224, [(56, 64), (28, 128), (14, 256), (7, 512)]),
+        ("resnet50", False, 224, [(56, 256), (28, 512), (14, 1024), (7, 2048)]),
+        ("resnet18", True, 32, [(32, 64), (16, 128), (8, 256), (4, 512)]),
+    ],
+)
+def test_stage_shapes(arch, cifar_stem, size, shapes):
+    backbone = resnet.resnet(arch, cifar_stem=cifar_stem)
+    _, counts = resnet.SPECS[int(arch[6:])]
+    stage_outputs = [backbone.get_layer(f"layer{i}.{counts[i - 1] - 1}.out").output for i in range(1, 5)]
+    probe = tf.keras.Model(backbone.input, stage_outputs)
+    outs = probe(tf.zeros([1, size, size, 3]))
+    assert [(o.shape[1], o.shape[3]) for o in outs] == shapes
+    assert backbone(tf.zeros([2, size, size, 3])).shape == (2, resnet.feature_dim(arch))
+
+
+def test_key_encoder_starts_as_copy_and_is_not_trainable():
+    model = MoCo("resnet18", dim=16, queue_size=32, cifar_stem=True)
+    for k, q in zip(model.encoder_k.weights, model.encoder_q.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(k), np.asarray(q))
+    assert model.encoder_k.trainable_weights == []
+    assert len(model.encoder_q.trainable_weights) > 0
+    queue = np.asarray(model.queue)
+    np.testing.assert_allclose(np.linalg.norm(queue, axis=1), 1.0, atol=1e-5)
+    assert int(model.queue_ptr) == 0
+    # The queue lives in the model's weights, so it is saved and restored with them.
+    assert any(w.path.endswith("queue") for w in model.weights)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="temperature"):
+        MoCo("resnet18", temperature=0.0)
+    with pytest.raises(ValueError, match="momentum"):
+        MoCo("resnet18", momentum=1.0)
+    with pytest.raises(ValueError, match="unknown arch"):
+        MoCo("resnet19")
+
+
+def test_queue_not_multiple_of_batch_stops_before_compute():
+    model = MoCo("resnet18", dim=8, queue_size=20, cifar_stem=True)
+    model.compile(optimizer=SGD(0.1))
+    with pytest.raises(ValueError, match="queue_size 20 is not a multiple"):
+        model.train_step(tf.zeros([8, 2, 32, 32, 3]))
+    assert model.optimizer.iterations.numpy() == 0
+    symmetric = MoCo("resnet18", dim=8, queue_size=24, cifar_stem=True, symmetric=True)
+    with pytest.raises(ValueError, match="x 2"):
+        symmetric.check_batch_size(8)  # 16 keys per step
+
+
+def test_ema_and_enqueue_by_hand():
+    """One step: key params = m*k + (1-m)*q_before; BN stats of k from its own pass; rows = keys."""
+    m = 0.9
+    model = MoCo("resnet18", dim=8, queue_size=24, momentum=m, cifar_stem=True)
+    model.compile(optimizer=SGD(0.5))
+    # Make q and k differ so the average is visible.
+    for w in model.encoder_q.trainable_weights:
+        w.assign(w + 0.01)
+    q_before = [np.asarray(w) for w in model.encoder_q.weights]
+    k_before = [np.asarray(w) for w in model.encoder_k.weights]
+    x = tf.random.normal([8, 2, 32, 32, 3], seed=1)
+
+    # The keys recomputed eagerly: EMA weights applied to a copy, BN in training mode.
+    probe = MoCo("resnet18", dim=8, queue_size=24, cifar_stem=True)
+    for w, wq, wk, v in zip(probe.encoder_k.weights, q_before, k_before, model.encoder_q.weights, strict=True):
+        w.assign(m * wk + (1 - m) * wq if v.trainable else wk)
+    expected_keys = tf.math.l2_normalize(probe.encoder_k(x[:, 1], training=True), axis=1).numpy()
+
+    model.train_step(x)
+    for wk, wq, kb, v in zip(model.encoder_k.weights, q_before, k_before, model.encoder_q.weights, strict=True):
+        if v.trainable:
+            np.testing.assert_allclose(np.asarray(wk), m * kb + (1 - m) * wq, rtol=1e-6, atol=1e-7)
+    for wk, wp in zip(model.encoder_k.weights, probe.encoder_k.weights, strict=True):
+        if not wk.trainable and "moving" in wk.path:
+            np.testing.assert_allclose(np.asarray(wk), np.asarray(wp), rtol=1e-5, atol=1e-6)
+    queue = np.asarray(model.queue)
+    np.testing.assert_allclose(queue[:8], expected_keys, atol=1e-5)
+    assert int(model.queue_ptr) == 8
+
+    # Wrap-around: 24 / 8 = 3 steps fill the queue, the 4th overwrites rows 0..7 again.
+    model.train_step(x)
+    model.train_step(x)
+    assert int(model.queue_ptr) == 0
+    before = np.asarray(model.queue).copy()
+    model.train_step(x)
+    after = np.asarray(model.queue)
+    assert int(model.queue_ptr) == 8
+    assert not np.allclose(after[:8], before[:8])
+    np.testing.assert_array_equal(after[8:], before[8:])
+
+
+def test_xla_step_equals_plain_step():
+    x = tf.random.normal([8, 2, 32, 32, 3], seed=3)
+    results = []
+    for jit in (False, True):
+        tf.keras.utils.set_random_seed(7)
+        model = MoCo("resnet18", dim=8, queue_size=16, momentum=0.9, cifar_stem=True, bn_groups=2)
+        model.compile(optimizer=SGD(0.1), jit_compile=jit)
+        history = model.fit(tf.data.Dataset.from_tensors(x).repeat(), steps_per_epoch=2, epochs=1, verbose=0)
+        results.append((history.history["loss"][0], np.asarray(model.queue), [np.asarray(w) for w in model.weights]))
+    (loss_a, queue_a, weights_a), (loss_b, queue_b, weights_b) = results
+    assert abs(loss_a - loss_b) < 1e-4
+    np.testing.assert_allclose(queue_a, queue_b, atol=1e-4)
+    for a, b in zip(weights_a, weights_b, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
