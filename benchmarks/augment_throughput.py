@@ -49,9 +49,7 @@ def prepare(workdir: str, num_large: int, num_small: int) -> tuple[str, str]:
                 continue
             split, _, name = m.name.split("/")
             index = int(name[:-4])
-            if (split == "test" and index < per_class_large) or (
-                split == "train" and index < per_class_small
-            ):
+            if (split == "test" and index < per_class_large) or (split == "train" and index < per_class_small):
                 members.append(m)
         tar.extractall(small_dir, members=members, filter="data")
     rng = np.random.default_rng(0)
@@ -136,9 +134,7 @@ def run_torchvision(folder: str, image_size: int, batch: int, workers: int, seco
         while True:
             yield from loader
 
-    return _time_batches(
-        forever(), batch, seconds, lambda x: x[0][0].shape == (batch, 3, image_size, image_size)
-    )
+    return _time_batches(forever(), batch, seconds, lambda x: x[0][0].shape == (batch, 3, image_size, image_size))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,12 +154,11 @@ def _time_batches(batches, batch: int, seconds: float, check) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--torch_python", help="interpreter with torch + torchvision (else moco_tf only)")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--seconds", type=float, default=30.0, help="timed seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs per side; the best counts")
     parser.add_argument("--num_large", type=int, default=1000, help="upscaled JPEGs for the 224 run")
     parser.add_argument("--num_small", type=int, default=10000, help="CIFAR train JPEGs for the 32 run")
     parser.add_argument("--_worker", choices=["moco_tf", "torchvision"], help=argparse.SUPPRESS)
@@ -182,23 +177,24 @@ def main() -> None:
         large, small = prepare(workdir, args.num_large, args.num_small)
         took = time.perf_counter() - t
         print(f"prepared {args.num_large} upscaled + {args.num_small} CIFAR JPEGs in {took:.0f} s")
-        results = {}
+        print(f"load average before: {os.getloadavg()[0]:.2f} (the CPU may be shared)")
         for size, folder, batch in ((224, large, 32), (32, small, 256)):
             sides = [("moco_tf", sys.executable)]
             if args.torch_python:
                 sides.append(("torchvision", args.torch_python))
-            for name, python in sides:
-                cmd = [python, __file__, f"--_worker={name}", f"--_folder={folder}", f"--_size={size}"]
-                cmd += [f"--_batch={batch}", f"--workers={args.workers}", f"--seconds={args.seconds}"]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                results[(size, name)] = json.loads(out.strip().splitlines()[-1])
-                r = results[(size, name)]
-                rate = r["pairs_per_s"]
-                print(f"{size}x{size} {name:12s} {rate:8.1f} pairs/s ({r['batches']} batches of {batch})")
+            rates = {name: [] for name, _ in sides}
+            # Alternate the sides so that a change in the machine's load hits both alike.
+            for _ in range(args.rounds):
+                for name, python in sides:
+                    cmd = [python, __file__, f"--_worker={name}", f"--_folder={folder}", f"--_size={size}"]
+                    cmd += [f"--_batch={batch}", f"--workers={args.workers}", f"--seconds={args.seconds}"]
+                    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                    rates[name].append(json.loads(out.strip().splitlines()[-1])["pairs_per_s"])
+            for name, values in rates.items():
+                runs = ", ".join(f"{v:.1f}" for v in values)
+                print(f"{size}x{size} {name:12s} {max(values):8.1f} pairs/s (best of {runs}; batch {batch})")
             if args.torch_python:
-                ratio = (
-                    results[(size, "moco_tf")]["pairs_per_s"] / results[(size, "torchvision")]["pairs_per_s"]
-                )
+                ratio = max(rates["moco_tf"]) / max(rates["torchvision"])
                 print(f"{size}x{size} moco_tf / torchvision = {ratio:.2f}x")
 
 
