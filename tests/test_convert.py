@@ -218,33 +218,44 @@ def test_backbone_features_match_torch(reference, arch):
 HUB_CONSUMER = r"""
 import sys
 import numpy as np, tensorflow as tf, tensorflow_hub as hub, tf_keras
-path, data = sys.argv[1], np.load(sys.argv[2])
-model = tf_keras.Sequential([tf_keras.Input((None, None, 3)), hub.KerasLayer(path)])
-loaded = tf.saved_model.load(path)
-for name in ("224x224", "225x193"):
-    x = data["x_" + name]
-    features = model.predict(x, verbose=0)
-    projection = loaded.signatures["serving_default"](images=tf.constant(x))["projection"].numpy()
-    print(name, np.abs(features - data["f_" + name]).max(), np.abs(projection - data["p_" + name]).max())
+for path, data in zip(sys.argv[1::2], sys.argv[2::2]):
+    data = np.load(data)
+    model = tf_keras.Sequential([tf_keras.Input((None, None, 3)), hub.KerasLayer(path)])
+    loaded = tf.saved_model.load(path)
+    for name in ("224x224", "225x193"):
+        x = data["x_" + name]
+        features = model.predict(x, verbose=0)
+        projection = loaded.signatures["serving_default"](images=tf.constant(x))["projection"].numpy()
+        diffs = np.abs(features - data["f_" + name]).max(), np.abs(projection - data["p_" + name]).max()
+        print(path.rsplit("/", 1)[-1], name, *diffs)
 """
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_cli_export_matches_torch_through_hub(reference, arch, tmp_path):
-    path, outputs, _ = reference(arch)
-    export_dir = tmp_path / "export" / arch
-    result = run("-m", "moco_tf.convert", f"--torch_checkpoint={path}", f"--export_dir={export_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    data = {}
-    for (h, w), (features, projection) in outputs.items():
-        data.update({f"x_{h}x{w}": images(h, w), f"f_{h}x{w}": features, f"p_{h}x{w}": projection})
-    np.savez(tmp_path / "data.npz", **data)
+def test_exports_match_torch_through_hub(reference, tmp_path):
+    """resnet18 (v2 head) through the CLI, resnet50 (v1 head) through the Python API; then
+    both through hub.KerasLayer (features) and serving_default (projection) in a fresh process."""
+    consumer_args = []
+    for arch in ("resnet18", "resnet50"):
+        path, outputs, _ = reference(arch)
+        export_dir = tmp_path / "export" / arch
+        if arch == "resnet18":
+            args = ("-m", "moco_tf.convert", f"--torch_checkpoint={path}", f"--export_dir={export_dir}")
+            result = run(*args)
+            assert result.returncode == 0, result.stderr[-3000:]
+        else:
+            convert.convert_to_export(path, str(export_dir))
+        data = {}
+        for (h, w), (features, projection) in outputs.items():
+            data.update({f"x_{h}x{w}": images(h, w), f"f_{h}x{w}": features, f"p_{h}x{w}": projection})
+        np.savez(tmp_path / f"{arch}.npz", **data)
+        consumer_args += [str(export_dir), str(tmp_path / f"{arch}.npz")]
     script = tmp_path / "consumer.py"
     script.write_text(HUB_CONSUMER)
-    result = run(str(script), str(export_dir), str(tmp_path / "data.npz"))
+    result = run(str(script), *consumer_args)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line.split() for line in result.stdout.strip().splitlines()[-2:]]
-    for name, feature_diff, projection_diff in lines:
+    lines = [line.split() for line in result.stdout.strip().splitlines()[-4:]]
+    assert len(lines) == 4, result.stdout
+    for arch, name, feature_diff, projection_diff in lines:
         print(f"{arch} {name} through hub.KerasLayer: features {float(feature_diff):.2e}, "
               f"projection {float(projection_diff):.2e}")
         assert float(feature_diff) < TOLERANCE and float(projection_diff) < TOLERANCE, lines
@@ -374,18 +385,17 @@ def test_cli_user_errors_are_one_line(tmp_path, r18):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth.tar"
     torch.save({"state_dict": r18.state_dict(), "payload": RunsCode(marker)}, evil)
-    export = f"--export_dir={tmp_path / 'e'}"
-    cases = [
-        ([f"--torch_checkpoint={evil}", export], "refusing"),
-        ([f"--torch_checkpoint={tmp_path / 'absent.pth'}", export], "does not exist"),
-    ]
-    for args, expected in cases:
-        result = run("-m", "moco_tf.convert", *args)
-        assert result.returncode != 0
-        assert "Traceback" not in result.stderr, result.stderr
-        last = result.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: ") and expected in last, result.stderr
-    assert not marker.exists()
+    result = run("-m", "moco_tf.convert", f"--torch_checkpoint={evil}", f"--export_dir={tmp_path / 'e'}")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "refusing" in last, result.stderr
+    assert not marker.exists() and not (tmp_path / "e").exists()
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert.convert_to_export(str(tmp_path / "absent.pth"), str(tmp_path / "e"))
 
 
 # ---------------------------------------------------------------- into a MoCo model
