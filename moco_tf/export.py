@@ -167,6 +167,25 @@ def read_config(export_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def export_moco(
+    model: keras.Model, export_dir: str, config: Mapping[str, Any] | None = None, overwrite: bool = False
+) -> str:
+    """Export a `moco_tf.MoCo` model's query backbone and projection head (e.g. after training).
+
+    The backbone is rebuilt with any input size and plain BatchNorm (bn_groups=1) and given the
+    trained weights: a training-time backbone may fix its image size (static shapes) and split
+    BN into groups, neither of which suits a consumer fine-tuning at its own size and batch.
+    config: extra entries for moco_config.json (MoCo version, epochs, dataset, ...).
+    """
+    from moco_tf.resnet import resnet
+
+    backbone = resnet(model.arch, cifar_stem=model.cifar_stem)
+    backbone.set_weights(model.backbone_q.get_weights())
+    full = {"arch": model.arch, "cifar_stem": model.cifar_stem, "mlp": model.mlp, "dim": model.dim}
+    full.update(config or {})
+    return export_backbone(backbone, export_dir, full, head=model.encoder_q.head, overwrite=overwrite)
+
+
 def export_model_dir(model_dir: str, export_dir: str, overwrite: bool = False) -> str:
     """Export the query backbone (and head) of the MoCo model saved in `model_dir`."""
     if os.path.exists(export_dir) and not overwrite:  # before the slow restore
@@ -177,9 +196,7 @@ def export_model_dir(model_dir: str, export_dir: str, overwrite: bool = False) -
 
     model, config = restore_model(model_dir)
     config = {**config, "source": f"moco_tf model_dir {os.path.abspath(model_dir)}"}
-    return export_backbone(
-        model.encoder_q.backbone, export_dir, config, head=model.encoder_q.head, overwrite=overwrite
-    )
+    return export_moco(model, export_dir, config, overwrite=overwrite)
 
 
 # User mistakes the CLIs report in one line instead of a traceback.

@@ -194,3 +194,22 @@ def test_cli_refuses_to_overwrite_in_one_line(exported, tmp_path):
 def test_missing_model_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         export.export_model_dir(str(tmp_path / "absent"), str(tmp_path / "e"))
+
+
+def test_export_moco_frees_image_size_and_bn_groups(tmp_path):
+    model_module = pytest.importorskip("moco_tf.model")
+    model = model_module.MoCo(
+        arch="resnet18", dim=16, queue_size=8, mlp=True, bn_groups=2, cifar_stem=True, image_size=32
+    )
+    randomize(model.backbone_q)
+    path = export.export_moco(model, str(tmp_path / "e"), {"epochs": 1})
+    config = export.read_config(path)
+    assert config["arch"] == "resnet18" and config["cifar_stem"] and config["epochs"] == 1
+    loaded = tf.saved_model.load(path)
+    x = np.random.RandomState(2).rand(3, 32, 32, 3).astype(np.float32)
+    expected = model.backbone_q((x - MEAN) / STD, training=False).numpy()
+    assert np.abs(loaded(x).numpy() - expected).max() < 1e-5
+    out = loaded.signatures["serving_default"](images=tf.constant(x))
+    assert np.abs(out["projection"].numpy() - model.encoder_q.head(expected).numpy()).max() < 1e-5
+    # Another size, and training mode on a batch of 3 (not a multiple of bn_groups).
+    assert loaded(np.random.rand(3, 40, 24, 3).astype(np.float32), training=True).shape == (3, 512)
