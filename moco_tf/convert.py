@@ -414,27 +414,13 @@ def load_torch_state_dict(
     return report
 
 
-def projection_head(mlp: bool, dim: int, feature_dim: int) -> keras.Sequential:
-    """A Dense head named as the official one: v1 "fc"; v2 "fc.0" -> ReLU -> "fc.2"."""
-    if mlp:
-        layers = [
-            keras.layers.Dense(feature_dim, name="fc.0"),
-            keras.layers.ReLU(name="fc.1"),
-            keras.layers.Dense(dim, name="fc.2"),
-        ]
-    else:
-        layers = [keras.layers.Dense(dim, name="fc")]
-    head = keras.Sequential(layers, name="head")
-    head.build((None, feature_dim))
-    return head
-
-
 # ---------------------------------------------------------------- whole conversions
 
 
 def convert_to_export(torch_checkpoint: str, export_dir: str, overwrite: bool = False) -> str:
     """Official MoCo / torchvision checkpoint -> TF-Hub export (backbone, plus MoCo head if any)."""
     from moco_tf.export import export_backbone
+    from moco_tf.model import projection_head
     from moco_tf.resnet import resnet
 
     if os.path.exists(export_dir) and not overwrite:
@@ -445,7 +431,7 @@ def convert_to_export(torch_checkpoint: str, export_dir: str, overwrite: bool = 
     backbone = resnet(info["arch"], cifar_stem=info["cifar_stem"])
     head = None
     if info["head"] in ("v1", "v2"):
-        head = projection_head(info["mlp"], info["dim"], int(backbone.output.shape[-1]))
+        head = projection_head(int(backbone.output.shape[-1]), info["dim"], info["mlp"])
     report = load_torch_state_dict(backbone, state, head=head)
     config = _config_from_checkpoint(torch_checkpoint, checkpoint, report)
     return export_backbone(backbone, export_dir, config, head=head, overwrite=overwrite)

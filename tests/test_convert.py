@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from moco_tf import convert  # noqa: E402
+from moco_tf.model import MoCo, projection_head  # noqa: E402
 from moco_tf.resnet import resnet  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -338,7 +339,7 @@ def test_lincls_checkpoint_fc_is_a_classifier(r18):
     state = _numpy_state(r18, "module.")
     state["module.fc.weight"] = classifier.weight.detach().numpy()
     state["module.fc.bias"] = classifier.bias.detach().numpy()
-    head = convert.projection_head(mlp=False, dim=128, feature_dim=512)
+    head = projection_head(512, 128, mlp=False)
     before = head.get_layer("fc").kernel.numpy().copy()
     report = convert.load_torch_state_dict(resnet("resnet18"), state, head=head)
     assert report.head == "classifier" and "fc.weight" in report.ignored
@@ -346,7 +347,7 @@ def test_lincls_checkpoint_fc_is_a_classifier(r18):
 
 
 def test_head_into_bare_backbone_head(r18):
-    head = convert.projection_head(mlp=False, dim=128, feature_dim=512)
+    head = projection_head(512, 128, mlp=False)
     convert.load_torch_state_dict(resnet("resnet18"), _numpy_state(r18, "module.encoder_q."), head=head)
     np.testing.assert_array_equal(head.get_layer("fc").kernel.numpy(), r18.fc.weight.detach().numpy().T)
 
@@ -402,13 +403,12 @@ def test_missing_checkpoint_file(tmp_path):
 
 
 def test_official_checkpoint_into_moco_resumes_a_step(reference):
-    model_module = pytest.importorskip("moco_tf.model")
     import keras
 
     path, outputs, mlp = reference("resnet18")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint["state_dict"]
-    model = model_module.MoCo(arch="resnet18", dim=128, queue_size=QUEUE, mlp=mlp)
+    model = MoCo(arch="resnet18", dim=128, queue_size=QUEUE, mlp=mlp)
     report = convert.load_torch_state_dict(model, state)
     assert report.head == "v2" and not report.ignored
 
@@ -433,8 +433,7 @@ def test_official_checkpoint_into_moco_resumes_a_step(reference):
 
 
 def test_checkpoint_without_moco_head_leaves_the_moco_head(r18):
-    model_module = pytest.importorskip("moco_tf.model")
-    model = model_module.MoCo(arch="resnet18", dim=128, queue_size=QUEUE, mlp=False)
+    model = MoCo(arch="resnet18", dim=128, queue_size=QUEUE, mlp=False)
     before = model.encoder_q.head.get_layer("fc").kernel.numpy().copy()
     report = convert.load_torch_state_dict(model, _numpy_state(r18, "module."))  # lincls-like
     assert report.head == "classifier" and "encoder_q.fc.weight" in report.ignored
@@ -445,8 +444,7 @@ def test_checkpoint_without_moco_head_leaves_the_moco_head(r18):
 
 
 def test_v1_checkpoint_into_v2_model_is_a_clear_error(reference):
-    model_module = pytest.importorskip("moco_tf.model")
     path, _, _ = reference("resnet18")  # a v2 checkpoint
-    model = model_module.MoCo(arch="resnet18", dim=128, queue_size=QUEUE, mlp=False)
+    model = MoCo(arch="resnet18", dim=128, queue_size=QUEUE, mlp=False)
     with pytest.raises(convert.CheckpointError, match="fc.0.weight"):
         convert.load_torch_state_dict(model, torch.load(path, weights_only=True)["state_dict"])

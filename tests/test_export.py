@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from moco_tf import export
-from moco_tf.convert import projection_head
+from moco_tf.model import MoCo, projection_head
 from moco_tf.resnet import resnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +49,7 @@ def exported(tmp_path_factory):
     """(export path, npz with images in [0, 1] and the Keras backbone's features / projections)."""
     backbone = resnet("resnet18")
     randomize(backbone)
-    head = projection_head(mlp=True, dim=16, feature_dim=512)
+    head = projection_head(512, 16, mlp=True)
     root = tmp_path_factory.mktemp("hub")
     path = export.export_backbone(backbone, str(root / "exports" / "r18"), CONFIG, head=head)
     x = np.random.RandomState(1).rand(4, 40, 56, 3).astype(np.float32)
@@ -197,8 +197,7 @@ def test_missing_model_dir(tmp_path):
 
 
 def test_export_moco_frees_image_size_and_bn_groups(tmp_path):
-    model_module = pytest.importorskip("moco_tf.model")
-    model = model_module.MoCo(
+    model = MoCo(
         arch="resnet18", dim=16, queue_size=8, mlp=True, bn_groups=2, cifar_stem=True, image_size=32
     )
     randomize(model.backbone_q)
