@@ -61,6 +61,8 @@ class HubModule(tf.Module):
         self._backbone = backbone
         self._head = head
         layers = [backbone] + ([head] if head is not None else [])
+        # Order is part of the format: the backbone's weights first, in `backbone.weights` order,
+        # then the head's (moco_tf.pretrained rebuilds a Keras backbone from an export this way).
         self.variables = [v.value for layer in layers for v in layer.weights]
         # The projection head is exported for inspection; fine-tuning touches the backbone only.
         self.trainable_variables = [v.value for v in backbone.trainable_weights]

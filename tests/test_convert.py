@@ -448,3 +448,28 @@ def test_v1_checkpoint_into_v2_model_is_a_clear_error(reference):
     model = MoCo(arch="resnet18", dim=128, queue_size=QUEUE, mlp=False)
     with pytest.raises(convert.CheckpointError, match="fc.0.weight"):
         convert.load_torch_state_dict(model, torch.load(path, weights_only=True)["state_dict"])
+
+
+def test_official_checkpoint_to_model_dir_resumes_and_exports(reference, tmp_path):
+    checkpoint_module = pytest.importorskip("moco_tf.checkpoint")
+    import keras
+
+    from moco_tf.export import export_model_dir, read_config
+
+    path, outputs, _ = reference("resnet18")  # MoCo v2
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    model_dir = str(tmp_path / "model_dir")
+    convert.convert_to_model_dir(path, model_dir)
+    model, config = checkpoint_module.restore_model(model_dir)
+    assert (config["arch"], config["mlp"], config["dim"]) == ("resnet18", True, 128)
+    np.testing.assert_array_equal(model.queue.numpy(), state["module.queue"].numpy().T)
+    np.testing.assert_array_equal(
+        model.encoder_k.head.get_layer("fc.0").kernel.numpy(), state["module.encoder_k.fc.0.weight"].numpy().T
+    )
+    if getattr(model, "optimizer", None) is None:
+        model.compile(optimizer=keras.optimizers.SGD(0.03, momentum=0.9))
+    views = np.random.RandomState(5).normal(size=(2, 8, 32, 32, 3)).astype(np.float32)
+    assert np.isfinite(float(model.train_step((views[0], views[1]))["loss"]))
+
+    export_dir = export_model_dir(model_dir, str(tmp_path / "export"))
+    assert read_config(export_dir)["arch"] == "resnet18"
