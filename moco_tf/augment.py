@@ -125,12 +125,8 @@ def sample_crop_windows(
     left = tf.minimum(tf.floor(u[:, 1] * (widths - w + 1)), widths - w)
 
     in_ratio = widths / heights
-    fb_w = tf.where(
-        in_ratio < ratio[0], widths, tf.where(in_ratio > ratio[1], tf.round(heights * ratio[1]), widths)
-    )
-    fb_h = tf.where(
-        in_ratio < ratio[0], tf.round(widths / ratio[0]), tf.where(in_ratio > ratio[1], heights, heights)
-    )
+    fb_w = tf.where(in_ratio < ratio[0], widths, tf.where(in_ratio > ratio[1], tf.round(heights * ratio[1]), widths))
+    fb_h = tf.where(in_ratio < ratio[0], tf.round(widths / ratio[0]), tf.where(in_ratio > ratio[1], heights, heights))
     fb_top = tf.floor((heights - fb_h) / 2)
     fb_left = tf.floor((widths - fb_w) / 2)
     window = tf.stack(
@@ -233,9 +229,7 @@ def random_crops_encoded(
     flips = _bernoulli(num_views, 0.5 if flip else 0.0, s_flip)
 
     def windows_for(shape):
-        return sample_crop_windows(
-            tf.fill([num_views], shape[0]), tf.fill([num_views], shape[1]), s_win, scale=scale
-        )
+        return sample_crop_windows(tf.fill([num_views], shape[0]), tf.fill([num_views], shape[1]), s_win, scale=scale)
 
     def finish(crop, v):
         crop = resize_uint8(crop, image_size, image_size)
@@ -244,10 +238,7 @@ def random_crops_encoded(
     def from_jpeg():
         windows = windows_for(tf.image.extract_jpeg_shape(encoded))
         return tf.stack(
-            [
-                finish(tf.image.decode_and_crop_jpeg(encoded, windows[v], channels=3), v)
-                for v in range(num_views)
-            ]
+            [finish(tf.image.decode_and_crop_jpeg(encoded, windows[v], channels=3), v) for v in range(num_views)]
         )
 
     def from_other():
@@ -255,9 +246,7 @@ def random_crops_encoded(
         windows = windows_for(tf.shape(image))
         return tf.stack(
             [
-                finish(
-                    tf.slice(image, [windows[v, 0], windows[v, 1], 0], [windows[v, 2], windows[v, 3], 3]), v
-                )
+                finish(tf.slice(image, [windows[v, 0], windows[v, 1], 0], [windows[v, 2], windows[v, 3], 3]), v)
                 for v in range(num_views)
             ]
         )
@@ -414,8 +403,12 @@ def random_gaussian_blur(images: tf.Tensor, p: float, image_size: int, seed: tf.
     chosen = tf.where(_bernoulli(n, p, s_apply))  # [M, 1]
     scale = image_size / REFERENCE_SIZE
     sigmas = _uniform([n], s_sigma, BLUR_SIGMA[0] * scale, BLUR_SIGMA[1] * scale)
-    blurred = gaussian_blur(
-        tf.gather_nd(images, chosen), tf.gather_nd(sigmas, chosen), blur_radius(image_size)
+    subset = tf.gather_nd(images, chosen)
+    # With no image chosen (likely in small batches) the depthwise conv would get an empty filter.
+    blurred = tf.cond(
+        tf.shape(chosen)[0] > 0,
+        lambda: gaussian_blur(subset, tf.gather_nd(sigmas, chosen), blur_radius(image_size)),
+        lambda: subset,
     )
     return tf.tensor_scatter_nd_update(images, chosen, blurred)
 

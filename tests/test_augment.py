@@ -82,9 +82,7 @@ def test_crop_windows_match_torchvision_distribution():
 
 def test_crop_windows_fallback_is_torchvision_centre_crop():
     # A 10 x 400 strip: no try can fit a ratio within [3/4, 4/3], so the fallback is taken.
-    win = augment.sample_crop_windows(
-        tf.constant([10, 400]), tf.constant([400, 10]), augment.as_seed(0)
-    ).numpy()
+    win = augment.sample_crop_windows(tf.constant([10, 400]), tf.constant([400, 10]), augment.as_seed(0)).numpy()
     rng = np.random.default_rng(0)
     assert tuple(win[0]) == _torchvision_get_params(10, 400, rng) == (0, 193, 10, 13)
     assert tuple(win[1]) == _torchvision_get_params(400, 10, rng) == (193, 0, 13, 10)
@@ -103,9 +101,7 @@ def test_crop_and_resize_matches_torch_bilinear():
     out = augment.crop_and_resize_batch(images, windows, size, flip=flip).numpy()
     for i, (t, left, h, w) in enumerate(windows):
         crop = torch.from_numpy(images[i, t : t + h, left : left + w].astype(np.float32)).permute(2, 0, 1)
-        ref = torch.nn.functional.interpolate(
-            crop[None], size=(size, size), mode="bilinear", align_corners=False
-        )
+        ref = torch.nn.functional.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False)
         ref = ref[0].permute(1, 2, 0).numpy()
         if i == 1:
             ref = ref[:, ::-1]
@@ -179,9 +175,7 @@ def test_jitter_order_is_a_uniform_random_permutation_per_image():
 
 def test_apply_jitter_runs_each_image_in_its_order():
     x = tf.constant(_random_images(4, 6, 6, seed=16) / 255.0, tf.float32)
-    factors = tf.constant(
-        [[1.3, 0.7, 1.4, 0.08], [0.6, 1.3, 0.5, -0.05], [1.2, 1.2, 1.2, 0.1], [1.4, 0.6, 1.4, 0.1]]
-    )
+    factors = tf.constant([[1.3, 0.7, 1.4, 0.08], [0.6, 1.3, 0.5, -0.05], [1.2, 1.2, 1.2, 0.1], [1.4, 0.6, 1.4, 0.1]])
     order = tf.constant([[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]], tf.int32)
     applied = tf.constant([True, True, True, False])
     out = augment.apply_jitter(x, factors, order, applied).numpy()
@@ -351,9 +345,7 @@ def test_normalize_matches_torchvision():
     np.testing.assert_allclose(augment.normalize(np.broadcast_to(MEAN + STD, (1, 2, 2, 3))), 1.0, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "shape, size", [((300, 400), 224), ((375, 250), 224), ((32, 32), 32), ((40, 70), 32)]
-)
+@pytest.mark.parametrize("shape, size", [((300, 400), 224), ((375, 250), 224), ((32, 32), 32), ((40, 70), 32)])
 def test_eval_transform_matches_pil_resize_centre_crop(shape, size):
     """Resize(size * 256 / 224) + CenterCrop(size) as torchvision does on a PIL image."""
     rng = np.random.default_rng(14)
@@ -446,3 +438,28 @@ def test_resize_matches_pil_bilinear(side):
     ref = np.asarray(Image.fromarray(img).resize((224, 224), Image.BILINEAR), np.float32)
     diff = np.abs(augment.resize_uint8(tf.constant(img), 224, 224).numpy() - ref)
     assert diff.mean() < 1.5 and np.quantile(diff, 0.99) <= 6
+
+
+def test_blur_with_no_image_chosen(monkeypatch):
+    """With oneDNN (TF's default, off in these tests for bit-stable references) a depthwise conv
+    over zero images fails ("filter must not have zero elements"), which small batches hit."""
+    real_blur = augment.gaussian_blur
+
+    def checked_blur(images, sigmas, radius):
+        assert images.shape[0] > 0, "blur called on an empty batch"
+        return real_blur(images, sigmas, radius)
+
+    monkeypatch.setattr(augment, "gaussian_blur", checked_blur)
+    x = tf.constant(_random_images(3, 6, 6) / 255.0, tf.float32)
+    np.testing.assert_array_equal(augment.random_gaussian_blur(x, 0.0, 224, augment.as_seed(0)), x)
+    assert np.abs(augment.random_gaussian_blur(x, 1.0, 224, augment.as_seed(0)) - x).max() > 0
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_tiny_batches(version):
+    fn = tf.function(lambda s: augment.augment_batch(_random_images(1, 12, 12), version, 12, s))
+    for i in range(16):
+        assert np.isfinite(fn(tf.constant([i, 0], tf.int64)).numpy()).all()
+    x = tf.constant(_random_images(3, 6, 6) / 255.0, tf.float32)
+    np.testing.assert_array_equal(augment.random_grayscale(x, 0.0, augment.as_seed(0)), x)
+    np.testing.assert_array_equal(augment.color_jitter(x, (0.4, 0.4, 0.4, 0.1), 0.0, augment.as_seed(0)), x)
