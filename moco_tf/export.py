@@ -12,6 +12,8 @@ therefore a `tf.Module` following the TF-Hub reusable SavedModel convention:
   optimizer's job, as in PyTorch);
 - a `serving_default` signature returning `{"feature_vector": [batch, 512 or 2048]}` (and
   `"projection"` when the MoCo head is exported too);
+- a `feature_maps` signature returning each stage's last block output `{"layer1", ..., "layer4"}`
+  (strides 4, 8, 16, 32; 1, 2, 4, 8 with the CIFAR stem) for detection-style backbones;
 - `assets/moco_config.json` describing the architecture, the MoCo run and the preprocessing.
 
 Inputs follow the TF-Hub image convention: float32 RGB in [0, 1], shape [batch, height, width, 3],
@@ -71,6 +73,12 @@ class HubModule(tf.Module):
         self._std = tf.constant(IMAGENET_STD, tf.float32)
         if config_file is not None:
             self.config_file = tf.saved_model.Asset(config_file)
+        stages = stage_outputs(backbone)
+        self.feature_maps = None
+        if stages:
+            # One Keras model over the same layers: one forward pass gives every stage's map.
+            self._maps = keras.Model(backbone.inputs, stages, name="feature_maps")
+            self.feature_maps = tf.function(self._feature_maps, input_signature=[_IMAGES])
 
     def _features(self, images, training):
         x = (tf.convert_to_tensor(images, tf.float32) - self._mean) / self._std
@@ -80,6 +88,11 @@ class HubModule(tf.Module):
     def __call__(self, images, training=False):
         """images float32 [batch, h, w, 3] in [0, 1] -> pooled features [batch, 512 or 2048]."""
         return self._features(images, training)
+
+    def _feature_maps(self, images):
+        """The last block's output of each stage, for detection / segmentation backbones."""
+        x = (images - self._mean) / self._std
+        return self._maps(x, training=False)
 
     @tf.function(input_signature=[_IMAGES])
     def serve(self, images):
@@ -99,7 +112,8 @@ def export_backbone(
 ) -> str:
     """Write `backbone` (images -> pooled features) as a TF-Hub reusable SavedModel.
 
-    backbone: a `moco_tf.resnet` model taking ImageNet-normalised images (e.g. `MoCo.backbone_q`).
+    backbone: a `moco_tf.resnet` model taking ImageNet-normalised images, built without a fixed
+        image size (`export_moco` rebuilds a training-time MoCo backbone so for you).
     export_dir: the folder to create. It is written under a temporary name next to it and renamed
         at the end, so an interrupted export leaves nothing half-written.
     config: what the export should say about itself in `assets/moco_config.json` (arch, MoCo
@@ -127,11 +141,27 @@ def export_backbone(
         # Trace both training values so hub.KerasLayer finds a function for each.
         module.__call__.get_concrete_function(_IMAGES, training=False)
         module.__call__.get_concrete_function(_IMAGES, training=True)
-        tf.saved_model.save(module, saved, signatures={"serving_default": module.serve})
+        signatures = {"serving_default": module.serve}
+        if module.feature_maps is not None:
+            signatures["feature_maps"] = module.feature_maps
+        tf.saved_model.save(module, saved, signatures=signatures)
         _replace(saved, export_dir, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return export_dir
+
+
+def stage_outputs(backbone: keras.Model) -> dict[str, Any]:
+    """{"layer1": ..., "layer4": ...}: the Keras tensors ending each ResNet stage (the last
+    block's "layerS.N.out"); empty for a backbone without moco_tf.resnet's names."""
+    last: dict[int, tuple[int, Any]] = {}
+    for layer in backbone.layers:
+        parts = layer.name.split(".")
+        if len(parts) == 3 and parts[0].startswith("layer") and parts[2] == "out":
+            stage, index = int(parts[0][5:]), int(parts[1])
+            if index >= last.get(stage, (-1, None))[0]:
+                last[stage] = (index, layer.output)
+    return {f"layer{stage}": tensor for stage, (_, tensor) in sorted(last.items())}
 
 
 def _full_config(backbone: keras.Model, config: Mapping[str, Any], head) -> dict[str, Any]:
@@ -147,6 +177,9 @@ def _full_config(backbone: keras.Model, config: Mapping[str, Any], head) -> dict
         "eval_transform": "resize shorter side to 256, center crop 224 (the linear protocol's)",
     }
     full["signatures"] = {"serving_default": ["feature_vector"] + (["projection"] if head else [])}
+    stages = stage_outputs(backbone)
+    if stages:
+        full["signatures"]["feature_maps"] = sorted(stages)
     return full
 
 

@@ -146,6 +146,10 @@ assert np.abs(loaded(x, training=False).numpy() - data["features"]).max() < 1e-5
 out = loaded.signatures["serving_default"](images=x)
 assert np.abs(out["feature_vector"].numpy() - data["features"]).max() < 1e-5
 assert len(loaded.trainable_variables) == 60 and loaded.regularization_losses == []
+maps = loaded.signatures["feature_maps"](images=x)
+assert [tuple(maps[f"layer{s}"].shape) for s in (1, 4)] == [(4, 10, 14, 64), (4, 2, 2, 512)]
+pooled = maps["layer4"].numpy().mean(axis=(1, 2))
+assert np.abs(pooled - data["features"]).max() < 1e-5
 config = json.load(open(loaded.config_file.asset_path.numpy().decode()))
 assert config["arch"] == "resnet18"
 """,
@@ -171,7 +175,7 @@ def test_saved_model_cli_show(exported):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert "signature_def['serving_default']" in out
+    assert "signature_def['serving_default']" in out and "signature_def['feature_maps']" in out
     assert "outputs['feature_vector']" in out and "(-1, 512)" in out
     assert "(-1, -1, -1, 3)" in out
 
