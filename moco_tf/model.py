@@ -23,6 +23,7 @@ class Encoder(keras.Model):
         super().__init__(**kwargs)
         self.backbone = backbone
         self.head = head
+        self.built = backbone.built and head.built
 
     def call(self, images, training=False):
         return self.head(self.backbone(images, training=training), training=training)
@@ -132,6 +133,7 @@ class MoCo(keras.Model):
         self.pos_tracker = keras.metrics.Mean(name="logit_pos")
         self.neg_tracker = keras.metrics.Mean(name="logit_neg")
         self.acc_tracker = keras.metrics.Mean(name="acc")
+        self.built = True  # every weight exists; fit() must not build by calling on a view pair
 
     @property
     def backbone_q(self) -> keras.Model:

@@ -50,8 +50,9 @@ class SGD(keras.optimizers.Optimizer):
         if self.coupled_weight_decay:
             grad = grad + tf.cast(self.coupled_weight_decay, variable.dtype) * variable
         buffer = self.momentum_buffers[self._get_variable_index(variable)]
-        self.assign(buffer, self.momentum * buffer + grad)
-        self.assign_sub(variable, lr * buffer)
+        new_buffer = tf.cast(self.momentum, variable.dtype) * buffer + grad
+        self.assign(buffer, new_buffer)
+        self.assign_sub(variable, lr * new_buffer)
 
     def get_config(self):
         config = super().get_config()

@@ -48,8 +48,17 @@ def test_three_steps_match_pytorch(floatx, mlp, temperature, bn_groups):
     weight_tolerance, stat_tolerance = (1e-6, 1e-6) if floatx == "float64" else (2e-3, 1e-3)
     lr, wd, m = 0.03, 1e-4, 0.99
     # shuffle_bn off: with one device the torch reference has no shuffle; groups see the same samples.
-    model = MoCo("resnet18", dim=DIM, queue_size=QUEUE, momentum=m, temperature=temperature, mlp=mlp,
-                 cifar_stem=True, bn_groups=bn_groups, shuffle_bn=False)
+    model = MoCo(
+        "resnet18",
+        dim=DIM,
+        queue_size=QUEUE,
+        momentum=m,
+        temperature=temperature,
+        mlp=mlp,
+        cifar_stem=True,
+        bn_groups=bn_groups,
+        shuffle_bn=False,
+    )
     model.compile(optimizer=SGD(lr, momentum=0.9, weight_decay=wd))
 
     def torch_encoder():
@@ -58,7 +67,9 @@ def test_three_steps_match_pytorch(floatx, mlp, temperature, bn_groups):
     encoder_q, encoder_k = torch_encoder().to(torch_dtype), torch_encoder().to(torch_dtype)
     ref.load_into_torch(encoder_q, ref.tf_encoder_state(model.encoder_q))
     ref.load_into_torch(encoder_k, ref.tf_encoder_state(model.encoder_k))
-    official = ref.OfficialMoCo(encoder_q, encoder_k, torch.from_numpy(np.asarray(model.queue).T.copy()), m, temperature)
+    official = ref.OfficialMoCo(
+        encoder_q, encoder_k, torch.from_numpy(np.asarray(model.queue).T.copy()), m, temperature
+    )
     official.train()
     optimizer = torch.optim.SGD(encoder_q.parameters(), lr, momentum=0.9, weight_decay=wd)
     criterion = torch.nn.CrossEntropyLoss()
