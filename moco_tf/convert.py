@@ -92,14 +92,7 @@ def state_dict_of(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if key in checkpoint and isinstance(checkpoint[key], Mapping):
             checkpoint = checkpoint[key]
             break
-    state = {}
-    for key, value in checkpoint.items():
-        if hasattr(value, "detach"):  # a torch.Tensor; numpy() keeps torch out of this module
-            value = value.detach().cpu().numpy()
-        if not isinstance(value, np.ndarray | np.generic | int | float):
-            raise CheckpointError(f"not a state_dict: entry {key!r} is a {type(value).__name__}")
-        state[key] = np.asarray(value)
-    return state
+    return {key: _to_numpy(key, value) for key, value in checkpoint.items()}
 
 
 # ---------------------------------------------------------------- understanding the keys
@@ -143,12 +136,14 @@ def _split(state_dict: Mapping[str, Any]) -> _Parts:
 
 
 def _to_numpy(key: str, value) -> np.ndarray:
-    if hasattr(value, "detach"):
-        return value.detach().cpu().numpy()
-    try:
-        return np.asarray(value)
-    except Exception as e:  # noqa: BLE001 - reported with the key that failed
-        raise CheckpointError(f"state_dict entry {key!r} is not an array ({type(value).__name__})") from e
+    if hasattr(value, "detach"):  # a torch.Tensor; .numpy() keeps torch out of this module
+        value = value.detach().cpu()
+        if str(value.dtype) in ("torch.bfloat16", "torch.float16"):  # numpy has no bfloat16
+            value = value.float()
+        return value.numpy()
+    if not isinstance(value, np.ndarray | np.generic | int | float):
+        raise CheckpointError(f"not a state_dict: entry {key!r} is a {type(value).__name__}")
+    return np.asarray(value)
 
 
 def _encoder_keys(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -277,8 +277,14 @@ def r18():
 @pytest.mark.parametrize("prefix", ["module.encoder_q.", "module.base_encoder.", "module.", "encoder_q.", ""])
 def test_prefixes(r18, prefix):
     backbone = resnet("resnet18")
-    report = convert.load_torch_state_dict(backbone, _numpy_state(r18, prefix))
+    state = _numpy_state(r18, prefix)
+    if prefix == "module.base_encoder.":  # MoCo v3 also saves these; they are not v1/v2 parts
+        state["module.momentum_encoder.conv1.weight"] = state["module.base_encoder.conv1.weight"]
+        state["module.predictor.0.weight"] = np.zeros((4096, 256), np.float32)
+    report = convert.load_torch_state_dict(backbone, state)
     assert report.arch == "resnet18" and not report.cifar_stem
+    if prefix == "module.base_encoder.":
+        assert {"momentum_encoder.conv1.weight", "predictor.0.weight"} <= set(report.ignored)
     np.testing.assert_array_equal(
         backbone.get_layer("layer3.0.downsample.0").kernel.numpy(),
         r18.layer3[0].downsample[0].weight.detach().numpy().transpose(2, 3, 1, 0),
