@@ -1,0 +1,182 @@
+"""Load a frozen backbone from whatever PATH a user has: the one entry point of kNN and lincls.
+
+PATH may be
+- a moco_tf model_dir written by training (its latest checkpoint), or one checkpoint in it
+  (the prefix `.../ckpt-N`, as `tf.train.CheckpointManager` names them);
+- a TF-Hub export written by moco_tf (`moco_tf.export`, `moco_tf.convert --export_dir`);
+- a PyTorch checkpoint file: official MoCo v1/v2/v3, a lincls checkpoint or a torchvision
+  ResNet state_dict (converted on the fly by `moco_tf.convert`).
+
+Every kind comes back as the same thing: a moco_tf Keras ResNet taking ImageNet-normalised
+images, called in inference mode. An export takes [0, 1] images and normalises inside; rather
+than undo that (x * std + mean, then (x - mean) / std again, which is off by float rounding), the
+backbone is rebuilt from the export's config and its variables are copied in, and a forward pass
+through both confirms they agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from moco_tf import resnet
+
+KINDS = ("model_dir", "checkpoint", "export", "torch")
+
+
+class PretrainedError(ValueError):
+    """PATH is not something a backbone can be loaded from; the message says what it accepts."""
+
+
+_ACCEPTED = (
+    "a moco_tf model_dir or checkpoint (model_dir/ckpt-N), a TF-Hub export from moco_tf, "
+    "or a PyTorch checkpoint (.pth / .pth.tar)"
+)
+
+
+class FrozenBackbone:
+    """images (ImageNet-normalised float [N, H, W, 3]) -> pooled features [N, D], always in
+    inference mode: BatchNorm uses, and never updates, its moving statistics.
+
+    `model` is the Keras backbone (for the linear protocol's weight check); it is marked
+    non-trainable, so no optimizer ever sees its variables.
+    """
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+        model.trainable = False
+        self.feature_dim = int(model.output.shape[-1])
+        self._fn = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+
+    def __call__(self, images) -> tf.Tensor:
+        return self._fn(images)
+
+    @property
+    def variables(self) -> list:
+        return list(self.model.weights)  # BN moving statistics included
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """A copy of every backbone variable by path, to check later that nothing changed."""
+        return {v.path: np.array(v) for v in self.model.weights}
+
+
+def load_backbone(path: str) -> tuple[FrozenBackbone, dict[str, Any]]:
+    """(backbone, info) for PATH; info has kind, arch, cifar_stem, feature_dim, image_size (the
+    encoder's training resolution: 32 with the CIFAR stem, else 224), dataset, description.
+
+    Raises PretrainedError (a ValueError) when PATH is none of the accepted kinds.
+    """
+    if not path:
+        raise PretrainedError(f"no --pretrained PATH given: give {_ACCEPTED}")
+    path = os.path.normpath(path)
+    if tf.io.gfile.isdir(path):
+        if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+            model, info = _from_export(path)
+        else:
+            model, info = _from_model_dir(path, checkpoint=None)
+    elif tf.io.gfile.exists(path + ".index"):
+        model, info = _from_model_dir(os.path.dirname(path) or ".", checkpoint=path)
+    elif tf.io.gfile.exists(path):
+        model, info = _from_torch(path)
+    else:
+        raise PretrainedError(f"--pretrained={path} does not exist: give {_ACCEPTED}")
+    info.setdefault("cifar_stem", False)
+    info.setdefault("image_size", 32 if info["cifar_stem"] else 224)
+    info["feature_dim"] = int(model.output.shape[-1])
+    info["path"] = path
+    info["description"] = f"{info['arch']} from {info['kind']} {path}"
+    return FrozenBackbone(model), info
+
+
+# ----------------------------------------------------------------------------------------------
+# the kinds
+
+
+def _from_model_dir(model_dir: str, checkpoint: str | None) -> tuple[keras.Model, dict[str, Any]]:
+    try:
+        from moco_tf.checkpoint import restore_model
+    except ImportError as e:  # until moco_tf.checkpoint exists
+        raise PretrainedError(f"cannot read moco_tf model_dirs in this install ({e})") from None
+    try:
+        model, config = restore_model(model_dir, checkpoint=checkpoint) if checkpoint else restore_model(model_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise PretrainedError(
+            f"--pretrained={checkpoint or model_dir} is not a usable model_dir ({e}): give {_ACCEPTED}"
+        ) from None
+    info = {k: config.get(k) for k in ("arch", "cifar_stem", "image_size", "dataset") if config.get(k) is not None}
+    info["kind"] = "checkpoint" if checkpoint else "model_dir"
+    # Rebuilt as an export is: the training backbone may fix its input size and split BN into
+    # groups; evaluation runs at any size and batch (in inference mode the groups never matter).
+    backbone = resnet.resnet(model.arch, cifar_stem=model.cifar_stem)
+    backbone.set_weights(model.backbone_q.get_weights())
+    return backbone, info
+
+
+def _from_export(export_dir: str) -> tuple[keras.Model, dict[str, Any]]:
+    config_path = os.path.join(export_dir, "assets", "moco_config.json")
+    if not tf.io.gfile.exists(config_path):
+        raise PretrainedError(
+            f"--pretrained={export_dir} is a SavedModel but not a moco_tf export (no assets/moco_config.json): "
+            f"give {_ACCEPTED}"
+        )
+    with tf.io.gfile.GFile(config_path) as f:
+        config = json.load(f)
+    loaded = tf.saved_model.load(export_dir)
+    arch, cifar_stem = config.get("arch"), bool(config.get("cifar_stem", False))
+    if arch not in resnet.ARCHS:
+        raise PretrainedError(f"export {export_dir} names no known arch ({arch!r}) in its moco_config.json")
+    backbone = resnet.resnet(arch, cifar_stem=cifar_stem)
+    # The export lists the backbone's variables first, in `backbone.weights` order, then the head's.
+    exported = list(loaded.variables)[: len(backbone.weights)]
+    shapes = [tuple(v.shape) for v in exported]
+    if shapes != [tuple(w.shape) for w in backbone.weights]:
+        raise PretrainedError(f"export {export_dir}: its variables do not fit a {arch} (cifar_stem={cifar_stem})")
+    for weight, variable in zip(backbone.weights, exported, strict=True):
+        weight.assign(variable)
+    _check_same_as_export(backbone, loaded, config, export_dir)
+    info = {"arch": arch, "cifar_stem": cifar_stem, "kind": "export"}
+    for key in ("image_size", "dataset"):
+        if config.get(key) is not None:
+            info[key] = config[key]
+    return backbone, info
+
+
+def _check_same_as_export(backbone: keras.Model, loaded, config: dict, export_dir: str) -> None:
+    """The rebuilt backbone on normalised images must give the export's features on [0, 1] ones."""
+    pre = config.get("preprocessing", {})
+    mean = np.array(pre.get("mean", (0.485, 0.456, 0.406)), np.float32)
+    std = np.array(pre.get("std", (0.229, 0.224, 0.225)), np.float32)
+    size = 32 if config.get("cifar_stem") else 64
+    images = np.random.RandomState(0).rand(2, size, size, 3).astype(np.float32)
+    ours = backbone((images - mean) / std, training=False).numpy()
+    theirs = loaded(tf.constant(images), training=False).numpy()
+    if not np.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * float(np.abs(theirs).max() + 1e-6)):
+        raise PretrainedError(f"export {export_dir}: rebuilding its backbone does not reproduce its features")
+
+
+def _from_torch(path: str) -> tuple[keras.Model, dict[str, Any]]:
+    from moco_tf import convert
+
+    try:
+        state = convert.state_dict_of(convert.read_torch_checkpoint(path))
+        info = convert.describe_state_dict(state)
+    except convert.CheckpointError:
+        raise
+    except ImportError:
+        raise
+    except Exception as e:  # torch's own errors for files that are no checkpoint at all
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PretrainedError(f"--pretrained={path} is not a checkpoint ({first}): give {_ACCEPTED}") from None
+    backbone = resnet.resnet(info["arch"], cifar_stem=info["cifar_stem"])
+    convert.load_torch_state_dict(backbone, state)
+    return backbone, {
+        "arch": info["arch"],
+        "cifar_stem": info["cifar_stem"],
+        "kind": "torch",
+        "dataset": "cifar10" if info["cifar_stem"] else "imagenet",
+    }

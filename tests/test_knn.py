@@ -1,0 +1,185 @@
+"""Weighted kNN: hand-computed votes, ties, blocks, the official demo's code, the monitor, the grid, the CLI."""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import torch
+
+from moco_tf import data, export, knn
+from moco_tf.resnet import resnet
+from tests.test_export import randomize, run
+
+S = 1.0 / math.sqrt(2.0)
+# A memory bank on the unit circle: angle 0 (class 0), 90 deg (class 1), 45 deg (class 1), 180 deg (class 2).
+BANK = np.array([[1, 0], [0, 1], [S, S], [-1, 0]], np.float32)
+BANK_LABELS = np.array([0, 1, 1, 2])
+QUERY = np.array([[1, 0]], np.float32)  # similarities 1, 0, 0.707, -1
+
+
+def test_hand_computed_votes():
+    # k=2, t=0.1: neighbours 0 (sim 1) and 2 (sim 0.707); class 0 gets e^10, class 1 e^7.07.
+    scores = knn.knn_scores(BANK, BANK_LABELS, QUERY, k=2, t=0.1, num_classes=3)
+    np.testing.assert_allclose(scores, [[math.exp(10), math.exp(S / 0.1), 0]], rtol=1e-5)
+    assert knn.knn_predict(BANK, BANK_LABELS, QUERY, k=2, t=0.1).tolist() == [0]
+    # k=3, t=1: two class-1 neighbours (e^0.707 + e^0 = 3.03) outvote one class-0 (e^1 = 2.72).
+    scores = knn.knn_scores(BANK, BANK_LABELS, QUERY, k=3, t=1.0, num_classes=3)
+    np.testing.assert_allclose(scores, [[math.e, math.exp(S) + 1.0, 0]], rtol=1e-5)
+    assert knn.knn_predict(BANK, BANK_LABELS, QUERY, k=3, t=1.0).tolist() == [1]
+    # ...and with a sharp t the close one wins again.
+    assert knn.knn_predict(BANK, BANK_LABELS, QUERY, k=3, t=0.1).tolist() == [0]
+
+
+def test_features_are_normalised_and_k_is_capped():
+    scaled = knn.knn_scores(BANK * [[3.0], [0.5], [7.0], [2.0]], BANK_LABELS, QUERY * 5.0, k=3, t=1.0, num_classes=3)
+    np.testing.assert_allclose(scaled, [[math.e, math.exp(S) + 1.0, 0]], rtol=1e-5)
+    everything = knn.knn_scores(BANK, BANK_LABELS, QUERY, k=200, t=1.0, num_classes=4)
+    np.testing.assert_allclose(everything, [[math.e, math.exp(S) + 1.0, math.exp(-1), 0]], rtol=1e-5)
+
+
+def test_ties():
+    # Query at 45 deg: bank entries 0 (class 1) and 1 (class 0) are equally similar.
+    bank, labels, query = np.array([[1, 0], [0, 1]], np.float32), np.array([1, 0]), np.array([[S, S]], np.float32)
+    # k=1: equal similarities -> the lower bank index (entry 0, class 1).
+    assert knn.knn_predict(bank, labels, query, k=1).tolist() == [1]
+    # k=2: equal class scores -> the lower class index.
+    assert knn.knn_predict(bank, labels, query, k=2).tolist() == [0]
+    assert knn.accuracy(knn.knn_scores(bank, labels, query, k=2), [1], topk=(1, 2)) == {"top1": 0.0, "top2": 100.0}
+
+
+def test_blocks_give_the_same_scores():
+    rng = np.random.RandomState(0)
+    bank, labels, queries = rng.randn(300, 16), rng.randint(0, 7, 300), rng.randn(50, 16)
+    whole = knn.knn_scores(bank, labels, queries, k=20, num_classes=7)
+    blocked = knn.knn_scores(bank, labels, queries, k=20, num_classes=7, block_size=7)
+    np.testing.assert_allclose(blocked, whole, rtol=1e-6)
+    assert whole.shape == (50, 7)
+
+
+def official_knn_predict(feature, feature_bank, feature_labels, classes, knn_k, knn_t):
+    """facebookresearch/moco colab demo (moco_cifar10_demo.ipynb), verbatim."""
+    sim_matrix = torch.mm(feature, feature_bank)
+    sim_weight, sim_indices = sim_matrix.topk(k=knn_k, dim=-1)
+    sim_labels = torch.gather(feature_labels.expand(feature.size(0), -1), dim=-1, index=sim_indices)
+    sim_weight = (sim_weight / knn_t).exp()
+    one_hot_label = torch.zeros(feature.size(0) * knn_k, classes, device=sim_labels.device)
+    one_hot_label = one_hot_label.scatter(dim=-1, index=sim_labels.view(-1, 1), value=1.0)
+    pred_scores = torch.sum(one_hot_label.view(feature.size(0), -1, classes) * sim_weight.unsqueeze(dim=-1), dim=1)
+    return pred_scores.argsort(dim=-1, descending=True)
+
+
+def test_matches_the_official_demo():
+    rng = np.random.RandomState(1)
+    bank, labels, queries = rng.randn(1000, 32), rng.randint(0, 10, 1000), rng.randn(200, 32)
+    norm = lambda x: torch.nn.functional.normalize(torch.from_numpy(x).float(), dim=1)  # noqa: E731
+    expected = official_knn_predict(norm(queries), norm(bank).t(), torch.from_numpy(labels), 10, 200, 0.1)
+    ours = knn.knn_predict(bank, labels, queries, k=200, t=0.1, num_classes=10)
+    np.testing.assert_array_equal(ours, expected[:, 0].numpy())
+
+
+@pytest.fixture(scope="module")
+def digits():
+    source = data.make_source("digits")
+    train = data.labelled_dataset(source, "train", 32, 32).take(3)  # 96 images
+    val = data.labelled_dataset(source, "test", 32, 16).take(2)  # 32 images
+    return source, train, val
+
+
+class Holder(keras.Model):
+    """The one thing KNNMonitor needs of a MoCo model: `backbone_q`."""
+
+    def __init__(self, backbone):
+        super().__init__(name="holder")
+        self.backbone_q = backbone
+        self.fc = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.fc(self.backbone_q(x))
+
+
+def test_monitor_logs_top1_in_inference_mode(digits, tmp_path):
+    source, train, val = digits
+    backbone = resnet("resnet18", cifar_stem=True)
+    randomize(backbone)
+    before = [np.array(w) for w in backbone.weights]
+    monitor = knn.KNNMonitor(train, val, every_n_epochs=2, log_dir=str(tmp_path), class_names=source.class_names)
+    monitor.set_model(Holder(backbone))
+    logs = {}
+    monitor.on_epoch_end(0, logs)
+    assert logs == {}  # not an evaluation epoch
+    monitor.on_epoch_end(1, logs)
+    monitor.on_train_end()
+    assert 0.0 <= logs["knn_top1"] <= 100.0 and logs["knn_top1"] <= logs["knn_top5"]
+    for b, w in zip(before, backbone.weights, strict=True):
+        np.testing.assert_array_equal(b, np.array(w), err_msg=w.path)  # BN statistics untouched
+    # The same number as a direct evaluation of the same features.
+    train_f, train_l = knn.extract_features(backbone, train)
+    val_f, val_l = knn.extract_features(backbone, val)
+    assert logs["knn_top1"] == pytest.approx(knn.knn_accuracy(train_f, train_l, val_f, val_l)["top1"])
+    tags = set()
+    for event_file in glob.glob(os.path.join(str(tmp_path), "knn", "events.*")):
+        for record in tf.compat.v1.train.summary_iterator(event_file):
+            tags.update(v.tag for v in record.summary.value)
+    assert {"knn_top1", "knn_top5", "knn_retrieval"} <= tags
+
+
+def test_monitor_inside_fit(digits):
+    _, train, val = digits
+    backbone = keras.Sequential(
+        [keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(8)]
+    )
+    model = Holder(backbone)
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.zeros((4, 32, 32, 3), np.float32), np.zeros((4, 1), np.float32)
+    history = model.fit(x, y, epochs=2, verbose=0, callbacks=[knn.KNNMonitor(train, val, every_n_epochs=1)])
+    assert len(history.history["knn_top1"]) == 2
+
+
+def test_retrieval_grid_marks_wrong_neighbours():
+    queries = np.full((2, 8, 8, 3), 128, np.uint8)
+    neighbours = np.zeros((2, 3, 8, 8, 3), np.uint8)
+    labels = np.array([[0, 1, 0], [1, 1, 2]])
+    grid = knn.retrieval_grid(
+        queries, [0, 1], neighbours, labels, predicted=[0, 1], class_names=["a", "b", "c"], cell=16
+    )
+    border, text_h, gap = 3, 14, 8
+    w, h = 16 + 2 * border, 16 + 2 * border + text_h
+    assert grid.shape == (2 * h, 4 * w + gap, 3) and grid.dtype == np.uint8
+    corner = lambda r, c: tuple(grid[r * h, (c + 1) * w + gap]) if c >= 0 else tuple(grid[r * h, 0])  # noqa: E731
+    assert [corner(0, c) for c in range(3)] == [knn._RIGHT, knn._WRONG, knn._RIGHT]
+    assert [corner(1, c) for c in range(3)] == [knn._RIGHT, knn._RIGHT, knn._WRONG]
+    assert corner(0, -1) == knn._QUERY
+    assert tuple(grid[border + 4, border + 4]) == (128, 128, 128)  # the query image itself
+
+
+def test_cli(tmp_path):
+    backbone = resnet("resnet18", cifar_stem=True)
+    config = {"arch": "resnet18", "cifar_stem": True, "image_size": 32}
+    path = export.export_backbone(backbone, str(tmp_path / "r18"), config)
+    grid = tmp_path / "grid.png"
+    result = run(
+        "-m",
+        "moco_tf.knn",
+        f"--pretrained={path}",
+        "--dataset=digits",
+        "--limit_train=64",
+        "--limit_val=16",
+        "--batch_size=32",
+        f"--retrieval_grid={grid}",
+        "--grid_queries=3",
+        "--grid_neighbours=4",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "top-1" in result.stdout and "16 test images, bank of 64 train images" in result.stdout
+    image = tf.io.decode_png(tf.io.read_file(str(grid))).numpy()
+    assert image.shape[0] == 3 * (96 + 6 + 14)
+    bad = run("-m", "moco_tf.knn", f"--pretrained={tmp_path / 'missing'}", "--dataset=digits")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --pretrained=")
+    assert "Traceback" not in bad.stderr

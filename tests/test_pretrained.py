@@ -1,0 +1,119 @@
+"""load_backbone: every kind of PATH gives the same features as the network it came from."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from moco_tf import export
+from moco_tf.model import projection_head
+from moco_tf.pretrained import FrozenBackbone, PretrainedError, load_backbone
+from moco_tf.resnet import resnet
+from tests import torch_reference
+from tests.test_export import randomize
+
+MEAN = np.array(export.IMAGENET_MEAN, np.float32)
+STD = np.array(export.IMAGENET_STD, np.float32)
+
+
+def images(n=3, size=32, seed=1):
+    return ((np.random.RandomState(seed).rand(n, size, size, 3).astype(np.float32)) - MEAN) / STD
+
+
+def test_export_is_rebuilt_exactly(tmp_path):
+    backbone = resnet("resnet18", cifar_stem=True)
+    randomize(backbone)  # BN statistics that differ from training mode's
+    head = projection_head(512, 16, mlp=True)
+    config = {"arch": "resnet18", "cifar_stem": True, "image_size": 32, "dataset": "digits"}
+    path = export.export_backbone(backbone, str(tmp_path / "r18"), config, head=head)
+    loaded, info = load_backbone(path)
+    assert isinstance(loaded, FrozenBackbone)
+    assert info["kind"] == "export" and info["arch"] == "resnet18" and info["cifar_stem"]
+    assert info["image_size"] == 32 and info["feature_dim"] == 512
+    for ours, theirs in zip(loaded.model.weights, backbone.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs), err_msg=theirs.path)
+    x = images()  # graph vs eager execution: equal up to float rounding
+    np.testing.assert_allclose(loaded(x).numpy(), backbone(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_export_with_wrong_config_is_refused(tmp_path):
+    backbone = resnet("resnet18", cifar_stem=True)
+    path = export.export_backbone(backbone, str(tmp_path / "r18"), {"arch": "resnet34", "cifar_stem": True})
+    with pytest.raises(PretrainedError, match="do not fit a resnet34"):
+        load_backbone(path)
+
+
+def test_torch_checkpoint_matches_torch(tmp_path):
+    torch.manual_seed(0)
+    net = torch_reference.ResNet(18, fc=torch_reference.moco_head(512, 16, mlp=True), cifar_stem=True).eval()
+    with torch.no_grad():  # non-trivial BN statistics, so inference mode is what is compared
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    state = {f"module.encoder_q.{k}": v for k, v in net.state_dict().items()}
+    path = str(tmp_path / "checkpoint_0009.pth.tar")
+    torch.save({"epoch": 10, "arch": "resnet18", "state_dict": state}, path)
+    loaded, info = load_backbone(path)
+    assert info["kind"] == "torch" and info["arch"] == "resnet18" and info["cifar_stem"]
+    assert info["image_size"] == 32
+    x = images()
+    net.fc = torch.nn.Identity()
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_inference_mode_and_frozen():
+    backbone = resnet("resnet18", cifar_stem=True)
+    randomize(backbone)
+    x = images()
+    in_training = backbone(x, training=True).numpy()  # (moves the BN statistics)
+    frozen = FrozenBackbone(backbone)
+    before = frozen.snapshot()
+    np.testing.assert_allclose(frozen(x).numpy(), backbone(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(frozen(x).numpy(), in_training, atol=1e-3)
+    frozen(x)
+    after = frozen.snapshot()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert backbone.trainable_weights == []
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: str(d / "nothing_here"), "does not exist"),
+        (lambda d: _write(d / "notes.txt", b"hello"), "is not a checkpoint"),
+        (lambda d: _saved_model(d), "not a moco_tf export"),
+    ],
+)
+def test_unusable_paths_are_one_clear_error(tmp_path, make, message):
+    with pytest.raises(PretrainedError, match=message) as error:
+        load_backbone(make(tmp_path))
+    assert "\n" not in str(error.value)
+
+
+def _write(path, content):
+    path.write_bytes(content)
+    return str(path)
+
+
+def _saved_model(directory):
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.v = tf.Variable(1.0)
+    path = str(directory / "plain_saved_model")
+    tf.saved_model.save(module, path)
+    return path
+
+
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(os.path.dirname(__file__), "..", "moco_tf", "checkpoint.py")),
+    reason="moco_tf.checkpoint not written yet",
+)
+def test_model_dir(tmp_path):
+    pytest.skip("written once moco_tf.checkpoint lands")
