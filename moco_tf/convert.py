@@ -452,6 +452,7 @@ def convert_to_model_dir(torch_checkpoint: str, model_dir: str, overwrite: bool 
             f"{info['head']}); a model_dir needs one. Use --export_dir for its backbone."
         )
     kwargs = dict(arch=info["arch"], dim=info["dim"], mlp=info["mlp"], cifar_stem=info["cifar_stem"])
+    kwargs["temperature"] = OFFICIAL_RECIPES["v2" if info["mlp"] else "v1"]["temperature"]
     if info["queue_size"]:
         kwargs["queue_size"] = info["queue_size"]
     model = MoCo(**kwargs)
@@ -462,20 +463,30 @@ def convert_to_model_dir(torch_checkpoint: str, model_dir: str, overwrite: bool 
     return model_dir
 
 
+# The official ImageNet recipes (facebookresearch/moco README), in moco_tf's flag names: what a
+# converted model_dir records as its run, so that training can go on with the same settings.
+OFFICIAL_RECIPES = {
+    "v1": {"temperature": 0.07, "lr": 0.03, "batch_size": 256, "schedule": "step", "aug": "v1"},
+    "v2": {"temperature": 0.2, "lr": 0.03, "batch_size": 256, "schedule": "cosine", "aug": "v2"},
+}
+
+
 def _config_from_checkpoint(path: str, checkpoint: Mapping[str, Any], report: LoadReport) -> dict[str, Any]:
-    epoch = checkpoint.get("epoch")
+    epoch = checkpoint.get("epoch")  # the official code saves the number of epochs completed
     version = {"v1": "v1", "v2": "v2", "v3_projector": "v3"}.get(report.head)
-    return {
+    config = {
         "arch": report.arch,
         "cifar_stem": report.cifar_stem,
         "mlp": report.mlp,
         "moco_version": version,
-        "aug": version if version in ("v1", "v2") else None,
         "epochs": int(epoch) if isinstance(epoch, int | np.integer) else None,
-        "dataset": "cifar10" if report.cifar_stem else "imagenet",
+        "dataset": "cifar10" if report.cifar_stem else "imagenet2012",
         "image_size": 32 if report.cifar_stem else 224,
         "source": f"PyTorch checkpoint {os.path.basename(path)} ({report.layout} layout)",
     }
+    if version in OFFICIAL_RECIPES and not report.cifar_stem:
+        config.update(OFFICIAL_RECIPES[version])
+    return config
 
 
 def _main(argv) -> None:

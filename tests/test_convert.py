@@ -465,17 +465,22 @@ def test_official_checkpoint_to_model_dir_resumes_and_exports(reference, tmp_pat
     path, outputs, _ = reference("resnet18")  # MoCo v2
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     model_dir = str(tmp_path / "model_dir")
-    convert.convert_to_model_dir(path, model_dir)
+    result = run("-m", "moco_tf.convert", f"--torch_checkpoint={path}", f"--model_dir={model_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
     model, config = checkpoint_module.restore_model(model_dir)
     assert (config["arch"], config["mlp"], config["dim"]) == ("resnet18", True, 128)
+    assert (config["temperature"], config["schedule"], config["epochs"]) == (0.2, "cosine", 200)
+    assert model.temperature == 0.2
     np.testing.assert_array_equal(model.queue.numpy(), state["module.queue"].numpy().T)
     np.testing.assert_array_equal(
         model.encoder_k.head.get_layer("fc.0").kernel.numpy(), state["module.encoder_k.fc.0.weight"].numpy().T
     )
     if getattr(model, "optimizer", None) is None:
         model.compile(optimizer=keras.optimizers.SGD(0.03, momentum=0.9))
-    views = np.random.RandomState(5).normal(size=(2, 8, 32, 32, 3)).astype(np.float32)
+    size = config.get("image_size") or 32  # the official runs' 224: the model's input is fixed to it
+    views = np.random.RandomState(5).normal(size=(2, 2, size, size, 3)).astype(np.float32)
     assert np.isfinite(float(model.train_step((views[0], views[1]))["loss"]))
+    assert int(model.queue_ptr.numpy()) == 10
 
     export_dir = export_model_dir(model_dir, str(tmp_path / "export"))
     assert read_config(export_dir)["arch"] == "resnet18"
