@@ -98,16 +98,12 @@ def load_backbone(path: str) -> tuple[FrozenBackbone, dict[str, Any]]:
 
 
 def _from_model_dir(model_dir: str, checkpoint: str | None) -> tuple[keras.Model, dict[str, Any]]:
+    from moco_tf.checkpoint import restore_model
+
     try:
-        from moco_tf.checkpoint import restore_model
-    except ImportError as e:  # until moco_tf.checkpoint exists
-        raise PretrainedError(f"cannot read moco_tf model_dirs in this install ({e})") from None
-    try:
-        model, config = restore_model(model_dir, checkpoint=checkpoint) if checkpoint else restore_model(model_dir)
+        model, config = restore_model(checkpoint or model_dir)  # a checkpoint prefix or the latest
     except (FileNotFoundError, ValueError) as e:
-        raise PretrainedError(
-            f"--pretrained={checkpoint or model_dir} is not a usable model_dir ({e}): give {_ACCEPTED}"
-        ) from None
+        raise PretrainedError(f"--pretrained={checkpoint or model_dir}: {e}; give {_ACCEPTED}") from None
     info = {k: config.get(k) for k in ("arch", "cifar_stem", "image_size", "dataset") if config.get(k) is not None}
     info["kind"] = "checkpoint" if checkpoint else "model_dir"
     # Rebuilt as an export is: the training backbone may fix its input size and split BN into

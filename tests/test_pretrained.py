@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -88,6 +86,7 @@ def test_inference_mode_and_frozen():
         (lambda d: str(d / "nothing_here"), "does not exist"),
         (lambda d: _write(d / "notes.txt", b"hello"), "is not a checkpoint"),
         (lambda d: _saved_model(d), "not a moco_tf export"),
+        (lambda d: str(d), "is not a moco_tf model_dir"),
     ],
 )
 def test_unusable_paths_are_one_clear_error(tmp_path, make, message):
@@ -111,9 +110,20 @@ def _saved_model(directory):
     return path
 
 
-@pytest.mark.skipif(
-    not os.path.exists(os.path.join(os.path.dirname(__file__), "..", "moco_tf", "checkpoint.py")),
-    reason="moco_tf.checkpoint not written yet",
-)
-def test_model_dir(tmp_path):
-    pytest.skip("written once moco_tf.checkpoint lands")
+def test_model_dir_and_checkpoint(tmp_path):
+    import glob
+
+    from moco_tf.checkpoint import write_model_dir
+    from moco_tf.model import MoCo
+
+    model = MoCo(arch="resnet18", cifar_stem=True, dim=16, queue_size=32, bn_groups=2, image_size=32)
+    randomize(model.backbone_q)
+    path = write_model_dir(str(tmp_path / "run"), model, {"dataset": "digits", "image_size": 32})
+    x = images()
+    expected = model.backbone_q(x, training=False).numpy()
+    for where, kind in ((path, "model_dir"), (glob.glob(f"{path}/*/ckpt-0.index")[0][: -len(".index")], "checkpoint")):
+        loaded, info = load_backbone(where)
+        assert info["kind"] == kind and info["arch"] == "resnet18" and info["cifar_stem"] and info["image_size"] == 32
+        np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+        # Rebuilt without the training-time input size and BN groups: any size evaluates.
+        assert loaded(images(size=40)).shape == (3, 512)
