@@ -74,15 +74,24 @@ def read_torch_checkpoint(path: str) -> dict[str, Any]:
     except ImportError as e:
         raise ImportError(TORCH_INSTALL_HINT) from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only refuses any global outside tensors and plain containers: such a file
-        # could run code when unpickled. Say so plainly rather than passing torch's long message.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"refusing {path}: it is not a plain weights checkpoint (unpickling it could run code; "
-            f"torch.load(weights_only=True) said: {first})"
-        ) from e
+        # torch's message is long; its one telling line names what the unpickler met.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        detail = next((line for line in lines if "Unsupported" in line), lines[0])
+        if "Unsupported global" in detail:
+            # weights_only refuses any global outside tensors and plain containers: unpickling
+            # such a file could run code.
+            raise CheckpointError(
+                f"refusing {path}: it pickles Python objects beyond weights, and unpickling it could "
+                f"run code (torch.load(weights_only=True): {detail})"
+            ) from e
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({detail})") from e
+    except (EOFError, KeyError, RuntimeError, ValueError) as e:  # truncated or not torch.save's
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict or checkpoint dict")
+    return checkpoint
 
 
 def state_dict_of(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:

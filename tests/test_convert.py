@@ -400,6 +400,14 @@ def test_cli_user_errors_are_one_line(tmp_path, r18):
     assert not marker.exists() and not (tmp_path / "e").exists()
 
 
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint" * 8])
+def test_not_a_checkpoint(tmp_path, content):
+    path = tmp_path / "x.pth"
+    path.write_bytes(content)
+    with pytest.raises(convert.CheckpointError, match="is not a PyTorch checkpoint"):
+        convert.read_torch_checkpoint(str(path))
+
+
 def test_missing_checkpoint_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convert.convert_to_export(str(tmp_path / "absent.pth"), str(tmp_path / "e"))
