@@ -43,7 +43,11 @@ TORCH_INSTALL_HINT = (
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message says why."""
+    """A checkpoint that must not be loaded or does not fit the model; the message says why."""
+
+
+class NotACheckpointError(ValueError):
+    """The file is not something torch.load reads (truncated, or another format)."""
 
 
 @dataclass
@@ -86,9 +90,9 @@ def read_torch_checkpoint(path: str) -> dict[str, Any]:
                 f"refusing {path}: it pickles Python objects beyond weights, and unpickling it could "
                 f"run code (torch.load(weights_only=True): {detail})"
             ) from e
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({detail})") from e
+        raise NotACheckpointError(f"{path} is not a checkpoint torch.load can read ({detail})") from e
     except (EOFError, KeyError, RuntimeError, ValueError) as e:  # truncated or not torch.save's
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        raise NotACheckpointError(f"{path} is not a checkpoint torch.load can read ({type(e).__name__}: {e})") from e
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict or checkpoint dict")
     return checkpoint

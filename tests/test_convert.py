@@ -404,7 +404,7 @@ def test_cli_user_errors_are_one_line(tmp_path, r18):
 def test_not_a_checkpoint(tmp_path, content):
     path = tmp_path / "x.pth"
     path.write_bytes(content)
-    with pytest.raises(convert.CheckpointError, match="is not a PyTorch checkpoint"):
+    with pytest.raises(convert.NotACheckpointError, match="is not a checkpoint torch.load can read"):
         convert.read_torch_checkpoint(str(path))
 
 
