@@ -216,3 +216,17 @@ def test_export_moco_frees_image_size_and_bn_groups(tmp_path):
     assert np.abs(out["projection"].numpy() - model.encoder_q.head(expected).numpy()).max() < 1e-5
     # Another size, and training mode on a batch of 3 (not a multiple of bn_groups).
     assert loaded(np.random.rand(3, 40, 24, 3).astype(np.float32), training=True).shape == (3, 512)
+
+
+def test_export_moco_inside_a_distribution_strategy(tmp_path):
+    """As train.py exports at the end of training: model and export under MirroredStrategy."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = MoCo(arch="resnet18", dim=16, queue_size=8, mlp=False)
+        randomize(model.backbone_q)
+        path = export.export_moco(model, str(tmp_path / "e"))
+    loaded = tf.saved_model.load(path)
+    x = np.random.RandomState(3).rand(2, 40, 40, 3).astype(np.float32)
+    expected = model.backbone_q((x - MEAN) / STD, training=False).numpy()
+    assert np.abs(loaded(x).numpy() - expected).max() < 1e-5
+    assert len(loaded.trainable_variables) == 60
