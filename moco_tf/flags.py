@@ -1,0 +1,56 @@
+"""absl flags of the training CLI (`python -m moco_tf.train`), grouped as the paper's recipe."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from moco_tf.distribute import STRATEGIES
+from moco_tf.resnet import ARCHS
+
+
+def define_train_flags() -> None:
+    """Every flag of `moco_tf.train`; defaults are the MoCo v1 ImageNet recipe."""
+    # Model
+    flags.DEFINE_enum("arch", "resnet50", list(ARCHS), "Backbone architecture (torchvision ResNet v1.5 layout).")
+    flags.DEFINE_bool("cifar_stem", False, "3x3 stride-1 first conv and no max-pool (small images, CIFAR demo).")
+    flags.DEFINE_integer("dim", 128, "Projection dimension of queries and keys.")
+    flags.DEFINE_bool("mlp", False, "MoCo v2 projection head: Dense(width) -> ReLU -> Dense(dim).")
+    flags.DEFINE_integer("queue_size", 65536, "K, negative keys in the queue; a multiple of the keys per step.")
+    flags.DEFINE_float("momentum", 0.999, "m, moving-average momentum of the key encoder, in [0, 1).")
+    flags.DEFINE_float("temperature", 0.07, "T, softmax temperature of InfoNCE (> 0); v2 uses 0.2.")
+    flags.DEFINE_bool("symmetric", False, "Loss on both view orders (official CIFAR demo); enqueues 2 x batch keys.")
+    flags.DEFINE_bool("shuffle_bn", True, "Shuffle the key batch across replicas / BN groups before the key encoder.")
+    flags.DEFINE_integer("bn_groups", 1, "BatchNorm statistics per group of batch/bn_groups (shuffle BN on 1 device).")
+    # Data
+    flags.DEFINE_string("dataset", "digits", "digits (embedded), folder, or a TFDS name (imagenet2012, cifar10, ...).")
+    flags.DEFINE_string("data_dir", None, "Image folder for --dataset=folder, or the TFDS data_dir (gs:// on TPU).")
+    flags.DEFINE_integer("image_size", 224, "Side of the square crops fed to the encoders.")
+    flags.DEFINE_enum("aug", "v1", ["v1", "v2"], "Augmentation recipe of MoCo v1 or v2.")
+    flags.DEFINE_bool("strict_data", False, "Stop at the first unreadable image instead of skipping it.")
+    # Optimization
+    flags.DEFINE_integer("epochs", 200, "Training epochs.")
+    flags.DEFINE_integer("batch_size", 256, "Global batch size, over all replicas and workers.")
+    flags.DEFINE_float("lr", 0.03, "Base learning rate per 256 images; scaled linearly with --batch_size.")
+    flags.DEFINE_enum("schedule", "step", ["step", "cosine"], "Learning-rate schedule, set per epoch.")
+    flags.DEFINE_list("milestones", ["120", "160"], "Epochs where the step schedule multiplies the rate by 0.1.")
+    flags.DEFINE_integer("warmup_epochs", 0, "Linear warm-up epochs (not in the official recipes).")
+    flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay, PyTorch style (added to the gradient).")
+    flags.DEFINE_float("sgd_momentum", 0.9, "SGD momentum.")
+    # Hardware
+    flags.DEFINE_enum("strategy", "auto", list(STRATEGIES), "tf.distribute strategy; auto picks from the hardware.")
+    flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM).")
+    flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "fp16"], "Mixed precision (bf16 on TPU).")
+    flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA (one replica per process, GPU/TPU).")
+    flags.DEFINE_integer("seed", None, "Seed of weights, queue and data order; makes a run repeatable.")
+    flags.DEFINE_bool("deterministic", False, "Deterministic TF ops (slower); use with --seed.")
+    # Output
+    flags.DEFINE_string("model_dir", None, "Run folder: checkpoints, TensorBoard logs, config. Rerun to resume.")
+    flags.DEFINE_integer("knn_every", 10, "kNN monitor every N epochs when the data set has labels (0: off).")
+    flags.DEFINE_integer("knn_k", 200, "Neighbours of the kNN monitor.")
+    flags.DEFINE_float("knn_t", 0.1, "Temperature of the kNN monitor's vote weights.")
+    flags.DEFINE_integer("log_every", 50, "TensorBoard scalars every N steps.")
+    flags.DEFINE_integer("checkpoint_every", 1000, "Checkpoint every N steps (and at every epoch end).")
+    flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept in model_dir.")
+    flags.DEFINE_integer("steps_per_epoch", None, "Override steps per epoch (default: images // batch_size).")
+    flags.DEFINE_integer("max_steps", None, "Stop after this many steps in total (a short try-out).")
+    flags.DEFINE_string("export_dir", None, "Export the query backbone as a TF-Hub SavedModel here at the end.")

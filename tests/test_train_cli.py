@@ -1,0 +1,130 @@
+"""The training CLI end to end, in fresh processes: a short run, resume, errors, multi-worker."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0", "PYTHONPATH": ROOT}
+TINY = [
+    "--flagfile=configs/quickstart.flags", "--batch_size=32", "--queue_size=64", "--bn_groups=2",
+    "--steps_per_epoch=2", "--epochs=3", "--knn_every=0", "--checkpoint_every=1", "--seed=1",
+]
+
+
+def _train(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "moco_tf.train", *args], cwd=ROOT, env=env or ENV,
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def _saved(model_dir):
+    prefix = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    reader = tf.train.load_checkpoint(prefix)
+
+    def value(name):
+        return reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
+
+    return {
+        "step": int(value("optimizer/_iterations")),
+        "epoch": int(value("epoch")),
+        "queue": value("model/queue"),
+        "ptr": int(value("model/queue_ptr")),
+    }
+
+
+def test_short_run_writes_checkpoint_logs_export_and_resumes(tmp_path):
+    model_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "export")
+    first = _train(*TINY, f"--model_dir={model_dir}", "--max_steps=3", f"--export_dir={export_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = _saved(model_dir)
+    assert state["step"] == 3 and state["ptr"] == (3 * 32) % 64
+    assert json.load(open(os.path.join(model_dir, "config.json")))["arch"] == "resnet18"
+    events = [f for _, _, files in os.walk(os.path.join(model_dir, "logs")) for f in files if "tfevents" in f]
+    assert events, "no TensorBoard event files"
+    assert os.path.exists(os.path.join(export_dir, "saved_model.pb"))
+    assert "epoch 2/3" in first.stdout  # one-line epoch summaries
+
+    # Rerunning the same command resumes: the step count and the queue continue from the checkpoint.
+    second = _train(*TINY, f"--model_dir={model_dir}", "--max_steps=5")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming" in second.stdout and "from step 3" in second.stdout
+    resumed = _saved(model_dir)
+    assert resumed["step"] == 5 and resumed["epoch"] == 2 and resumed["ptr"] == (5 * 32) % 64
+    # Rows written by steps 1..3 and not overwritten by steps 4..5 are kept as they were.
+    kept = slice(0, 32)  # step 3 wrote rows 0..31 ((2*32) % 64); steps 4, 5 wrote 32..63 then 0..31 again
+    assert not np.array_equal(resumed["queue"][kept], state["queue"][kept])
+    np.testing.assert_array_equal(resumed["queue"].shape, state["queue"].shape)
+
+    # Another recipe in the same model_dir is refused.
+    other = _train(*TINY, f"--model_dir={model_dir}", "--arch=resnet34")
+    assert other.returncode == 2 and "holds another run" in other.stderr
+    assert "Traceback" not in other.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--queue_size=100"], "not a multiple of the keys"),
+        (["--arch=resnet19"], "resnet19"),
+        (["--dataset=no_such_dataset_xyz"], "no_such_dataset_xyz"),
+        (["--dataset=folder", "--data_dir=/nonexistent/images"], "/nonexistent/images"),
+        (["--temperature=0"], "--temperature must be > 0"),
+        (["--momentum=1.0"], "--momentum must be in [0, 1)"),
+        (["--image_size=4"], "too small"),
+        (["--model_dir=/proc/moco_tf_cannot_write"], "not writable"),
+        (["--strategy=tpu"], "no TPU found"),
+        (["--batch_size=30", "--bn_groups=4", "--queue_size=60"], "bn_groups"),
+    ],
+)
+def test_user_mistakes_give_one_line_and_exit_2(args, message, tmp_path):
+    result = _train(*TINY, f"--model_dir={tmp_path / 'run'}", *args)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_multi_worker_two_local_processes(tmp_path):
+    """MultiWorkerMirroredStrategy, 2 processes on 127.0.0.1: same weights and queue, one checkpoint dir."""
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    model_dir = str(tmp_path / "run")
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        env = {**ENV, "TF_CONFIG": json.dumps(tf_config)}
+        args = [*TINY, "--strategy=multi_worker", f"--model_dir={model_dir}", "--max_steps=2",
+                f"--dump={tmp_path / f'worker{index}.npz'}"]
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tests", "multiworker_worker.py"), *args],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    chief, other = (np.load(tmp_path / f"worker{i}.npz") for i in range(2))
+    assert int(chief["ptr"]) == (2 * 32) % 64
+    for key in chief.files:
+        np.testing.assert_allclose(chief[key], other[key], rtol=0, atol=1e-6, err_msg=key)
+    assert not np.allclose(chief["queue"][:32], chief["queue"][32:])
+    # Exactly one checkpoint directory, the chief's, in model_dir.
+    assert os.listdir(tmp_path) == sorted(os.listdir(tmp_path))
+    assert [d for d in os.listdir(model_dir) if d.startswith("checkpoints")] == ["checkpoints"]
+    assert _saved(model_dir)["step"] == 2
+    assert "epoch 1/3" in outputs[0][0] and "epoch 1/3" not in outputs[1][0]  # only the chief reports
