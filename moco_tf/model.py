@@ -200,7 +200,11 @@ class MoCo(keras.Model):
         self.neg_tracker.update_state(tf.reduce_mean(l_neg))
         # Contrastive top-1: the positive outscores every queue key (index 0 of the logits).
         self.acc_tracker.update_state(tf.reduce_mean(tf.cast(l_pos > tf.reduce_max(l_neg, axis=1), tf.float32)))
-        return {m.name: m.result() for m in self.metrics}
+        logs = {m.name: m.result() for m in self.metrics}
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras reduces multi-worker logs with a mean along axis 0, which a scalar lacks.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
 
     # ----------------------------------------------------------------------------- pieces
     def _momentum_update_key_encoder(self):
