@@ -161,9 +161,7 @@ def _from_torch(path: str) -> tuple[keras.Model, dict[str, Any]]:
     try:
         state = convert.state_dict_of(convert.read_torch_checkpoint(path))
         info = convert.describe_state_dict(state)
-    except convert.CheckpointError:
-        raise
-    except ImportError:
+    except (convert.CheckpointError, ImportError):  # already one clear line
         raise
     except Exception as e:  # torch's own errors for files that are no checkpoint at all
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
