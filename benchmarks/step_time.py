@@ -37,7 +37,7 @@ def main() -> None:
     model.fit(dataset, steps_per_epoch=args.steps, epochs=1, verbose=0)
     seconds = (time.perf_counter() - start) / args.steps
     print(f"{args.arch} {args.image_size}x{args.image_size} batch {args.batch_size}: "
-          f"{seconds:.2f} s/step, {args.batch_size / seconds:.1f} images/s ({len(tf.config.list_physical_devices())} devices)")
+          f"{seconds:.2f} s/step, {args.batch_size / seconds:.1f} images/s")
 
 
 if __name__ == "__main__":
