@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -251,17 +250,10 @@ def _main(argv) -> None:
 
 
 def run_cli(main, argv=None, user_errors: tuple[type[BaseException], ...] = ()) -> None:
-    """absl's app.run, with user mistakes turned into one line on stderr and exit status 2."""
-    from absl import app
+    """`moco_tf.cli.run` with this module's user mistakes (ValueError included) reported in one line."""
+    from moco_tf import cli
 
-    def wrapped(args):
-        try:
-            main(args)
-        except USER_ERRORS + user_errors as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    app.run(wrapped, argv=argv)
+    cli.run(main, user_errors=USER_ERRORS + user_errors, argv=argv)
 
 
 def _define_flags() -> None:

@@ -116,7 +116,7 @@ def test_multi_worker_two_local_processes(tmp_path):
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
     outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outputs, strict=True):
+    for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     chief, other = (np.load(tmp_path / f"worker{i}.npz") for i in range(2))
     assert int(chief["ptr"]) == (2 * 32) % 64
