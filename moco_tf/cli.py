@@ -10,6 +10,12 @@ class UsageError(ValueError):
     """A bad flag value or combination; the message says what to change."""
 
 
+def reject_extra_arguments(argv) -> None:
+    """absl leaves positional arguments in argv; moco_tf CLIs take flags only."""
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
 def run(main: Callable, user_errors: tuple[type[BaseException], ...] = (), argv=None) -> None:
     """absl's app.run(main), reporting `user_errors` (and UsageError) without a traceback."""
     from absl import app

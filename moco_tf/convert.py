@@ -505,9 +505,10 @@ def _config_from_checkpoint(path: str, checkpoint: Mapping[str, Any], report: Lo
 def _main(argv) -> None:
     from absl import flags
 
+    from moco_tf import cli
+
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.reject_extra_arguments(argv)
     if not FLAGS.torch_checkpoint:
         raise ValueError("--torch_checkpoint is required")
     if bool(FLAGS.export_dir) == bool(FLAGS.model_dir):

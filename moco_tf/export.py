@@ -240,9 +240,10 @@ USER_ERRORS = (FileExistsError, FileNotFoundError, NotADirectoryError, ValueErro
 def _main(argv) -> None:
     from absl import flags
 
+    from moco_tf import cli
+
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.reject_extra_arguments(argv)
     if not FLAGS.model_dir or not FLAGS.export_dir:
         raise ValueError("both --model_dir and --export_dir are required")
     path = export_model_dir(FLAGS.model_dir, FLAGS.export_dir, overwrite=FLAGS.overwrite)

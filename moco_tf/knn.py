@@ -423,12 +423,11 @@ def _define_flags() -> None:
 def _main(argv) -> None:
     from absl import flags
 
-    from moco_tf import data
+    from moco_tf import cli, data
     from moco_tf.pretrained import load_backbone
 
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.reject_extra_arguments(argv)
     if not FLAGS.pretrained:
         raise ValueError("--pretrained=PATH is required (model_dir, checkpoint, TF-Hub export or .pth)")
     source = data.make_source(FLAGS.dataset, FLAGS.data_dir, FLAGS.strict_data)

@@ -269,11 +269,10 @@ def _define_flags() -> None:
 def _main(argv) -> None:
     from absl import flags
 
-    from moco_tf import data
+    from moco_tf import cli, data
 
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.reject_extra_arguments(argv)
     if not FLAGS.pretrained:
         raise ValueError("--pretrained=PATH is required (model_dir, checkpoint, TF-Hub export or .pth)")
     if FLAGS.epochs < 1 or FLAGS.lr <= 0:

@@ -149,12 +149,7 @@ class MoCo(keras.Model):
 
     def check_batch_size(self, global_batch_size: int) -> None:
         """Raises ValueError unless the queue holds a whole number of steps' keys."""
-        keys = self.keys_per_step(global_batch_size)
-        if self.queue_size % keys:
-            raise ValueError(
-                f"queue_size {self.queue_size} is not a multiple of the keys enqueued per step "
-                f"({keys} = global batch {global_batch_size}{' x 2 (symmetric)' if self.symmetric else ''})"
-            )
+        check_queue_fits(self.queue_size, global_batch_size, self.symmetric)
         if global_batch_size % self.bn_groups:
             raise ValueError(f"batch size {global_batch_size} is not divisible by bn_groups {self.bn_groups}")
 
@@ -281,6 +276,16 @@ class MoCo(keras.Model):
             image_size=self.image_size,
         )
         return config
+
+
+def check_queue_fits(queue_size: int, global_batch_size: int, symmetric: bool = False) -> None:
+    """Raises ValueError unless queue_size is a multiple of the keys enqueued per step."""
+    keys = global_batch_size * (2 if symmetric else 1)
+    if queue_size % keys:
+        raise ValueError(
+            f"queue_size {queue_size} is not a multiple of the keys enqueued per step "
+            f"({keys} = global batch {global_batch_size}{' x 2 (symmetric)' if symmetric else ''})"
+        )
 
 
 def _two_views(data):

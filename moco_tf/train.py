@@ -16,6 +16,7 @@ from absl import flags, logging
 from moco_tf import augment, checkpoint, cli, data, distribute, knn
 from moco_tf.callbacks import CheckpointEvery, TrainingLogs
 from moco_tf.flags import define_train_flags
+from moco_tf.model import check_queue_fits
 from moco_tf.optimizers import SGD
 from moco_tf.schedules import EpochSchedule, scaled_lr
 
@@ -44,12 +45,10 @@ def validate_flags() -> None:
     for name in ("epochs", "batch_size", "queue_size", "dim", "bn_groups", "image_size"):
         if FLAGS[name].value < 1:
             raise cli.UsageError(f"--{name} must be positive, got {FLAGS[name].value}")
-    keys = FLAGS.batch_size * (2 if FLAGS.symmetric else 1)
-    if FLAGS.queue_size % keys:
-        raise cli.UsageError(
-            f"--queue_size {FLAGS.queue_size} is not a multiple of the keys enqueued per step ({keys}"
-            f" = --batch_size {FLAGS.batch_size}{' x 2 for --symmetric' if FLAGS.symmetric else ''})"
-        )
+    try:
+        check_queue_fits(FLAGS.queue_size, FLAGS.batch_size, FLAGS.symmetric)
+    except ValueError as error:
+        raise cli.UsageError(f"--{error}") from None
     try:
         [int(m) for m in FLAGS.milestones]
     except ValueError:
@@ -101,8 +100,7 @@ def _segments(step: int, total: int, steps_per_epoch: int) -> list[tuple[int, in
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.reject_extra_arguments(argv)
     train_from_flags()
 
 
