@@ -20,6 +20,7 @@ moco_tf's frozen features, precomputed (no augmentation, so not the full officia
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -37,7 +38,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import torch  # noqa: E402
 
-from moco_tf import data, knn, lincls  # noqa: E402
+from moco_tf import data, export, knn, lincls, resnet  # noqa: E402
 from moco_tf.model import MoCo  # noqa: E402
 from moco_tf.optimizers import SGD  # noqa: E402
 from moco_tf.schedules import EpochSchedule, scaled_lr  # noqa: E402
@@ -83,38 +84,117 @@ def torch_backbone_fn(encoder: torch.nn.Module):
     return lambda images: tf.py_function(fn, [images], tf.float32)
 
 
-def train_torch(model: MoCo, views: np.ndarray, lrs: list[float], seed: int) -> torch.nn.Module:
-    """The official step from moco_tf's initial state, with the demo's single-GPU key shuffle."""
-    torch.manual_seed(seed)
+class TorchMoCo:
+    """builder.py's step (tests/torch_reference.py) from moco_tf's initial state, with the demo's
+    single-GPU key shuffle (moco_cifar10_demo: _batch_shuffle_single_gpu / _batch_unshuffle_single_gpu)."""
 
-    def encoder():
-        return ref.ResNet(18, fc=ref.moco_head(512, DIM, False), cifar_stem=True, groups=BN_GROUPS)
+    def __init__(self, model: MoCo, lr: float, seed: int):
+        torch.manual_seed(seed)
 
-    encoder_q, encoder_k = encoder(), encoder()
-    ref.load_into_torch(encoder_q, ref.tf_encoder_state(model.encoder_q))
-    ref.load_into_torch(encoder_k, ref.tf_encoder_state(model.encoder_k))
-    official = ref.OfficialMoCo(encoder_q, encoder_k, torch.from_numpy(np.asarray(model.queue).T.copy()), M, T)
-    official.train()
-    encoder_k_forward = encoder_k.forward
+        def encoder():
+            head = ref.moco_head(resnet.feature_dim("resnet18", model.width), DIM, False)
+            return ref.ResNet(18, fc=head, cifar_stem=True, groups=BN_GROUPS, width=model.width)
 
-    def shuffled_forward(x):  # moco_cifar10_demo: _batch_shuffle_single_gpu / _batch_unshuffle_single_gpu
-        idx = torch.randperm(x.shape[0])
-        return encoder_k_forward(x[idx])[torch.argsort(idx)]
+        self.encoder_q, encoder_k = encoder(), encoder()
+        ref.load_into_torch(self.encoder_q, ref.tf_encoder_state(model.encoder_q))
+        ref.load_into_torch(encoder_k, ref.tf_encoder_state(model.encoder_k))
+        queue = torch.from_numpy(np.asarray(model.queue).T.copy())
+        self.moco = ref.OfficialMoCo(self.encoder_q, encoder_k, queue, M, T)
+        self.moco.train()
+        key_forward = encoder_k.forward
 
-    encoder_k.forward = shuffled_forward
-    optimizer = torch.optim.SGD(encoder_q.parameters(), lrs[0], momentum=0.9, weight_decay=WD)
-    criterion = torch.nn.CrossEntropyLoss()
-    for step, batch in enumerate(views):
-        for group in optimizer.param_groups:
-            group["lr"] = lrs[step]
-        im = torch.from_numpy(batch.transpose(0, 1, 4, 2, 3).copy())
-        logits, labels = official(im[:, 0], im[:, 1])
-        loss = criterion(logits, labels)
-        optimizer.zero_grad()
+        def shuffled_forward(x):
+            idx = torch.randperm(x.shape[0])
+            return key_forward(x[idx])[torch.argsort(idx)]
+
+        encoder_k.forward = shuffled_forward
+        self.optimizer = torch.optim.SGD(self.encoder_q.parameters(), lr, momentum=0.9, weight_decay=WD)
+
+    def step(self, views: np.ndarray, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        im = torch.from_numpy(views.transpose(0, 1, 4, 2, 3).copy())
+        logits, labels = self.moco(im[:, 0], im[:, 1])
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        self.optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
-    encoder_k.forward = encoder_k_forward
-    return encoder_q
+        self.optimizer.step()
+        return loss.item()
+
+
+def run_seed(seed: int, source, args, lr: float, steps_per_epoch: int, steps: int, out_dir: str) -> dict:
+    """Both frameworks in lockstep on one stream of views: the same batch goes to each in turn."""
+    keras.utils.set_random_seed(seed)
+    epochs = max(1, math.ceil(args.epochs))
+    model = MoCo("resnet18", dim=DIM, queue_size=QUEUE, momentum=M, temperature=T, cifar_stem=True,
+                 bn_groups=BN_GROUPS, shuffle_bn=True, width=args.width)  # fmt: skip
+    schedule = EpochSchedule(lr, steps_per_epoch, epochs, "cosine")
+    model.compile(optimizer=SGD(schedule, momentum=0.9, weight_decay=WD))
+    row = {"seed": seed}
+    start = time.time()
+    row["random"] = knn_top1(model.backbone_q, source, 256)
+    print(f"seed {seed}: random init kNN top-1 {row['random']:.2f}% ({time.time() - start:.0f} s)", flush=True)
+    torch_moco = TorchMoCo(model, float(schedule(0)), seed) if "torch" in args.frameworks else None
+    train_tf = "moco_tf" in args.frameworks
+    views_stream = iter(data.pretrain_dataset(source, "train", 32, "v2", args.batch_size, seed=seed))
+    seconds = {"moco_tf": 0.0, "torch": 0.0}
+    losses = {"moco_tf": [], "torch": []}
+    for step in range(steps):
+        views = next(views_stream).numpy()
+        if train_tf:
+            start = time.time()
+            losses["moco_tf"].append(float(model.train_on_batch(views, return_dict=True)["loss"]))
+            seconds["moco_tf"] += time.time() - start
+        if torch_moco is not None:
+            start = time.time()
+            losses["torch"].append(torch_moco.step(views, float(schedule(step))))
+            seconds["torch"] += time.time() - start
+        if (step + 1) % args.log_every == 0 or step + 1 == steps:
+            recent = {k: np.mean(v[-args.log_every:]) for k, v in losses.items() if v}
+            print(f"seed {seed}: step {step + 1}/{steps} (epoch {(step + 1) / steps_per_epoch:.2f}) loss "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in recent.items())
+                  + " | s/step " + ", ".join(f"{k} {seconds[k] / (step + 1):.3f}" for k in recent), flush=True)
+    for name in ("moco_tf", "torch"):
+        if losses[name]:
+            row[f"{name}_s_per_step"] = seconds[name] / steps
+            row[f"{name}_final_loss"] = float(np.mean(losses[name][-steps_per_epoch:]))
+    if torch_moco is not None:
+        row["torch"] = knn_top1(torch_backbone_fn(torch_moco.encoder_q), source, 256)
+        print(f"seed {seed}: PyTorch  kNN top-1 {row['torch']:.2f}%", flush=True)
+    if train_tf:
+        row["moco_tf"] = knn_top1(model.backbone_q, source, 256)
+        print(f"seed {seed}: moco_tf  kNN top-1 {row['moco_tf']:.2f}%", flush=True)
+        # The trained encoder as a TF-Hub export, for the lincls CLI (the full protocol) afterwards.
+        about = {"dataset": "cifar10", "aug": "v2", "epochs": args.epochs}
+        row["export"] = export.export_moco(model, os.path.join(out_dir, f"export_seed{seed}"), about, overwrite=True)
+        train = data.labelled_dataset(source, "train", 32, 256)
+        test = data.labelled_dataset(source, "test", 32, 256)
+        train_f, test_f = (lincls.feature_dataset(model.backbone_q, d, 256, shuffle=s, seed=seed)
+                           for d, s in ((train, True), (test, False)))  # fmt: skip
+        classifier, _ = lincls.train_linear(None, train_f[0], test_f[0], 10, math.ceil(train_f[1] / 256),
+                                            epochs=args.lincls_epochs, log=lambda _: None)  # fmt: skip
+        row["lincls"] = lincls.evaluate(classifier, test_f[0])["top1"]
+        print(f"seed {seed}: moco_tf  linear top-1 {row['lincls']:.2f}% (precomputed features)", flush=True)
+    with open(os.path.join(out_dir, f"seed{seed}.json"), "w") as f:
+        json.dump(row, f, indent=1)
+    return row
+
+
+def print_table(out_dir: str) -> None:
+    """The table of every seed{N}.json under out_dir (seeds may run as separate processes)."""
+    rows = []
+    for name in sorted(os.listdir(out_dir)):
+        if name.startswith("seed") and name.endswith(".json"):
+            with open(os.path.join(out_dir, name)) as f:
+                rows.append(json.load(f))
+    keys = ("random", "moco_tf", "torch", "lincls")
+    print("\n| seed | random init kNN | moco_tf kNN | PyTorch kNN | moco_tf linear (precomputed) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['seed']} | " + " | ".join(f"{r[k]:.2f}" if k in r else "-" for k in keys) + " |")
+    if len(rows) > 1:
+        means = [np.mean([r[k] for r in rows]) if all(k in r for r in rows) else None for k in keys]
+        print("| mean | " + " | ".join(f"{m:.2f}" if m is not None else "-" for m in means) + " |")
 
 
 def main() -> None:
@@ -122,17 +202,25 @@ def main() -> None:
     parser.add_argument("--train_images", type=int, default=50000, help="class-balanced train subset (bank too)")
     parser.add_argument("--test_images", type=int, default=10000, help="class-balanced test subset")
     parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--width", type=int, default=64, help="ResNet-18 base channels (64 standard)")
     parser.add_argument("--epochs", type=float, default=200, help="cosine length, in passes over the subset")
     parser.add_argument("--steps", type=int, default=0, help="stop after N steps (0: all epochs); the CPU budget")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--frameworks", default="moco_tf,torch")
     parser.add_argument("--lincls_epochs", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for each framework (0: all cores)")
+    parser.add_argument("--log_every", type=int, default=50, help="print the mean losses every N steps")
+    parser.add_argument("--out", default="benchmarks/out/cifar10_knn", help="per-seed results and exports")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    frameworks = args.frameworks.split(",")
+    args.frameworks = args.frameworks.split(",")
+    threads = args.threads or os.cpu_count() or 1
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    torch.set_num_threads(threads)
+    os.makedirs(args.out, exist_ok=True)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"tensorflow {tf.__version__}, torch {torch.__version__}")  # fmt: skip
-    print(f"args: {vars(args)}")
+    print(f"args: {vars(args)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = extract_subset(tmp, args.train_images // 10, args.test_images // 10)
         source = data.make_source("folder", root)
@@ -141,50 +229,12 @@ def main() -> None:
         total = int(args.epochs * steps_per_epoch)
         steps = min(total, args.steps) if args.steps else total
         lr = scaled_lr(LR_PER_256, args.batch_size)
-        schedule = EpochSchedule(lr, steps_per_epoch, max(1, math.ceil(args.epochs)), "cosine")
-        lrs = [float(schedule(s)) for s in range(steps)]
         print(f"{n} train / {source.num_examples('test')} test images; {steps} steps of batch {args.batch_size} "
-              f"({steps / steps_per_epoch:.2f} epochs of a {args.epochs}-epoch cosine from lr {lr:.4g})")  # fmt: skip
-        rows = []
+              f"({steps / steps_per_epoch:.2f} epochs of a {args.epochs}-epoch cosine from lr {lr:.4g})",
+              flush=True)  # fmt: skip
         for seed in (int(s) for s in args.seeds.split(",")):
-            keras.utils.set_random_seed(seed)
-            model = MoCo("resnet18", dim=DIM, queue_size=QUEUE, momentum=M, temperature=T, cifar_stem=True,
-                         bn_groups=BN_GROUPS, shuffle_bn=True)  # fmt: skip
-            row = {"seed": seed}
-            start = time.time()
-            row["random"] = knn_top1(model.backbone_q, source, 256)
-            print(f"seed {seed}: random init kNN top-1 {row['random']:.2f}% ({time.time() - start:.0f} s)")
-            views = np.stack([v.numpy() for v in data.pretrain_dataset(source, "train", 32, "v2", args.batch_size,
-                                                                       seed=seed).take(steps)])  # fmt: skip
-            if "torch" in frameworks:
-                start = time.time()
-                encoder = train_torch(model, views, lrs, seed)
-                row["torch_s"] = time.time() - start
-                row["torch"] = knn_top1(torch_backbone_fn(encoder), source, 256)
-                print(f"seed {seed}: PyTorch  kNN top-1 {row['torch']:.2f}% (train {row['torch_s']:.0f} s)")
-            if "moco_tf" in frameworks:
-                model.compile(optimizer=SGD(EpochSchedule(lr, steps_per_epoch, max(1, math.ceil(args.epochs)),
-                                                          "cosine"), momentum=0.9, weight_decay=WD))  # fmt: skip
-                start = time.time()
-                views_ds = tf.data.Dataset.from_tensor_slices(views)
-                model.fit(views_ds, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
-                row["moco_tf_s"] = time.time() - start
-                row["moco_tf"] = knn_top1(model.backbone_q, source, 256)
-                print(f"seed {seed}: moco_tf  kNN top-1 {row['moco_tf']:.2f}% (train {row['moco_tf_s']:.0f} s)")
-                train = data.labelled_dataset(source, "train", 32, 256)
-                test = data.labelled_dataset(source, "test", 32, 256)
-                train_f, test_f = (lincls.feature_dataset(model.backbone_q, d, 256, shuffle=s, seed=seed)
-                                   for d, s in ((train, True), (test, False)))  # fmt: skip
-                classifier, _ = lincls.train_linear(None, train_f[0], test_f[0], 10, math.ceil(train_f[1] / 256),
-                                                    epochs=args.lincls_epochs, log=lambda _: None)  # fmt: skip
-                row["lincls"] = lincls.evaluate(classifier, test_f[0])["top1"]
-                print(f"seed {seed}: moco_tf  linear top-1 {row['lincls']:.2f}% (precomputed features)")
-            rows.append(row)
-        print("\n| seed | random init kNN | moco_tf kNN | PyTorch kNN | moco_tf linear (precomputed) |")
-        print("|---|---|---|---|---|")
-        for r in rows:
-            cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("random", "moco_tf", "torch", "lincls")]
-            print(f"| {r['seed']} | " + " | ".join(cells) + " |")
+            run_seed(seed, source, args, lr, steps_per_epoch, steps, args.out)
+    print_table(args.out)
 
 
 if __name__ == "__main__":

@@ -14,18 +14,21 @@ import tensorflow as tf
 
 from moco_tf.model import MoCo
 from moco_tf.optimizers import SGD
+from moco_tf.resnet import STANDARD_WIDTH
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 # What makes a run a different run: resuming with any of these changed is refused.
 RECIPE_KEYS = (
-    "arch", "cifar_stem", "dim", "mlp", "queue_size", "symmetric", "bn_groups", "dataset",
+    "arch", "cifar_stem", "width", "dim", "mlp", "queue_size", "symmetric", "bn_groups", "dataset",
     "image_size", "aug", "batch_size", "epochs", "schedule", "lr",
 )
 MODEL_KEYS = (
     "arch", "dim", "queue_size", "momentum", "temperature", "mlp", "shuffle_bn", "bn_groups",
-    "symmetric", "cifar_stem",
+    "symmetric", "cifar_stem", "width",
 )
+# Keys added after model_dirs were first written: a config.json without them means these values.
+DEFAULTS = {"width": STANDARD_WIDTH}
 
 
 class RunMismatchError(ValueError):
@@ -33,11 +36,21 @@ class RunMismatchError(ValueError):
 
 
 def read_config(model_dir: str) -> dict[str, Any] | None:
+    """model_dir/config.json, with DEFAULTS for the keys an older moco_tf did not write; None if absent."""
     path = os.path.join(model_dir, CONFIG_FILE)
     if not tf.io.gfile.exists(path):
         return None
     with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+        return with_defaults(json.load(f))
+
+
+def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` with DEFAULTS filled in where a key is missing (or null)."""
+    full = dict(config)
+    for key, value in DEFAULTS.items():
+        if full.get(key) is None:
+            full[key] = value
+    return full
 
 
 def write_config(model_dir: str, config: Mapping[str, Any]) -> None:
@@ -51,6 +64,7 @@ def write_config(model_dir: str, config: Mapping[str, Any]) -> None:
 
 def check_same_run(saved: Mapping[str, Any], config: Mapping[str, Any], model_dir: str) -> None:
     """Refuses to resume a run of another recipe, naming what differs."""
+    saved, config = with_defaults(saved), with_defaults(config)
     differ = [f"{k}={saved.get(k)!r} (now {config.get(k)!r})" for k in RECIPE_KEYS if saved.get(k) != config.get(k)]
     if differ:
         raise RunMismatchError(

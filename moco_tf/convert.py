@@ -191,6 +191,14 @@ def detect_cifar_stem(state_dict: Mapping[str, Any]) -> bool:
     return conv1.shape[-1] == 3
 
 
+def detect_width(state_dict: Mapping[str, Any]) -> int:
+    """The ResNet's base channels: conv1's output channels (64 for every torchvision ResNet)."""
+    conv1 = _encoder_keys(state_dict).get("conv1.weight")
+    if conv1 is None:
+        raise CheckpointError("no conv1.weight in the state_dict")
+    return int(conv1.shape[0])
+
+
 def _head_kind(layout: str, encoder: Mapping[str, np.ndarray]) -> str | None:
     fc = {k for k in encoder if k.startswith("fc.")}
     if not fc:
@@ -207,12 +215,13 @@ def _head_kind(layout: str, encoder: Mapping[str, np.ndarray]) -> str | None:
 
 
 def describe_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """arch, cifar_stem, layout, head kind, projection dim and queue size of a checkpoint."""
+    """arch, cifar_stem, width, layout, head kind, projection dim and queue size of a checkpoint."""
     parts = _split(state_dict)
     head = _head_kind(parts.layout, parts.encoder)
     info = {
         "arch": detect_arch(parts.encoder),
         "cifar_stem": detect_cifar_stem(parts.encoder),
+        "width": detect_width(parts.encoder),
         "layout": parts.layout,
         "head": head,
         "mlp": head == "v2",
@@ -436,7 +445,7 @@ def convert_to_export(torch_checkpoint: str, export_dir: str, overwrite: bool = 
     checkpoint = read_torch_checkpoint(torch_checkpoint)
     state = state_dict_of(checkpoint)
     info = describe_state_dict(state)
-    backbone = resnet(info["arch"], cifar_stem=info["cifar_stem"])
+    backbone = resnet(info["arch"], cifar_stem=info["cifar_stem"], width=info["width"])
     head = None
     if info["head"] in ("v1", "v2"):
         head = projection_head(int(backbone.output.shape[-1]), info["dim"], info["mlp"])
@@ -464,7 +473,7 @@ def convert_to_model_dir(torch_checkpoint: str, model_dir: str, overwrite: bool 
             f"{torch_checkpoint} has no MoCo v1/v2 head ({info['layout']} layout, head "
             f"{info['head']}); a model_dir needs one. Use --export_dir for its backbone."
         )
-    kwargs = dict(arch=info["arch"], dim=info["dim"], mlp=info["mlp"], cifar_stem=info["cifar_stem"])
+    kwargs = {k: info[k] for k in ("arch", "dim", "mlp", "cifar_stem", "width")}
     kwargs["temperature"] = OFFICIAL_RECIPES["v2" if info["mlp"] else "v1"]["temperature"]
     if info["queue_size"]:
         kwargs["queue_size"] = info["queue_size"]

@@ -10,7 +10,8 @@ therefore a `tf.Module` following the TF-Hub reusable SavedModel convention:
   statistics and updates its moving statistics when `training=True`);
 - `variables`, `trainable_variables`, `regularization_losses` (empty: weight decay is the
   optimizer's job, as in PyTorch);
-- a `serving_default` signature returning `{"feature_vector": [batch, 512 or 2048]}` (and
+- a `serving_default` signature returning `{"feature_vector": [batch, 512 or 2048]}` (at the
+  standard width 64; 8 or 32 x `width` for a narrower ResNet) (and
   `"projection"` when the MoCo head is exported too);
 - a `feature_maps` signature returning each stage's last block output `{"layer1", ..., "layer4"}`
   (strides 4, 8, 16, 32; 1, 2, 4, 8 with the CIFAR stem) for detection-style backbones;
@@ -116,7 +117,8 @@ def export_backbone(
     export_dir: the folder to create. It is written under a temporary name next to it and renamed
         at the end, so an interrupted export leaves nothing half-written.
     config: what the export should say about itself in `assets/moco_config.json` (arch, MoCo
-        version, epochs, dataset, ...); the preprocessing contract is added here.
+        version, epochs, dataset, ...); the preprocessing contract is added here, and `width`
+        (the ResNet's base channels, read off the backbone) when config does not give it.
     head: the MoCo projection head (`MoCo.encoder_q.head`); when given, `serving_default` also
         returns its output under "projection".
     overwrite: replace an existing `export_dir`; without it an existing folder is an error.
@@ -166,6 +168,9 @@ def stage_outputs(backbone: keras.Model) -> dict[str, Any]:
 def _full_config(backbone: keras.Model, config: Mapping[str, Any], head) -> dict[str, Any]:
     full = dict(config)
     full.setdefault("feature_dim", int(backbone.output.shape[-1]))
+    width = _backbone_width(backbone)
+    if width is not None:
+        full.setdefault("width", width)
     if head is not None:
         full.setdefault("projection_dim", int(head.layers[-1].units))
     full["preprocessing"] = {
@@ -180,6 +185,14 @@ def _full_config(backbone: keras.Model, config: Mapping[str, Any], head) -> dict
     if stages:
         full["signatures"]["feature_maps"] = sorted(stages)
     return full
+
+
+def _backbone_width(backbone: keras.Model) -> int | None:
+    """A moco_tf.resnet's base channels: the output channels of its first conv ("conv1")."""
+    try:
+        return int(backbone.get_layer("conv1").filters)
+    except (ValueError, AttributeError):  # not a moco_tf.resnet
+        return None
 
 
 def _replace(src: str, dst: str, overwrite: bool) -> None:
@@ -213,9 +226,11 @@ def export_moco(
     """
     from moco_tf.resnet import resnet
 
-    backbone = resnet(model.arch, cifar_stem=model.cifar_stem)
+    backbone = resnet(model.arch, cifar_stem=model.cifar_stem, width=model.width)
     backbone.set_weights(model.backbone_q.get_weights())
-    full = {"arch": model.arch, "cifar_stem": model.cifar_stem, "mlp": model.mlp, "dim": model.dim}
+    full = {
+        "arch": model.arch, "cifar_stem": model.cifar_stem, "width": model.width, "mlp": model.mlp, "dim": model.dim,
+    }
     full.update(config or {})
     return export_backbone(backbone, export_dir, full, head=model.encoder_q.head, overwrite=overwrite)
 

@@ -13,8 +13,14 @@ def define_train_flags() -> None:
     # Model
     flags.DEFINE_enum("arch", "resnet50", list(ARCHS), "Backbone architecture (torchvision ResNet v1.5 layout).")
     flags.DEFINE_bool("cifar_stem", False, "3x3 stride-1 first conv and no max-pool (small images, CIFAR demo).")
+    flags.DEFINE_integer(
+        "width", 64,
+        "Base channels of the ResNet (stages width, 2x, 4x, 8x; features 8x width, x4 with bottlenecks). "
+        "64 is the standard torchvision ResNet, the one official weights fit; smaller only for CPU-budget "
+        "experiments (e.g. resnet18 --width=16 on CIFAR-10).",
+    )
     flags.DEFINE_integer("dim", 128, "Projection dimension of queries and keys.")
-    flags.DEFINE_bool("mlp", False, "MoCo v2 projection head: Dense(width) -> ReLU -> Dense(dim).")
+    flags.DEFINE_bool("mlp", False, "MoCo v2 projection head: Dense(feature dim) -> ReLU -> Dense(dim).")
     flags.DEFINE_integer("queue_size", 65536, "K, negative keys in the queue; a multiple of the keys per step.")
     flags.DEFINE_float("momentum", 0.999, "m, moving-average momentum of the key encoder, in [0, 1).")
     flags.DEFINE_float("temperature", 0.07, "T, softmax temperature of InfoNCE (> 0); v2 uses 0.2.")

@@ -58,9 +58,9 @@ def _unit_rows(shape, dtype=None):
     return tf.math.l2_normalize(tf.random.normal(shape, dtype=dtype or "float32"), axis=1)
 
 
-def _encoder(arch, dim, mlp, cifar_stem, bn_groups, image_size, name) -> Encoder:
-    backbone = resnet.resnet(arch, cifar_stem=cifar_stem, bn_groups=bn_groups, image_size=image_size)
-    return Encoder(backbone, projection_head(resnet.feature_dim(arch), dim, mlp), name=name)
+def _encoder(arch, dim, mlp, cifar_stem, bn_groups, image_size, width, name) -> Encoder:
+    backbone = resnet.resnet(arch, cifar_stem=cifar_stem, bn_groups=bn_groups, image_size=image_size, width=width)
+    return Encoder(backbone, projection_head(resnet.feature_dim(arch, width), dim, mlp), name=name)
 
 
 @keras.saving.register_keras_serializable(package="moco_tf")
@@ -81,6 +81,7 @@ class MoCo(keras.Model):
         symmetric: loss on both view orders, summed; the keys of both orders are enqueued.
         cifar_stem: 3x3 stride-1 stem, no max-pool.
         image_size: fixes the input size (static shapes); any size when None.
+        width: the ResNet's base channels (64 standard; narrower only for CPU-budget experiments).
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class MoCo(keras.Model):
         symmetric: bool = False,
         cifar_stem: bool = False,
         image_size: int | None = None,
+        width: int = resnet.STANDARD_WIDTH,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -110,9 +112,9 @@ class MoCo(keras.Model):
         self.arch, self.dim, self.queue_size = arch, dim, queue_size
         self.momentum, self.temperature, self.mlp = momentum, temperature, mlp
         self.shuffle_bn, self.bn_groups, self.symmetric = shuffle_bn, bn_groups, symmetric
-        self.cifar_stem, self.image_size = cifar_stem, image_size
+        self.cifar_stem, self.image_size, self.width = cifar_stem, image_size, width
 
-        args = (arch, dim, mlp, cifar_stem, bn_groups, image_size)
+        args = (arch, dim, mlp, cifar_stem, bn_groups, image_size, width)
         self.encoder_q = _encoder(*args, name="encoder_q")
         self.encoder_k = _encoder(*args, name="encoder_k")
         # The key encoder starts as an exact copy and is never touched by the optimizer.
@@ -273,7 +275,7 @@ class MoCo(keras.Model):
             arch=self.arch, dim=self.dim, queue_size=self.queue_size, momentum=self.momentum,
             temperature=self.temperature, mlp=self.mlp, shuffle_bn=self.shuffle_bn,
             bn_groups=self.bn_groups, symmetric=self.symmetric, cifar_stem=self.cifar_stem,
-            image_size=self.image_size,
+            image_size=self.image_size, width=self.width,
         )
         return config
 
@@ -291,6 +293,7 @@ def check_queue_fits(queue_size: int, global_batch_size: int, symmetric: bool = 
 def _two_views(data):
     """(x_q, x_k) from a pair, or from one tensor [N, 2, H, W, C] (the multi-worker-safe form)."""
     if isinstance(data, (tuple, list)):
+        data = [part for part in data if part is not None]  # train_on_batch passes (x, None, None)
         if len(data) == 1:
             data = data[0]
         else:

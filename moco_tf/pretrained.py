@@ -66,8 +66,9 @@ class FrozenBackbone:
 
 
 def load_backbone(path: str) -> tuple[FrozenBackbone, dict[str, Any]]:
-    """(backbone, info) for PATH; info has kind, arch, cifar_stem, feature_dim, image_size (the
-    encoder's training resolution: 32 with the CIFAR stem, else 224), dataset, description.
+    """(backbone, info) for PATH; info has kind, arch, cifar_stem, width (the ResNet's base
+    channels, 64 as standard), feature_dim, image_size (the encoder's training resolution: 32 with
+    the CIFAR stem, else 224), dataset, description.
 
     Raises PretrainedError (a ValueError) when PATH is none of the accepted kinds.
     """
@@ -86,10 +87,12 @@ def load_backbone(path: str) -> tuple[FrozenBackbone, dict[str, Any]]:
     else:
         raise PretrainedError(f"--pretrained={path} does not exist: give {_ACCEPTED}")
     info.setdefault("cifar_stem", False)
+    info.setdefault("width", resnet.STANDARD_WIDTH)
     info.setdefault("image_size", 32 if info["cifar_stem"] else 224)
     info["feature_dim"] = int(model.output.shape[-1])
     info["path"] = path
-    info["description"] = f"{info['arch']} from {info['kind']} {path}"
+    arch = info["arch"] if info["width"] == resnet.STANDARD_WIDTH else f"{info['arch']} width {info['width']}"
+    info["description"] = f"{arch} from {info['kind']} {path}"
     return FrozenBackbone(model), info
 
 
@@ -104,11 +107,12 @@ def _from_model_dir(model_dir: str, checkpoint: str | None) -> tuple[keras.Model
         model, config = restore_model(checkpoint or model_dir)  # a checkpoint prefix or the latest
     except (FileNotFoundError, ValueError) as e:
         raise PretrainedError(f"--pretrained={checkpoint or model_dir}: {e}; give {_ACCEPTED}") from None
-    info = {k: config.get(k) for k in ("arch", "cifar_stem", "image_size", "dataset") if config.get(k) is not None}
+    keys = ("arch", "cifar_stem", "width", "image_size", "dataset")
+    info = {k: config.get(k) for k in keys if config.get(k) is not None}
     info["kind"] = "checkpoint" if checkpoint else "model_dir"
     # Rebuilt as an export is: the training backbone may fix its input size and split BN into
     # groups; evaluation runs at any size and batch (in inference mode the groups never matter).
-    backbone = resnet.resnet(model.arch, cifar_stem=model.cifar_stem)
+    backbone = resnet.resnet(model.arch, cifar_stem=model.cifar_stem, width=model.width)
     backbone.set_weights(model.backbone_q.get_weights())
     return backbone, info
 
@@ -124,18 +128,25 @@ def _from_export(export_dir: str) -> tuple[keras.Model, dict[str, Any]]:
         config = json.load(f)
     loaded = tf.saved_model.load(export_dir)
     arch, cifar_stem = config.get("arch"), bool(config.get("cifar_stem", False))
+    width = config.get("width")
+    if width is None:  # exports written before `width` existed are standard ResNets
+        width = resnet.STANDARD_WIDTH
     if arch not in resnet.ARCHS:
         raise PretrainedError(f"export {export_dir} names no known arch ({arch!r}) in its moco_config.json")
-    backbone = resnet.resnet(arch, cifar_stem=cifar_stem)
+    if not isinstance(width, int) or width < 1:
+        raise PretrainedError(f"export {export_dir} has no valid width ({width!r}) in its moco_config.json")
+    backbone = resnet.resnet(arch, cifar_stem=cifar_stem, width=width)
     # The export lists the backbone's variables first, in `backbone.weights` order, then the head's.
     exported = list(loaded.variables)[: len(backbone.weights)]
     shapes = [tuple(v.shape) for v in exported]
     if shapes != [tuple(w.shape) for w in backbone.weights]:
-        raise PretrainedError(f"export {export_dir}: its variables do not fit a {arch} (cifar_stem={cifar_stem})")
+        raise PretrainedError(
+            f"export {export_dir}: its variables do not fit a {arch} (cifar_stem={cifar_stem}, width={width})"
+        )
     for weight, variable in zip(backbone.weights, exported, strict=True):
         weight.assign(variable)
     _check_same_as_export(backbone, loaded, config, export_dir)
-    info = {"arch": arch, "cifar_stem": cifar_stem, "kind": "export"}
+    info = {"arch": arch, "cifar_stem": cifar_stem, "width": width, "kind": "export"}
     for key in ("image_size", "dataset"):
         if config.get(key) is not None:
             info[key] = config[key]
@@ -166,11 +177,12 @@ def _from_torch(path: str) -> tuple[keras.Model, dict[str, Any]]:
     except Exception as e:  # torch's own errors for files that are no checkpoint at all
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PretrainedError(f"--pretrained={path} is not a checkpoint ({first}): give {_ACCEPTED}") from None
-    backbone = resnet.resnet(info["arch"], cifar_stem=info["cifar_stem"])
+    backbone = resnet.resnet(info["arch"], cifar_stem=info["cifar_stem"], width=info["width"])
     convert.load_torch_state_dict(backbone, state)
     return backbone, {
         "arch": info["arch"],
         "cifar_stem": info["cifar_stem"],
+        "width": info["width"],
         "kind": "torch",
         "dataset": "cifar10" if info["cifar_stem"] else "imagenet",
     }

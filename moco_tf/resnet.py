@@ -8,7 +8,8 @@
   layer2.0.downsample.0, layer2.0.downsample.1, ...
 - Initialisation as torchvision: convs Kaiming-normal (fan_out, ReLU), BN gamma 1 and beta 0.
 
-A backbone maps images [N, H, W, 3] (normalized float) to pooled features [N, 512 or 2048].
+A backbone maps images [N, H, W, 3] (normalized float) to pooled features [N, 512 or 2048]
+(at the standard width 64; narrower `width` scales every stage, for CPU-budget experiments).
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ ARCHS = tuple(f"resnet{depth}" for depth in SPECS)
 _EXPANSION = {"basic": 1, "bottleneck": 4}
 
 
-def feature_dim(arch: str) -> int:
-    """Width of the pooled features: 512 for resnet18/34, 2048 for resnet50 and deeper."""
+STANDARD_WIDTH = 64
+
+
+def feature_dim(arch: str, width: int = STANDARD_WIDTH) -> int:
+    """Width of the pooled features: 512 for resnet18/34, 2048 for resnet50 and deeper (at width 64)."""
     kind, _ = SPECS[_depth(arch)]
-    return 512 * _EXPANSION[kind]
+    return 8 * width * _EXPANSION[kind]
 
 
 def _depth(arch: str) -> int:
@@ -106,6 +110,7 @@ def resnet(
     cifar_stem: bool = False,
     bn_groups: int = 1,
     image_size: int | None = None,
+    width: int = STANDARD_WIDTH,
     name: str | None = None,
 ) -> keras.Model:
     """A ResNet backbone: images [N, H, W, 3] -> global-average-pooled features [N, C].
@@ -113,20 +118,24 @@ def resnet(
     cifar_stem: 3x3 stride-1 first conv and no max-pool (the official MoCo CIFAR demo).
     bn_groups: BatchNorm statistics per group of N / bn_groups samples in training.
     image_size: fixes H = W in the input signature (any size when None).
+    width: channels of the stem and the first stage (stages: width, 2x, 4x, 8x); torchvision's is 64.
     """
+    if width < 1:
+        raise ValueError(f"width must be a positive number of channels, got {width}")
     kind, blocks = SPECS[_depth(arch)]
     block = _basic_block if kind == "basic" else _bottleneck_block
     inputs = keras.Input((image_size, image_size, 3), name="images")
     if cifar_stem:
-        x = _conv(64, 3, 1, "conv1")(inputs)
+        x = _conv(width, 3, 1, "conv1")(inputs)
         x = keras.layers.ReLU()(_bn("bn1", bn_groups)(x))
     else:
-        x = _conv(64, 7, 2, "conv1")(inputs)
+        x = _conv(width, 7, 2, "conv1")(inputs)
         x = keras.layers.ReLU()(_bn("bn1", bn_groups)(x))
         # Zero padding equals PyTorch's -inf padding here: the input is post-ReLU (>= 0).
         x = keras.layers.ZeroPadding2D(1, name="maxpool.pad")(x)
         x = keras.layers.MaxPooling2D(3, strides=2, name="maxpool")(x)
-    for stage, (planes, count) in enumerate(zip((64, 128, 256, 512), blocks, strict=True), start=1):
+    stage_planes = (width, 2 * width, 4 * width, 8 * width)
+    for stage, (planes, count) in enumerate(zip(stage_planes, blocks, strict=True), start=1):
         for index in range(count):
             stride = 2 if stage > 1 and index == 0 else 1
             x = block(x, planes, stride, f"layer{stage}.{index}", bn_groups)

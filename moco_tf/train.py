@@ -18,6 +18,7 @@ from moco_tf.callbacks import CheckpointEvery, TrainingLogs
 from moco_tf.flags import define_train_flags
 from moco_tf.model import check_queue_fits
 from moco_tf.optimizers import SGD
+from moco_tf.resnet import STANDARD_WIDTH
 from moco_tf.schedules import EpochSchedule, scaled_lr
 
 FLAGS = flags.FLAGS
@@ -27,7 +28,7 @@ _POLICIES = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16
 def config_from_flags() -> dict:
     """The run's recipe as saved in model_dir/config.json."""
     names = (
-        "arch cifar_stem dim mlp queue_size momentum temperature symmetric shuffle_bn bn_groups dataset "
+        "arch cifar_stem width dim mlp queue_size momentum temperature symmetric shuffle_bn bn_groups dataset "
         "image_size aug epochs batch_size lr schedule warmup_epochs weight_decay sgd_momentum seed"
     ).split()
     config = {name: FLAGS[name].value for name in names}
@@ -42,7 +43,7 @@ def validate_flags() -> None:
         raise cli.UsageError(f"--temperature must be > 0, got {FLAGS.temperature}")
     if not 0.0 <= FLAGS.momentum < 1.0:
         raise cli.UsageError(f"--momentum must be in [0, 1), got {FLAGS.momentum}")
-    for name in ("epochs", "batch_size", "queue_size", "dim", "bn_groups", "image_size"):
+    for name in ("epochs", "batch_size", "queue_size", "dim", "bn_groups", "image_size", "width"):
         if FLAGS[name].value < 1:
             raise cli.UsageError(f"--{name} must be positive, got {FLAGS[name].value}")
     try:
@@ -58,7 +59,8 @@ def validate_flags() -> None:
 
 
 def default_model_dir() -> str:
-    return os.path.join("runs", f"{FLAGS.dataset}-{FLAGS.arch}-{FLAGS.aug}")
+    arch = FLAGS.arch if FLAGS.width == STANDARD_WIDTH else f"{FLAGS.arch}w{FLAGS.width}"
+    return os.path.join("runs", f"{FLAGS.dataset}-{arch}-{FLAGS.aug}")
 
 
 def check_writable(model_dir: str) -> None:

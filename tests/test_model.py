@@ -18,6 +18,30 @@ def test_parameter_count_equals_torchvision(arch, count):
     assert params + width * 1000 + 1000 == count  # torchvision counts its 1000-way fc
 
 
+@pytest.mark.parametrize("width,cifar_stem", [(64, False), (32, False), (32, True), (8, True)])
+def test_narrow_resnet18_parameter_count_by_hand(width, cifar_stem):
+    """resnet18 trainable parameters are 2724 w^2 + (147 or 27) w + 150 w: the w^2 terms are the
+    3x3 and 1x1 convs of the four stages (36 + 128 + 512 + 2048), conv1 is 7x7x3 (3x3x3 with the
+    CIFAR stem) and every BatchNorm has 2 parameters per channel (2w for bn1, 148w in the stages).
+    At w = 64 with the ImageNet stem this is torchvision's 11,176,512 (without its fc)."""
+    backbone = resnet.resnet("resnet18", cifar_stem=cifar_stem, width=width)
+    params = sum(int(np.prod(w.shape)) for w in backbone.trainable_weights)
+    assert params == 2724 * width**2 + (27 if cifar_stem else 147) * width + 150 * width
+    assert resnet.feature_dim("resnet18", width) == 8 * width == backbone.output.shape[-1]
+    if width == 64 and not cifar_stem:
+        assert params == 11_689_512 - 512 * 1000 - 1000
+
+
+def test_narrow_widths():
+    assert resnet.feature_dim("resnet50", 16) == 512
+    model = MoCo("resnet18", dim=8, queue_size=16, cifar_stem=True, width=8, image_size=32)
+    assert model.get_config()["width"] == 8 and MoCo.from_config(model.get_config()).width == 8
+    assert model.backbone_q(tf.zeros([2, 32, 32, 3])).shape == (2, 64)
+    for width in (0, -4):
+        with pytest.raises(ValueError, match="width must be a positive"):
+            resnet.resnet("resnet18", width=width)
+
+
 @pytest.mark.parametrize(
     "arch,cifar_stem,size,shapes",
     [
@@ -129,3 +153,22 @@ def test_xla_step_equals_plain_step():
     assert abs(loss_a - loss_b) < 1e-9
     for a, b in zip(weights_a, weights_b, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
+
+
+def test_train_on_batch_equals_fit():
+    """train_on_batch hands the step (x, None, None); it must train exactly as fit does."""
+    x = tf.random.normal([8, 2, 32, 32, 3], seed=5).numpy()
+    results = []
+    for use_fit in (False, True):
+        keras.utils.set_random_seed(11)
+        model = MoCo("resnet18", dim=8, queue_size=16, momentum=0.9, cifar_stem=True, bn_groups=2, width=8)
+        model.compile(optimizer=SGD(0.1, momentum=0.9))
+        if use_fit:
+            loss = model.fit(tf.data.Dataset.from_tensors(x), epochs=1, verbose=0).history["loss"][0]
+        else:
+            loss = model.train_on_batch(x, return_dict=True)["loss"]
+        results.append((float(loss), [np.asarray(w) for w in [model.queue, *model.weights]]))
+    (loss_a, weights_a), (loss_b, weights_b) = results
+    assert abs(loss_a - loss_b) < 1e-6
+    for a, b in zip(weights_a, weights_b, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

@@ -44,9 +44,11 @@ def test_export_with_wrong_config_is_refused(tmp_path):
         load_backbone(path)
 
 
-def test_torch_checkpoint_matches_torch(tmp_path):
+@pytest.mark.parametrize("width", [64, 8])
+def test_torch_checkpoint_matches_torch(tmp_path, width):
     torch.manual_seed(0)
-    net = torch_reference.ResNet(18, fc=torch_reference.moco_head(512, 16, mlp=True), cifar_stem=True).eval()
+    head = torch_reference.moco_head(8 * width, 16, mlp=True)
+    net = torch_reference.ResNet(18, fc=head, cifar_stem=True, width=width).eval()
     with torch.no_grad():  # non-trivial BN statistics, so inference mode is what is compared
         for module in net.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -57,7 +59,7 @@ def test_torch_checkpoint_matches_torch(tmp_path):
     torch.save({"epoch": 10, "arch": "resnet18", "state_dict": state}, path)
     loaded, info = load_backbone(path)
     assert info["kind"] == "torch" and info["arch"] == "resnet18" and info["cifar_stem"]
-    assert info["image_size"] == 32
+    assert info["image_size"] == 32 and info["width"] == width and info["feature_dim"] == 8 * width
     x = images()
     net.fc = torch.nn.Identity()
     with torch.no_grad():

@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 import torch
 
+from moco_tf import resnet
 from moco_tf.model import MoCo
 from moco_tf.optimizers import SGD
 from tests import torch_reference as ref
@@ -31,18 +32,19 @@ def floatx(request):
 
 
 @pytest.mark.parametrize(
-    "floatx,mlp,temperature,bn_groups",
+    "floatx,mlp,temperature,bn_groups,width",
     [
-        ("float64", False, 0.07, 1),
-        ("float64", True, 0.2, 1),
-        ("float64", False, 0.1, 2),
-        ("float32", False, 0.07, 1),
-        ("float32", True, 0.2, 1),
+        ("float64", False, 0.07, 1, 64),
+        ("float64", True, 0.2, 1, 64),
+        ("float64", False, 0.1, 2, 64),
+        ("float32", False, 0.07, 1, 64),
+        ("float32", True, 0.2, 1, 64),
+        ("float64", True, 0.2, 2, 8),
     ],
-    ids=["f64-v1-head", "f64-v2-head", "f64-bn-groups-2", "f32-v1-head", "f32-v2-head"],
+    ids=["f64-v1-head", "f64-v2-head", "f64-bn-groups-2", "f32-v1-head", "f32-v2-head", "f64-width-8"],
     indirect=["floatx"],
 )
-def test_three_steps_match_pytorch(floatx, mlp, temperature, bn_groups):
+def test_three_steps_match_pytorch(floatx, mlp, temperature, bn_groups, width):
     torch.manual_seed(0)
     np_dtype, torch_dtype = (np.float64, torch.float64) if floatx == "float64" else (np.float32, torch.float32)
     weight_tolerance, stat_tolerance = (1e-6, 1e-6) if floatx == "float64" else (2e-3, 1e-3)
@@ -58,11 +60,12 @@ def test_three_steps_match_pytorch(floatx, mlp, temperature, bn_groups):
         cifar_stem=True,
         bn_groups=bn_groups,
         shuffle_bn=False,
+        width=width,
     )
     model.compile(optimizer=SGD(lr, momentum=0.9, weight_decay=wd))
 
     def torch_encoder():
-        return ref.ResNet(18, fc=ref.moco_head(512, DIM, mlp), cifar_stem=True, groups=bn_groups)
+        return ref.ResNet(18, fc=ref.moco_head(8 * width, DIM, mlp), cifar_stem=True, groups=bn_groups, width=width)
 
     encoder_q, encoder_k = torch_encoder().to(torch_dtype), torch_encoder().to(torch_dtype)
     ref.load_into_torch(encoder_q, ref.tf_encoder_state(model.encoder_q))
@@ -103,3 +106,12 @@ def test_three_steps_match_pytorch(floatx, mlp, temperature, bn_groups):
     assert int(model.queue_ptr) == int(official.queue_ptr)
     # The step really moved things: a comparison of untouched weights would prove nothing.
     assert any("running_mean" in k for k in errors)
+
+
+@pytest.mark.parametrize("arch,width", [("resnet18", 32), ("resnet50", 16)])
+def test_narrow_resnet_parameter_count_equals_torch_reference(arch, width):
+    backbone = resnet.resnet(arch, cifar_stem=True, width=width)
+    ours = sum(int(np.prod(w.shape)) for w in backbone.trainable_weights)
+    theirs = sum(p.numel() for p in ref.ResNet(int(arch[6:]), cifar_stem=True, width=width).parameters())
+    assert ours == theirs
+    assert backbone.output.shape[-1] == resnet.feature_dim(arch, width) == width * (8 if arch == "resnet18" else 32)

@@ -52,6 +52,12 @@ def test_short_run_writes_checkpoint_logs_export_and_resumes(tmp_path):
     assert os.path.exists(os.path.join(export_dir, "saved_model.pb"))
     assert "epoch 2/3" in first.stdout  # one-line epoch summaries
 
+    # A model_dir written before --width existed (no "width" in config.json) resumes as width 64.
+    config_path = os.path.join(model_dir, "config.json")
+    config = json.load(open(config_path))
+    assert config.pop("width") == 64
+    json.dump(config, open(config_path, "w"))
+
     # Rerunning the same command resumes: the step count and the queue continue from the checkpoint.
     second = _train(*TINY, f"--model_dir={model_dir}", "--max_steps=5")
     assert second.returncode == 0, second.stderr[-3000:]
@@ -79,6 +85,7 @@ def test_short_run_writes_checkpoint_logs_export_and_resumes(tmp_path):
         (["--temperature=0"], "--temperature must be > 0"),
         (["--momentum=1.0"], "--momentum must be in [0, 1)"),
         (["--image_size=4"], "too small"),
+        (["--width=0"], "--width must be positive, got 0"),
         (["--model_dir=/proc/moco_tf_cannot_write"], "not writable"),
         (["--strategy=tpu"], "no TPU found"),
         (["--batch_size=30", "--bn_groups=4", "--queue_size=60"], "bn_groups"),
@@ -89,6 +96,43 @@ def test_user_mistakes_give_one_line_and_exit_2(args, message, tmp_path):
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_config_without_width_is_the_standard_width(tmp_path):
+    from moco_tf import checkpoint
+
+    old = {k: 1 for k in checkpoint.RECIPE_KEYS if k != "width"}  # as written before --width existed
+    checkpoint.write_config(str(tmp_path), old)
+    assert checkpoint.read_config(str(tmp_path))["width"] == 64
+    checkpoint.check_same_run(old, {**old, "width": 64}, str(tmp_path))
+    with pytest.raises(checkpoint.RunMismatchError, match=r"width=64 \(now 16\)"):
+        checkpoint.check_same_run(old, {**old, "width": 16}, str(tmp_path))
+
+
+def test_narrow_width_trains_resumes_only_at_its_width_exports_and_loads(tmp_path):
+    from moco_tf import export
+    from moco_tf.pretrained import load_backbone
+
+    model_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "export")
+    first = _train(*TINY, "--width=8", f"--model_dir={model_dir}", "--max_steps=2", f"--export_dir={export_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.load(open(os.path.join(model_dir, "config.json")))["width"] == 8
+    exported = export.read_config(export_dir)
+    assert exported["width"] == 8 and exported["feature_dim"] == 64
+
+    other = _train(*TINY, f"--model_dir={model_dir}", "--width=16")
+    assert other.returncode == 2 and "holds another run: width=8 (now 16)" in other.stderr, other.stderr[-2000:]
+    assert "Traceback" not in other.stderr
+
+    x = np.random.RandomState(0).rand(2, 32, 32, 3).astype(np.float32)
+    features = {}
+    for path, kind in ((model_dir, "model_dir"), (export_dir, "export")):
+        backbone, info = load_backbone(path)
+        assert info["kind"] == kind and info["width"] == 8 and info["feature_dim"] == backbone.feature_dim == 64
+        assert "width 8" in info["description"]
+        features[kind] = backbone(x).numpy()
+        assert features[kind].shape == (2, 64)
+    np.testing.assert_allclose(features["model_dir"], features["export"], rtol=1e-5, atol=1e-5)
 
 
 def _free_ports(n):

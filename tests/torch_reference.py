@@ -91,19 +91,20 @@ SPECS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (Bo
 class ResNet(nn.Module):
     """torchvision.models.resnet.ResNet's layout; `fc` is whatever head is passed."""
 
-    def __init__(self, depth=18, fc=None, cifar_stem=False, groups=1):
+    def __init__(self, depth=18, fc=None, cifar_stem=False, groups=1, width=64):
         super().__init__()
         block, counts = SPECS[depth]
         if cifar_stem:
-            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
             self.maxpool = nn.Identity()
         else:
-            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.bn1 = _norm(64, groups)
+        self.bn1 = _norm(width, groups)
         self.relu = nn.ReLU(inplace=True)
-        inplanes = 64
-        for stage, (planes, count) in enumerate(zip((64, 128, 256, 512), counts, strict=True), start=1):
+        inplanes = width
+        stage_planes = (width, 2 * width, 4 * width, 8 * width)
+        for stage, (planes, count) in enumerate(zip(stage_planes, counts, strict=True), start=1):
             blocks = []
             for index in range(count):
                 stride = 2 if stage > 1 and index == 0 else 1
