@@ -478,19 +478,29 @@ def labelled_dataset(
     repeat: bool = False,
     shuffle: bool = False,
     seed: int | None = None,
+    subset: int = 0,
 ) -> tf.data.Dataset:
     """(images float32 [b, S, S, 3] normalised, labels int32 [b]) from a labelled split.
 
     `train_aug`: RandomResizedCrop(S, scale 0.08-1) + flip (the linear protocol's training
     transform); otherwise the eval transform (resize to S * 256/224, centre crop). `batch_size`
     is global: with an input context each pipeline yields its per-replica share.
+    `subset`: only about N examples, evenly spaced through the split and the same every epoch
+    (quick checks); a split stored class by class keeps all its classes. 0: all.
     """
     _check_image_size(source, image_size)
     if not source.num_classes:
         raise DataError(f"{source.name} has no labels: kNN and linear evaluation need class subfolders")
     batch = _local_batch(batch_size, input_context)
     base = _base_seed(seed, input_context)
-    ds = source.examples(split, input_context, shuffle=shuffle, seed=seed)
+    total = source.num_examples(split)
+    if 0 < subset < total:
+        # The first N of a folder or TFDS split sorted by class would be one or two classes.
+        ds = source.examples(split, input_context).shard(total // subset, 0).take(subset)
+        if shuffle:
+            ds = ds.shuffle(subset, seed=seed)
+    else:
+        ds = source.examples(split, input_context, shuffle=shuffle, seed=seed)
     if repeat:
         ds = ds.repeat()
     ds = _with_seeds(ds, base, 3)

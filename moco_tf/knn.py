@@ -412,8 +412,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("k", 200, "number of neighbours")
     flags.DEFINE_float("t", 0.1, "temperature of the neighbour weights exp(similarity / t)")
     flags.DEFINE_integer("batch_size", 256, "images per forward pass")
-    flags.DEFINE_integer("limit_train", 0, "use only the first N train images (quick checks); 0: all")
-    flags.DEFINE_integer("limit_val", 0, "use only the first N val images (quick checks); 0: all")
+    flags.DEFINE_integer("limit_train", 0, "use only N train images, evenly spaced (quick checks); 0: all")
+    flags.DEFINE_integer("limit_val", 0, "use only N val images, evenly spaced (quick checks); 0: all")
     flags.DEFINE_string("retrieval_grid", None, "write a PNG of val images and their nearest train images here")
     flags.DEFINE_integer("grid_queries", 8, "val images (rows) in the retrieval grid")
     flags.DEFINE_integer("grid_neighbours", 8, "nearest train images per row of the retrieval grid")
@@ -437,8 +437,7 @@ def _main(argv) -> None:
     image_size = FLAGS.image_size or info["image_size"]
 
     def split(name, limit):
-        ds = data.labelled_dataset(source, name, image_size, FLAGS.batch_size)
-        return ds.unbatch().take(limit).batch(FLAGS.batch_size) if limit else ds
+        return data.labelled_dataset(source, name, image_size, FLAGS.batch_size, subset=limit)
 
     result = evaluate(
         backbone,

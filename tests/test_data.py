@@ -88,6 +88,20 @@ def test_cifar_folder_source(cifar_dir):
     assert first.std() > 0.3
 
 
+def test_labelled_subset_is_evenly_spaced_and_fixed(cifar_dir):
+    """subset=N: N examples spread over the split (both classes of a class-sorted folder, not the
+    first N = all cats), the same ones every epoch even when shuffled."""
+    source = data.make_source("folder", cifar_dir)
+    labels = np.concatenate([y for _, y in data.labelled_dataset(source, "test", 32, 4, subset=4)])
+    np.testing.assert_array_equal(labels, [0, 0, 1, 1])  # test: 8 cats then 8 dogs, every 4th
+    ds = data.labelled_dataset(source, "train", 32, 8, shuffle=True, seed=2, subset=10, repeat=True)
+    epochs = [np.concatenate([x.numpy().reshape(8, -1)[:, :4] for x, _ in ds.take(5)])[i:i + 10] for i in (0, 10, 20)]
+    rows = [sorted(map(tuple, e.round(4))) for e in epochs]
+    assert rows[0] == rows[1] == rows[2]  # the same 10 images each epoch
+    assert not np.array_equal(epochs[0], epochs[1])  # in a new order
+    assert sum(len(y) for _, y in data.labelled_dataset(source, "train", 32, 8, subset=100)) == 40  # >= all
+
+
 def test_labelled_train_aug_and_drop_remainder(cifar_dir):
     source = data.make_source("folder", cifar_dir)
     ds = data.labelled_dataset(
