@@ -50,36 +50,62 @@ class BatchNorm(keras.layers.Layer):
         self.moving_variance = self.add_weight(initializer="ones", name="moving_variance", **stat)
 
     def call(self, inputs, training=False):
-        # float32 at least: float16 statistics lose too much; float64 stays float64.
-        dtype = tf.float64 if inputs.dtype == tf.float64 else tf.float32
-        x = tf.cast(inputs, dtype)
-        gamma, beta = tf.cast(self.gamma, dtype), tf.cast(self.beta, dtype)
-        moving_mean = tf.cast(self.moving_mean, dtype)
-        moving_variance = tf.cast(self.moving_variance, dtype)
         if not training:
-            scale = gamma * tf.math.rsqrt(moving_variance + self.epsilon)
-            return tf.cast(x * scale + (beta - moving_mean * scale), inputs.dtype)
-
-        # Group g holds samples g, g + G, g + 2G, ...: the official SplitBatchNorm's
-        # `x.view(-1, C * G, H, W)` interleaves the batch this way.
-        groups = self.num_groups
-        shape = tf.shape(x)
-        grouped = tf.reshape(x, tf.concat([[shape[0] // groups, groups], shape[1:]], 0))
-        axes = [0] + list(range(2, len(x.shape)))  # all but the group and channel axes
-        mean, var = tf.nn.moments(grouped, axes=axes, keepdims=True)
-        out = (grouped - mean) * tf.math.rsqrt(var + self.epsilon) * gamma + beta
-        out = tf.reshape(out, shape)
-
-        # Moving statistics: unbiased variance as PyTorch, averaged over the groups.
-        count = tf.cast(tf.size(grouped) // (groups * shape[-1]), dtype)
-        batch_mean = tf.reduce_mean(tf.reshape(mean, [groups, -1]), axis=0)
-        batch_var = tf.reduce_mean(tf.reshape(var, [groups, -1]), axis=0) * count / (count - 1.0)
+            dtype = tf.float64 if inputs.dtype == tf.float64 else tf.float32
+            scale = tf.cast(self.gamma, dtype) * tf.math.rsqrt(tf.cast(self.moving_variance, dtype) + self.epsilon)
+            shift = tf.cast(self.beta, dtype) - tf.cast(self.moving_mean, dtype) * scale
+            return tf.cast(tf.cast(inputs, dtype) * scale + shift, inputs.dtype)
+        if inputs.dtype == tf.float64:  # the fused kernel has no float64: tests run the same math unfused
+            out, batch_mean, batch_var = self._train_unfused(inputs)
+        else:
+            out, batch_mean, batch_var = self._train_fused(inputs)
+        # Moving statistics move towards the mean over the groups (PyTorch's unbiased variance).
         m = self.momentum
-        self.moving_mean.assign(tf.cast(m * moving_mean + (1.0 - m) * batch_mean, self.moving_mean.dtype))
-        self.moving_variance.assign(
-            tf.cast(m * moving_variance + (1.0 - m) * batch_var, self.moving_variance.dtype)
+        for moving, batch in ((self.moving_mean, batch_mean), (self.moving_variance, batch_var)):
+            moving.assign(m * moving + (1.0 - m) * tf.cast(batch, moving.dtype))
+        return out
+
+    def _grouped_4d(self, x):
+        """[N, ..., C] -> [N / G, S, 1, G * C], S the spatial size: group g (samples g, g + G, g + 2G,
+        ... as the official SplitBatchNorm's `x.view(-1, C * G, H, W)` interleaves them) becomes
+        channels g*C .. g*C + C - 1 of one plain BatchNorm."""
+        groups, channels = self.num_groups, x.shape[-1]
+        x = tf.reshape(x, [-1, groups, tf.reduce_prod(tf.shape(x)[1:-1]), channels])
+        if groups > 1:
+            x = tf.transpose(x, [0, 2, 1, 3])
+        return tf.reshape(x, [tf.shape(x)[0], -1, 1, groups * channels])
+
+    def _train_fused(self, inputs):
+        """One fused kernel (oneDNN / cuDNN / XLA) over all groups at once; returns
+        (output, mean of the groups' means, mean of their unbiased variances)."""
+        groups, shape = self.num_groups, tf.shape(inputs)
+        x = self._grouped_4d(inputs)
+        scale, offset = (tf.tile(tf.cast(w, tf.float32), [groups]) for w in (self.gamma, self.beta))
+        # In training FusedBatchNorm normalizes with the biased variance and returns the unbiased
+        # one, exactly PyTorch's rule for running_var.
+        out, mean, var = tf.compat.v1.nn.fused_batch_norm(
+            x, scale, offset, epsilon=self.epsilon, data_format="NHWC", is_training=True
         )
-        return tf.cast(out, inputs.dtype)
+        if groups > 1:
+            out = tf.transpose(tf.reshape(out, [tf.shape(x)[0], -1, groups, inputs.shape[-1]]), [0, 2, 1, 3])
+        out = tf.reshape(out, shape)
+        group_mean = tf.reduce_mean(tf.reshape(mean, [groups, -1]), axis=0)
+        group_var = tf.reduce_mean(tf.reshape(var, [groups, -1]), axis=0)
+        return out, group_mean, group_var
+
+    def _train_unfused(self, x):
+        """The same as _train_fused with plain ops, in x's dtype (float64 for exactness tests)."""
+        groups, shape = self.num_groups, tf.shape(x)
+        grouped = self._grouped_4d(x)
+        mean, var = tf.nn.moments(grouped, axes=[0, 1, 2])
+        gamma, beta = (tf.tile(tf.cast(w, x.dtype), [groups]) for w in (self.gamma, self.beta))
+        out = (grouped - mean) * tf.math.rsqrt(var + self.epsilon) * gamma + beta
+        if groups > 1:
+            out = tf.transpose(tf.reshape(out, [tf.shape(grouped)[0], -1, groups, x.shape[-1]]), [0, 2, 1, 3])
+        count = tf.cast(tf.shape(grouped)[0] * tf.shape(grouped)[1], x.dtype)
+        group_mean = tf.reduce_mean(tf.reshape(mean, [groups, -1]), axis=0)
+        group_var = tf.reduce_mean(tf.reshape(var, [groups, -1]), axis=0) * count / (count - 1.0)
+        return tf.reshape(out, shape), group_mean, group_var
 
     def get_config(self):
         config = super().get_config()

@@ -143,7 +143,7 @@ def test_xla_step_equals_plain_step():
         results = []
         for jit in (False, True):
             keras.utils.set_random_seed(7)
-            model = MoCo("resnet18", dim=8, queue_size=16, momentum=0.9, cifar_stem=True, bn_groups=2)
+            model = MoCo("resnet18", dim=8, queue_size=16, momentum=0.9, cifar_stem=True, bn_groups=2, width=8)
             model.compile(optimizer=SGD(0.1), jit_compile=jit)
             history = model.fit(tf.data.Dataset.from_tensors(x).repeat(), steps_per_epoch=2, epochs=1, verbose=0)
             results.append((history.history["loss"][0], [np.asarray(w) for w in [model.queue, *model.weights]]))
