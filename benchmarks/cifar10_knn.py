@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import torch  # noqa: E402
 
-from moco_tf import data, export, knn, lincls, resnet  # noqa: E402
+from moco_tf import data, export, knn, lincls  # noqa: E402
 from moco_tf.model import MoCo  # noqa: E402
 from moco_tf.optimizers import SGD  # noqa: E402
 from moco_tf.schedules import EpochSchedule, scaled_lr  # noqa: E402
@@ -84,44 +84,6 @@ def torch_backbone_fn(encoder: torch.nn.Module):
     return lambda images: tf.py_function(fn, [images], tf.float32)
 
 
-class TorchMoCo:
-    """builder.py's step (tests/torch_reference.py) from moco_tf's initial state, with the demo's
-    single-GPU key shuffle (moco_cifar10_demo: _batch_shuffle_single_gpu / _batch_unshuffle_single_gpu)."""
-
-    def __init__(self, model: MoCo, lr: float, seed: int):
-        torch.manual_seed(seed)
-
-        def encoder():
-            head = ref.moco_head(resnet.feature_dim("resnet18", model.width), DIM, False)
-            return ref.ResNet(18, fc=head, cifar_stem=True, groups=BN_GROUPS, width=model.width)
-
-        self.encoder_q, encoder_k = encoder(), encoder()
-        ref.load_into_torch(self.encoder_q, ref.tf_encoder_state(model.encoder_q))
-        ref.load_into_torch(encoder_k, ref.tf_encoder_state(model.encoder_k))
-        queue = torch.from_numpy(np.asarray(model.queue).T.copy())
-        self.moco = ref.OfficialMoCo(self.encoder_q, encoder_k, queue, M, T)
-        self.moco.train()
-        key_forward = encoder_k.forward
-
-        def shuffled_forward(x):
-            idx = torch.randperm(x.shape[0])
-            return key_forward(x[idx])[torch.argsort(idx)]
-
-        encoder_k.forward = shuffled_forward
-        self.optimizer = torch.optim.SGD(self.encoder_q.parameters(), lr, momentum=0.9, weight_decay=WD)
-
-    def step(self, views: np.ndarray, lr: float) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        im = torch.from_numpy(views.transpose(0, 1, 4, 2, 3).copy())
-        logits, labels = self.moco(im[:, 0], im[:, 1])
-        loss = torch.nn.functional.cross_entropy(logits, labels)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
-
-
 def run_seed(seed: int, source, args, lr: float, steps_per_epoch: int, steps: int, out_dir: str) -> dict:
     """Both frameworks in lockstep on one stream of views: the same batch goes to each in turn."""
     keras.utils.set_random_seed(seed)
@@ -134,7 +96,7 @@ def run_seed(seed: int, source, args, lr: float, steps_per_epoch: int, steps: in
     start = time.time()
     row["random"] = knn_top1(model.backbone_q, source, 256)
     print(f"seed {seed}: random init kNN top-1 {row['random']:.2f}% ({time.time() - start:.0f} s)", flush=True)
-    torch_moco = TorchMoCo(model, float(schedule(0)), seed) if "torch" in args.frameworks else None
+    torch_moco = ref.DemoTrainer(model, float(schedule(0)), WD, seed) if "torch" in args.frameworks else None
     train_tf = "moco_tf" in args.frameworks
     views_stream = iter(data.pretrain_dataset(source, "train", 32, "v2", args.batch_size, seed=seed))
     seconds = {"moco_tf": 0.0, "torch": 0.0}
@@ -147,7 +109,7 @@ def run_seed(seed: int, source, args, lr: float, steps_per_epoch: int, steps: in
             seconds["moco_tf"] += time.time() - start
         if torch_moco is not None:
             start = time.time()
-            losses["torch"].append(torch_moco.step(views, float(schedule(step))))
+            losses["torch"].append(torch_moco.step(views, float(schedule(step))).item())
             seconds["torch"] += time.time() - start
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
             recent = {k: np.mean(v[-args.log_every:]) for k, v in losses.items() if v}

@@ -1,18 +1,48 @@
-"""Seconds per MoCo train step (fit, steady state) for a given arch / image size / batch.
+"""Seconds per MoCo train step (fit, steady state), optionally against the PyTorch reference step.
 
     python benchmarks/step_time.py --arch=resnet18 --image_size=32 --batch_size=256 --cifar_stem
+    python benchmarks/step_time.py --cifar_stem --width=16 --torch --threads=1 --rounds=3
+
+With --torch the official step (tests/torch_reference.py: builder.py with the CIFAR demo's
+SplitBatchNorm and single-GPU key shuffle, SGD momentum 0.9) runs the same model from the same
+weights on the same batch; the two alternate round by round (a shared machine's load hits both)
+and the best round of each counts. The torch side uses CUDA when torch sees a GPU.
 """
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from moco_tf.model import MoCo  # noqa: E402
 from moco_tf.optimizers import SGD  # noqa: E402
+
+LR, WD = 0.06, 5e-4
+
+
+def time_moco_tf(model: MoCo, views: np.ndarray, steps: int) -> float:
+    dataset = tf.data.Dataset.from_tensors(tf.constant(views)).repeat()
+    start = time.perf_counter()
+    model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
+    return (time.perf_counter() - start) / steps
+
+
+def time_torch(trainer, views: np.ndarray, steps: int) -> float:
+    import torch
+
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = trainer.step(views)
+    float(loss)  # waits for the device
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
@@ -21,23 +51,48 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--cifar_stem", action="store_true")
+    parser.add_argument("--width", type=int, default=64, help="ResNet base channels (64 standard)")
     parser.add_argument("--mlp", action="store_true")
     parser.add_argument("--bn_groups", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=1, help="timed rounds per framework; the best counts")
     parser.add_argument("--jit_compile", action="store_true")
+    parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference step")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for each framework (0: all cores)")
     args = parser.parse_args()
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
 
-    model = MoCo(args.arch, queue_size=4096, momentum=0.99, temperature=0.1, mlp=args.mlp,
-                 cifar_stem=args.cifar_stem, bn_groups=args.bn_groups, image_size=args.image_size)
-    model.compile(optimizer=SGD(0.06, weight_decay=5e-4), jit_compile=args.jit_compile)
-    views = tf.random.normal([args.batch_size, 2, args.image_size, args.image_size, 3])
-    dataset = tf.data.Dataset.from_tensors(views).repeat()
-    model.fit(dataset, steps_per_epoch=2, epochs=1, verbose=0)  # trace and warm up
-    start = time.perf_counter()
-    model.fit(dataset, steps_per_epoch=args.steps, epochs=1, verbose=0)
-    seconds = (time.perf_counter() - start) / args.steps
-    print(f"{args.arch} {args.image_size}x{args.image_size} batch {args.batch_size}: "
-          f"{seconds:.2f} s/step, {args.batch_size / seconds:.1f} images/s")
+    model = MoCo(args.arch, queue_size=4096, momentum=0.99, temperature=0.1, mlp=args.mlp, width=args.width,
+                 cifar_stem=args.cifar_stem, bn_groups=args.bn_groups, image_size=args.image_size)  # fmt: skip
+    model.compile(optimizer=SGD(LR, momentum=0.9, weight_decay=WD), jit_compile=args.jit_compile)
+    views = np.random.RandomState(0).randn(args.batch_size, 2, args.image_size, args.image_size, 3).astype("float32")
+    trainer = None
+    if args.torch:
+        import torch
+
+        from tests import torch_reference as ref
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        trainer = ref.DemoTrainer(model, LR, WD, device=device)  # before moco_tf's first step: same start
+        time_torch(trainer, views, 2)  # warm up
+    time_moco_tf(model, views, 2)  # trace and warm up
+
+    best = {"moco_tf": float("inf"), "torch": float("inf")}
+    for _ in range(args.rounds):
+        best["moco_tf"] = min(best["moco_tf"], time_moco_tf(model, views, args.steps))
+        if trainer is not None:
+            best["torch"] = min(best["torch"], time_torch(trainer, views, args.steps))
+    name = f"{args.arch}{'' if args.width == 64 else f' width {args.width}'} {args.image_size}x{args.image_size}"
+    for framework, seconds in best.items():
+        if seconds < float("inf"):
+            print(f"{framework:8s} {name} batch {args.batch_size}: {seconds:.3f} s/step, "
+                  f"{args.batch_size / seconds:.1f} images/s")  # fmt: skip
+    if trainer is not None:
+        print(f"moco_tf / torch step time: {best['moco_tf'] / best['torch']:.2f}")
 
 
 if __name__ == "__main__":

@@ -185,3 +185,49 @@ def load_into_torch(module: nn.Module, state: dict[str, np.ndarray]) -> None:
     own = {k: v for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
     assert set(own) == set(state), sorted(set(own) ^ set(state))
     module.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=False)
+
+
+# ------------------------------------------------------------------------------ a training loop
+class DemoTrainer:
+    """The official step on one device from a moco_tf MoCo's exact initial state (weights and
+    queue), with the CIFAR demo's single-GPU key shuffle (_batch_shuffle_single_gpu) and SGD
+    momentum 0.9: for benchmarks that train both frameworks on the same batches."""
+
+    def __init__(self, model, lr: float, weight_decay: float, seed: int = 0, device: str = "cpu"):
+        torch.manual_seed(seed)
+        depth = int(model.arch.removeprefix("resnet"))
+        feature_dim = model.width * 8 * (4 if depth >= 50 else 1)
+
+        def encoder():
+            head = moco_head(feature_dim, model.dim, model.mlp)
+            return ResNet(depth, fc=head, cifar_stem=model.cifar_stem, groups=model.bn_groups, width=model.width)
+
+        self.device = torch.device(device)
+        self.encoder_q, encoder_k = encoder(), encoder()
+        load_into_torch(self.encoder_q, tf_encoder_state(model.encoder_q))
+        load_into_torch(encoder_k, tf_encoder_state(model.encoder_k))
+        queue = torch.from_numpy(np.asarray(model.queue).T.copy())
+        self.moco = OfficialMoCo(self.encoder_q, encoder_k, queue, model.momentum, model.temperature).to(self.device)
+        self.moco.train()
+        key_forward = encoder_k.forward
+
+        def shuffled_forward(x):
+            idx = torch.randperm(x.shape[0], device=x.device)
+            return key_forward(x[idx])[torch.argsort(idx)]
+
+        encoder_k.forward = shuffled_forward
+        params = self.encoder_q.parameters()
+        self.optimizer = torch.optim.SGD(params, lr, momentum=0.9, weight_decay=weight_decay)
+
+    def step(self, views: np.ndarray, lr: float | None = None) -> torch.Tensor:
+        """One step on views [N, 2, H, W, C] (NHWC, as moco_tf's pipeline); returns the loss tensor."""
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        im = torch.from_numpy(views.transpose(0, 1, 4, 2, 3).copy()).to(self.device, non_blocking=True)
+        logits, labels = self.moco(im[:, 0], im[:, 1])
+        loss = F.cross_entropy(logits, labels.to(self.device))
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
