@@ -247,12 +247,7 @@ class MoCo(keras.Model):
             k = self._encode_keys(x_k)
             return k, gather(k)
         x_all = gather(x_k)
-        seed = tf.stack([tf.cast(self.optimizer.iterations, tf.int32), tf.constant(salt, tf.int32)])
-        # Raw Philox bits: XLA converts them to floats differently, so sort the integers.
-        bits = tf.random.stateless_uniform(
-            tf.shape(x_all)[:1], seed=seed, minval=None, maxval=None, dtype=tf.uint32, alg="philox"
-        )
-        perm = tf.argsort(tf.cast(bits, tf.int64), stable=True)
+        perm = key_permutation(tf.shape(x_all)[0], self.optimizer.iterations, salt)
         k_shuffled = gather(self._encode_keys(mine(tf.gather(x_all, perm))))
         k_all = tf.gather(k_shuffled, tf.argsort(perm))  # undo: k_all[perm[i]] = k_shuffled[i]
         return mine(k_all), k_all
@@ -278,6 +273,15 @@ class MoCo(keras.Model):
             image_size=self.image_size, width=self.width,
         )
         return config
+
+
+def key_permutation(size, step, salt: int = 0) -> tf.Tensor:
+    """The shuffle-BN permutation of a global key batch of `size` at optimizer step `step`: a
+    stateless draw, so every replica computes the same one without communicating."""
+    seed = tf.stack([tf.cast(step, tf.int32), tf.constant(salt, tf.int32)])
+    # Raw Philox bits: XLA converts them to floats differently, so sort the integers.
+    bits = tf.random.stateless_uniform([size], seed=seed, minval=None, maxval=None, dtype=tf.uint32, alg="philox")
+    return tf.argsort(tf.cast(bits, tf.int64), stable=True)
 
 
 def check_queue_fits(queue_size: int, global_batch_size: int, symmetric: bool = False) -> None:

@@ -17,7 +17,7 @@ import tensorflow as tf
 import torch
 
 from moco_tf import resnet
-from moco_tf.model import MoCo
+from moco_tf.model import MoCo, key_permutation
 from moco_tf.optimizers import SGD
 from tests import torch_reference as ref
 
@@ -32,24 +32,28 @@ def floatx(request):
 
 
 @pytest.mark.parametrize(
-    "floatx,mlp,temperature,bn_groups,width",
+    "floatx,mlp,temperature,bn_groups,width,shuffle_bn",
     [
-        ("float64", False, 0.07, 1, 64),
-        ("float64", True, 0.2, 1, 64),
-        ("float64", False, 0.1, 2, 64),
-        ("float32", False, 0.07, 1, 64),
-        ("float32", True, 0.2, 1, 64),
-        ("float64", True, 0.2, 2, 8),
+        ("float64", False, 0.07, 1, 64, False),
+        ("float64", True, 0.2, 1, 64, False),
+        ("float64", False, 0.1, 2, 64, False),
+        ("float32", False, 0.07, 1, 64, False),
+        ("float32", True, 0.2, 1, 64, False),
+        ("float64", True, 0.2, 2, 8, False),
+        ("float64", False, 0.1, 4, 8, True),
     ],
-    ids=["f64-v1-head", "f64-v2-head", "f64-bn-groups-2", "f32-v1-head", "f32-v2-head", "f64-width-8"],
+    ids=[
+        "f64-v1-head", "f64-v2-head", "f64-bn-groups-2", "f32-v1-head", "f32-v2-head", "f64-width-8",
+        "f64-demo-shuffle-groups-4",
+    ],
     indirect=["floatx"],
 )
-def test_three_steps_match_pytorch(floatx, mlp, temperature, bn_groups, width):
+def test_three_steps_match_pytorch(floatx, mlp, temperature, bn_groups, width, shuffle_bn):
     torch.manual_seed(0)
     np_dtype, torch_dtype = (np.float64, torch.float64) if floatx == "float64" else (np.float32, torch.float32)
     weight_tolerance, stat_tolerance = (1e-6, 1e-6) if floatx == "float64" else (2e-3, 1e-3)
     lr, wd, m = 0.03, 1e-4, 0.99
-    # shuffle_bn off: with one device the torch reference has no shuffle; groups see the same samples.
+    # shuffle_bn on one device: the CIFAR demo's _batch_shuffle_single_gpu, given moco_tf's permutation.
     model = MoCo(
         "resnet18",
         dim=DIM,
@@ -59,7 +63,7 @@ def test_three_steps_match_pytorch(floatx, mlp, temperature, bn_groups, width):
         mlp=mlp,
         cifar_stem=True,
         bn_groups=bn_groups,
-        shuffle_bn=False,
+        shuffle_bn=shuffle_bn,
         width=width,
     )
     model.compile(optimizer=SGD(lr, momentum=0.9, weight_decay=wd))
@@ -74,6 +78,14 @@ def test_three_steps_match_pytorch(floatx, mlp, temperature, bn_groups, width):
         encoder_q, encoder_k, torch.from_numpy(np.asarray(model.queue).T.copy()), m, temperature
     )
     official.train()
+    perm = None
+    if shuffle_bn:
+        key_forward = encoder_k.forward
+
+        def shuffled_forward(x):  # moco_cifar10_demo: shuffle, encode, unshuffle
+            return key_forward(x[perm])[torch.argsort(perm)]
+
+        encoder_k.forward = shuffled_forward
     optimizer = torch.optim.SGD(encoder_q.parameters(), lr, momentum=0.9, weight_decay=wd)
     criterion = torch.nn.CrossEntropyLoss()
 
@@ -82,6 +94,7 @@ def test_three_steps_match_pytorch(floatx, mlp, temperature, bn_groups, width):
         # Two views of one image, as augmentations give: correlated, not independent noise.
         image = rng.standard_normal((BATCH, 1, 32, 32, 3))
         views = (image + 0.5 * rng.standard_normal((BATCH, 2, 32, 32, 3))).astype(np_dtype)
+        perm = torch.from_numpy(key_permutation(BATCH, step).numpy())
         model.loss_tracker.reset_state()
         tf_loss = float(model.train_step(tf.constant(views))["loss"])
         im = torch.from_numpy(views.transpose(0, 1, 4, 2, 3).copy())
