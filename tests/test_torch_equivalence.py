@@ -128,3 +128,35 @@ def test_narrow_resnet_parameter_count_equals_torch_reference(arch, width):
     theirs = sum(p.numel() for p in ref.ResNet(int(arch[6:]), cifar_stem=True, width=width).parameters())
     assert ours == theirs
     assert backbone.output.shape[-1] == resnet.feature_dim(arch, width) == width * (8 if arch == "resnet18" else 32)
+
+
+@pytest.mark.slow
+def test_ten_steps_of_the_demo_recipe_match_pytorch():
+    """Ten float64 steps of the CIFAR demo's recipe (shuffle + SplitBN 4, cosine lr, wd 5e-4, the
+    queue wrapping), through train_on_batch, against tests/torch_reference.DemoTrainer given
+    moco_tf's key permutations. Both sides agree to ~5e-9 after 10 steps; beyond ~10 steps at a
+    high lr any two runs (even float64 ones) drift apart chaotically, so longer runs compare
+    statistics (benchmarks/cifar10_knn.py), not trajectories."""
+    from moco_tf.schedules import EpochSchedule
+
+    keras.config.set_floatx("float64")
+    try:
+        model = MoCo("resnet18", dim=32, queue_size=128, momentum=0.99, temperature=0.1, cifar_stem=True,
+                     bn_groups=4, width=8)  # fmt: skip
+        schedule = EpochSchedule(0.03, 5, 2, "cosine")
+        model.compile(optimizer=SGD(schedule, momentum=0.9, weight_decay=5e-4))
+        trainer = ref.DemoTrainer(model, float(schedule(0)), 5e-4, dtype=torch.float64)
+        rng = np.random.default_rng(0)
+        for step in range(10):
+            image = rng.standard_normal((32, 1, 32, 32, 3))
+            views = image + 0.5 * rng.standard_normal((32, 2, 32, 32, 3))
+            trainer.key_permutation = lambda n, s=step: torch.from_numpy(key_permutation(n, s).numpy())
+            tf_loss = float(model.train_on_batch(views, return_dict=True)["loss"])
+            torch_loss = float(trainer.step(views, float(schedule(step))))
+            assert abs(tf_loss - torch_loss) < 1e-7, (step, tf_loss, torch_loss)
+        theirs = {k: v.detach().numpy() for k, v in trainer.encoder_q.state_dict().items()}
+        for key, ours in ref.tf_encoder_state(model.encoder_q).items():
+            np.testing.assert_allclose(ours, theirs[key], rtol=0, atol=1e-7, err_msg=key)
+        np.testing.assert_allclose(np.asarray(model.queue), trainer.moco.queue.numpy().T, rtol=0, atol=1e-7)
+    finally:
+        keras.config.set_floatx("float32")

@@ -193,26 +193,31 @@ class DemoTrainer:
     queue), with the CIFAR demo's single-GPU key shuffle (_batch_shuffle_single_gpu) and SGD
     momentum 0.9: for benchmarks that train both frameworks on the same batches."""
 
-    def __init__(self, model, lr: float, weight_decay: float, seed: int = 0, device: str = "cpu"):
+    def __init__(
+        self, model, lr: float, weight_decay: float, seed: int = 0, device: str = "cpu", dtype=torch.float32
+    ):
         torch.manual_seed(seed)
         depth = int(model.arch.removeprefix("resnet"))
         feature_dim = model.width * 8 * (4 if depth >= 50 else 1)
 
         def encoder():
             head = moco_head(feature_dim, model.dim, model.mlp)
-            return ResNet(depth, fc=head, cifar_stem=model.cifar_stem, groups=model.bn_groups, width=model.width)
+            net = ResNet(depth, fc=head, cifar_stem=model.cifar_stem, groups=model.bn_groups, width=model.width)
+            return net.to(dtype)  # before the weights are copied in: a float32 copy would round them
 
         self.device = torch.device(device)
         self.encoder_q, encoder_k = encoder(), encoder()
         load_into_torch(self.encoder_q, tf_encoder_state(model.encoder_q))
         load_into_torch(encoder_k, tf_encoder_state(model.encoder_k))
-        queue = torch.from_numpy(np.asarray(model.queue).T.copy())
+        queue = torch.from_numpy(np.asarray(model.queue).T.copy()).to(dtype)
         self.moco = OfficialMoCo(self.encoder_q, encoder_k, queue, model.momentum, model.temperature).to(self.device)
         self.moco.train()
         key_forward = encoder_k.forward
+        # The demo draws torch.randperm; a test may swap in moco_tf's permutation to compare steps.
+        self.key_permutation = lambda n: torch.randperm(n)
 
         def shuffled_forward(x):
-            idx = torch.randperm(x.shape[0], device=x.device)
+            idx = self.key_permutation(x.shape[0]).to(x.device)
             return key_forward(x[idx])[torch.argsort(idx)]
 
         encoder_k.forward = shuffled_forward
