@@ -1,18 +1,20 @@
 """Learning quality on real CIFAR-10: moco_tf's MoCo step against a PyTorch reference, by kNN top-1.
 
-    .venv/bin/python benchmarks/cifar10_knn.py [--train_images=50000 --test_images=10000 --steps=N --seeds=0,1]
+    .venv/bin/python benchmarks/cifar10_knn.py [--width=16 --epochs=10 --batch_size=256 --seeds=0,1 --threads=1]
 
 Recipe: the official CIFAR-10 demo (facebookresearch/moco colab/moco_cifar10_demo.ipynb):
 ResNet-18 with the CIFAR stem, v1 head dim 128, K 4096, m 0.99, T 0.1, SplitBatchNorm with 8
 groups and key shuffling, SGD momentum 0.9, wd 5e-4, lr 0.06 per 512 images (scaled to the
 batch), cosine; kNN k=200, t=0.1 on the train features. Scaled to a CPU budget by the flags:
-fewer steps, a class-balanced subset of the train/test images, a smaller batch. Views are the
-v2 augmentation of moco_tf (the demo's is v2 without blur).
+a narrower ResNet (--width), fewer epochs or steps, a class-balanced subset of the train/test
+images, a smaller batch. Views are the v2 augmentation of moco_tf (the demo's is v2 without blur).
 
 For each seed, both frameworks start from the same weights and queue (copied moco_tf -> torch)
-and train on the same precomputed views, so the comparison isolates the training step; the
-torch side is builder.py's step (tests/torch_reference.py) with the demo's single-GPU key
-shuffle. Reported: kNN top-1 of the random-initialised encoder, of moco_tf's and of PyTorch's
+and train in lockstep on one stream of views (each batch goes to both), so the comparison
+isolates the training step; the torch side is builder.py's step with the demo's single-GPU key
+shuffle (tests/torch_reference.DemoTrainer). Seeds can run as separate processes (--seeds=N);
+each writes OUT/seedN.json and OUT/export_seedN (the moco_tf encoder as a TF-Hub export, for
+`python -m moco_tf.lincls`). Reported: kNN top-1 of the random-initialised encoder, of moco_tf's and of PyTorch's
 after training, and a linear classifier (lincls: fc N(0,0.01), SGD lr 30, x0.1 at 60/80) on
 moco_tf's frozen features, precomputed (no augmentation, so not the full official protocol).
 """
