@@ -34,16 +34,17 @@ def floatx(request):
 @pytest.mark.parametrize(
     "floatx,mlp,temperature,bn_groups,width,shuffle_bn",
     [
+        # float64 at the standard width once; the other float64 cases at narrow widths (the
+        # algorithm does not depend on the width, CI time does).
         ("float64", False, 0.07, 1, 64, False),
-        ("float64", True, 0.2, 1, 64, False),
-        ("float64", False, 0.1, 2, 64, False),
+        ("float64", True, 0.2, 1, 16, False),
+        ("float64", False, 0.1, 2, 8, False),
         ("float32", False, 0.07, 1, 64, False),
         ("float32", True, 0.2, 1, 64, False),
-        ("float64", True, 0.2, 2, 8, False),
         ("float64", False, 0.1, 4, 8, True),
     ],
     ids=[
-        "f64-v1-head", "f64-v2-head", "f64-bn-groups-2", "f32-v1-head", "f32-v2-head", "f64-width-8",
+        "f64-v1-head", "f64-v2-head-width-16", "f64-bn-groups-2-width-8", "f32-v1-head", "f32-v2-head",
         "f64-demo-shuffle-groups-4",
     ],
     indirect=["floatx"],
