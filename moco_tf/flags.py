@@ -60,3 +60,21 @@ def define_train_flags() -> None:
     flags.DEFINE_integer("steps_per_epoch", None, "Override steps per epoch (default: images // batch_size).")
     flags.DEFINE_integer("max_steps", None, "Stop after this many steps in total (a short try-out).")
     flags.DEFINE_string("export_dir", None, "Export the query backbone as a TF-Hub SavedModel here at the end.")
+
+
+def define_evaluation_flags() -> None:
+    """Flags of the CLIs that evaluate a pretrained encoder on a labelled dataset (knn, lincls)."""
+    flags.DEFINE_string(
+        "pretrained",
+        None,
+        "encoder to evaluate: moco_tf model_dir or checkpoint (DIR/ckpt-N), TF-Hub export from moco_tf, "
+        "or PyTorch checkpoint (official MoCo .pth.tar, lincls or torchvision)",
+    )
+    flags.DEFINE_string(
+        "dataset", None, "digits, folder (with --data_dir), or a prepared TFDS name (cifar10, imagenet2012)"
+    )
+    flags.DEFINE_string("data_dir", None, "image folder (--dataset=folder) or TFDS data_dir")
+    flags.DEFINE_integer("image_size", None, "crop size; default: the encoder's (32 with the CIFAR stem, else 224)")
+    flags.DEFINE_integer("limit_train", 0, "use only N train images, evenly spaced (quick checks); 0: all")
+    flags.DEFINE_integer("limit_val", 0, "use only N val images, evenly spaced (quick checks); 0: all")
+    flags.DEFINE_bool("strict_data", False, "stop at the first unreadable image instead of skipping it")

@@ -403,37 +403,27 @@ class KNNMonitor(keras.callbacks.Callback):
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string(
-        "pretrained", None, "encoder to evaluate: moco_tf model_dir or checkpoint, TF-Hub export, or PyTorch .pth"
-    )
-    flags.DEFINE_string("dataset", None, "digits, folder (with --data_dir), or a prepared TFDS name such as cifar10")
-    flags.DEFINE_string("data_dir", None, "image folder (--dataset=folder) or TFDS data_dir")
-    flags.DEFINE_integer("image_size", None, "eval crop size; default: the encoder's (32 CIFAR stem, else 224)")
+    from moco_tf import flags as moco_flags
+
+    moco_flags.define_evaluation_flags()
+    flags.adopt_module_key_flags(moco_flags)  # listed by --help as this CLI's own
     flags.DEFINE_integer("k", 200, "number of neighbours")
     flags.DEFINE_float("t", 0.1, "temperature of the neighbour weights exp(similarity / t)")
     flags.DEFINE_integer("batch_size", 256, "images per forward pass")
-    flags.DEFINE_integer("limit_train", 0, "use only N train images, evenly spaced (quick checks); 0: all")
-    flags.DEFINE_integer("limit_val", 0, "use only N val images, evenly spaced (quick checks); 0: all")
     flags.DEFINE_string("retrieval_grid", None, "write a PNG of val images and their nearest train images here")
     flags.DEFINE_integer("grid_queries", 8, "val images (rows) in the retrieval grid")
     flags.DEFINE_integer("grid_neighbours", 8, "nearest train images per row of the retrieval grid")
-    flags.DEFINE_bool("strict_data", False, "stop at the first unreadable image instead of skipping it")
 
 
 def _main(argv) -> None:
     from absl import flags
 
     from moco_tf import cli, data
-    from moco_tf.pretrained import load_backbone
+    from moco_tf.pretrained import load_for_evaluation
 
     FLAGS = flags.FLAGS
     cli.reject_extra_arguments(argv)
-    if not FLAGS.pretrained:
-        raise ValueError("--pretrained=PATH is required (model_dir, checkpoint, TF-Hub export or .pth)")
-    source = data.make_source(FLAGS.dataset, FLAGS.data_dir, FLAGS.strict_data)
-    if not source.eval_split:
-        raise data.DataError(f"{source.name} has no val/test split to evaluate on")
-    backbone, info = load_backbone(FLAGS.pretrained)
+    backbone, info, source = load_for_evaluation(FLAGS.pretrained, FLAGS.dataset, FLAGS.data_dir, FLAGS.strict_data)
     image_size = FLAGS.image_size or info["image_size"]
 
     def split(name, limit):

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from moco_tf.optimizers import SGD
-from moco_tf.pretrained import FrozenBackbone, load_backbone
+from moco_tf.pretrained import FrozenBackbone, load_backbone, load_for_evaluation
 from moco_tf.schedules import EpochSchedule
 
 CONFIG_FILE = "lincls_config.json"
@@ -251,16 +251,11 @@ def check_resume_config(model_dir: str, config: dict) -> None:
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string(
-        "pretrained",
-        None,
-        "encoder to evaluate: moco_tf model_dir or checkpoint (DIR/ckpt-N), TF-Hub export from moco_tf, "
-        "or PyTorch checkpoint (official MoCo .pth.tar, lincls or torchvision)",
-    )
-    flags.DEFINE_string("dataset", None, "digits, folder (with --data_dir), or a prepared TFDS name (imagenet2012)")
-    flags.DEFINE_string("data_dir", None, "image folder (--dataset=folder) or TFDS data_dir")
+    from moco_tf import flags as moco_flags
+
+    moco_flags.define_evaluation_flags()
+    flags.adopt_module_key_flags(moco_flags)  # listed by --help as this CLI's own
     flags.DEFINE_string("model_dir", None, "checkpoints and results of this linear run; a rerun resumes from it")
-    flags.DEFINE_integer("image_size", None, "crop size; default: the encoder's (32 with the CIFAR stem, else 224)")
     flags.DEFINE_integer("batch_size", 256, "images per step (official: 256)")
     flags.DEFINE_integer("epochs", 100, "training epochs (official: 100)")
     flags.DEFINE_float("lr", 30.0, "SGD learning rate (official: 30)")
@@ -273,10 +268,7 @@ def _define_flags() -> None:
         "extract features once (eval transform, no augmentation) and train on them: fast on CPU, "
         "but NOT the official protocol",
     )
-    flags.DEFINE_integer("limit_train", 0, "use only N train images, evenly spaced (quick checks); 0: all")
-    flags.DEFINE_integer("limit_val", 0, "use only N val images, evenly spaced (quick checks); 0: all")
     flags.DEFINE_integer("seed", None, "seed of the data order and augmentation")
-    flags.DEFINE_bool("strict_data", False, "stop at the first unreadable image instead of skipping it")
 
 
 def _main(argv) -> None:
@@ -286,18 +278,13 @@ def _main(argv) -> None:
 
     FLAGS = flags.FLAGS
     cli.reject_extra_arguments(argv)
-    if not FLAGS.pretrained:
-        raise ValueError("--pretrained=PATH is required (model_dir, checkpoint, TF-Hub export or .pth)")
     if FLAGS.epochs < 1 or FLAGS.lr <= 0:
         raise ValueError(f"--epochs must be >= 1 and --lr > 0 (got {FLAGS.epochs}, {FLAGS.lr})")
     try:
         milestones = sorted(int(m) for m in FLAGS.schedule)
     except ValueError:
         raise ValueError(f"--schedule must be a list of epochs, e.g. 60,80 (got {','.join(FLAGS.schedule)})") from None
-    source = data.make_source(FLAGS.dataset, FLAGS.data_dir, FLAGS.strict_data)
-    if not source.eval_split:
-        raise data.DataError(f"{source.name} has no val/test split to evaluate on")
-    backbone, info = load_backbone(FLAGS.pretrained)
+    backbone, info, source = load_for_evaluation(FLAGS.pretrained, FLAGS.dataset, FLAGS.data_dir, FLAGS.strict_data)
     image_size = FLAGS.image_size or info["image_size"]
     if FLAGS.model_dir:
         config = {k: getattr(FLAGS, k) for k in _RESUME_KEYS if k != "image_size"}

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from moco_tf import resnet
+
+if TYPE_CHECKING:
+    from moco_tf.data import Source
 
 KINDS = ("model_dir", "checkpoint", "export", "torch")
 
@@ -98,6 +101,23 @@ def load_backbone(path: str) -> tuple[FrozenBackbone, dict[str, Any]]:
 
 # ----------------------------------------------------------------------------------------------
 # the kinds
+
+
+def load_for_evaluation(
+    path: str | None, dataset: str | None, data_dir: str | None, strict_data: bool = False
+) -> tuple[FrozenBackbone, dict[str, Any], Source]:
+    """What kNN and lincls start from: (backbone, info) as `load_backbone`, and the labelled
+    `moco_tf.data` source to evaluate on. A missing PATH or a source without a val/test split is
+    a ValueError (one line in the CLIs)."""
+    from moco_tf import data
+
+    if not path:
+        raise ValueError("--pretrained=PATH is required (model_dir, checkpoint, TF-Hub export or .pth)")
+    source = data.make_source(dataset, data_dir, strict_data)
+    if not source.eval_split:
+        raise data.DataError(f"{source.name} has no val/test split to evaluate on")
+    backbone, info = load_backbone(path)
+    return backbone, info, source
 
 
 def _from_model_dir(model_dir: str, checkpoint: str | None) -> tuple[keras.Model, dict[str, Any]]:
