@@ -55,14 +55,19 @@ class BatchNorm(keras.layers.Layer):
             scale = tf.cast(self.gamma, dtype) * tf.math.rsqrt(tf.cast(self.moving_variance, dtype) + self.epsilon)
             shift = tf.cast(self.beta, dtype) - tf.cast(self.moving_mean, dtype) * scale
             return tf.cast(tf.cast(inputs, dtype) * scale + shift, inputs.dtype)
-        if inputs.dtype == tf.float64:  # the fused kernel has no float64: tests run the same math unfused
-            out, batch_mean, batch_var = self._train_unfused(inputs)
-        else:
-            out, batch_mean, batch_var = self._train_fused(inputs)
+        groups, channels = self.num_groups, inputs.shape[-1]
+        grouped = self._grouped_4d(inputs)
+        # The fused kernel has no float64: tests run the same math with plain ops.
+        normalize = self._normalize_plain if inputs.dtype == tf.float64 else self._normalize_fused
+        out, mean, var = normalize(grouped, *(tf.tile(w, [groups]) for w in (self.gamma, self.beta)))
+        if groups > 1:  # back from [N / G, S, 1, G * C]: the inverse of _grouped_4d
+            out = tf.transpose(tf.reshape(out, [tf.shape(grouped)[0], -1, groups, channels]), [0, 2, 1, 3])
+        out = tf.reshape(out, tf.shape(inputs))
         # Moving statistics move towards the mean over the groups (PyTorch's unbiased variance).
         m = self.momentum
-        for moving, batch in ((self.moving_mean, batch_mean), (self.moving_variance, batch_var)):
-            moving.assign(m * moving + (1.0 - m) * tf.cast(batch, moving.dtype))
+        for moving, batch in ((self.moving_mean, mean), (self.moving_variance, var)):
+            group_average = tf.reduce_mean(tf.reshape(batch, [groups, channels]), axis=0)
+            moving.assign(m * moving + (1.0 - m) * tf.cast(group_average, moving.dtype))
         return out
 
     def _grouped_4d(self, x):
@@ -75,37 +80,21 @@ class BatchNorm(keras.layers.Layer):
             x = tf.transpose(x, [0, 2, 1, 3])
         return tf.reshape(x, [tf.shape(x)[0], -1, 1, groups * channels])
 
-    def _train_fused(self, inputs):
-        """One fused kernel (oneDNN / cuDNN / XLA) over all groups at once; returns
-        (output, mean of the groups' means, mean of their unbiased variances)."""
-        groups, shape = self.num_groups, tf.shape(inputs)
-        x = self._grouped_4d(inputs)
-        scale, offset = (tf.tile(tf.cast(w, tf.float32), [groups]) for w in (self.gamma, self.beta))
-        # In training FusedBatchNorm normalizes with the biased variance and returns the unbiased
-        # one, exactly PyTorch's rule for running_var.
-        out, mean, var = tf.compat.v1.nn.fused_batch_norm(
-            x, scale, offset, epsilon=self.epsilon, data_format="NHWC", is_training=True
-        )
-        if groups > 1:
-            out = tf.transpose(tf.reshape(out, [tf.shape(x)[0], -1, groups, inputs.shape[-1]]), [0, 2, 1, 3])
-        out = tf.reshape(out, shape)
-        group_mean = tf.reduce_mean(tf.reshape(mean, [groups, -1]), axis=0)
-        group_var = tf.reduce_mean(tf.reshape(var, [groups, -1]), axis=0)
-        return out, group_mean, group_var
+    def _normalize_fused(self, x, gamma, beta):
+        """One fused kernel (oneDNN / cuDNN / XLA) over all groups at once; returns (output, per
+        channel batch mean, unbiased batch variance). In training FusedBatchNorm normalizes with
+        the biased variance and returns the unbiased one, exactly PyTorch's rule for running_var."""
+        return tf.compat.v1.nn.fused_batch_norm(
+            x, tf.cast(gamma, tf.float32), tf.cast(beta, tf.float32), epsilon=self.epsilon, data_format="NHWC",
+            is_training=True,
+        )  # fmt: skip
 
-    def _train_unfused(self, x):
-        """The same as _train_fused with plain ops, in x's dtype (float64 for exactness tests)."""
-        groups, shape = self.num_groups, tf.shape(x)
-        grouped = self._grouped_4d(x)
-        mean, var = tf.nn.moments(grouped, axes=[0, 1, 2])
-        gamma, beta = (tf.tile(tf.cast(w, x.dtype), [groups]) for w in (self.gamma, self.beta))
-        out = (grouped - mean) * tf.math.rsqrt(var + self.epsilon) * gamma + beta
-        if groups > 1:
-            out = tf.transpose(tf.reshape(out, [tf.shape(grouped)[0], -1, groups, x.shape[-1]]), [0, 2, 1, 3])
-        count = tf.cast(tf.shape(grouped)[0] * tf.shape(grouped)[1], x.dtype)
-        group_mean = tf.reduce_mean(tf.reshape(mean, [groups, -1]), axis=0)
-        group_var = tf.reduce_mean(tf.reshape(var, [groups, -1]), axis=0) * count / (count - 1.0)
-        return tf.reshape(out, shape), group_mean, group_var
+    def _normalize_plain(self, x, gamma, beta):
+        """_normalize_fused with plain ops, in x's dtype (float64 for exactness tests)."""
+        mean, var = tf.nn.moments(x, axes=[0, 1, 2])
+        out = (x - mean) * tf.math.rsqrt(var + self.epsilon) * tf.cast(gamma, x.dtype) + tf.cast(beta, x.dtype)
+        count = tf.cast(tf.shape(x)[0] * tf.shape(x)[1], x.dtype)
+        return out, mean, var * count / (count - 1.0)
 
     def get_config(self):
         config = super().get_config()
