@@ -65,10 +65,15 @@ def extract_subset(root: str, train_per_class: int, test_per_class: int) -> str:
     return os.path.join(root, tops.pop()) if len(tops) == 1 and tops != {"train", "test"} else root
 
 
-def knn_top1(backbone_fn, source, batch: int) -> float:
+def features(backbone_fn, source, batch: int = 256):
+    """(train features, train labels, test features, test labels) under the eval transform."""
     train = data.labelled_dataset(source, "train", 32, batch)
     test = data.labelled_dataset(source, "test", 32, batch)
-    return knn.evaluate(backbone_fn, train, test, k=200, t=0.1, num_classes=10).top1
+    return (*knn.extract_features(backbone_fn, train), *knn.extract_features(backbone_fn, test))
+
+
+def knn_top1(train_x, train_y, test_x, test_y) -> float:
+    return knn.knn_accuracy(train_x, train_y, test_x, test_y, k=200, t=0.1, num_classes=10)["top1"]
 
 
 def torch_backbone_fn(encoder: torch.nn.Module):
@@ -96,7 +101,7 @@ def run_seed(seed: int, source, args, lr: float, steps_per_epoch: int, steps: in
     model.compile(optimizer=SGD(schedule, momentum=0.9, weight_decay=WD))
     row = {"seed": seed}
     start = time.time()
-    row["random"] = knn_top1(model.backbone_q, source, 256)
+    row["random"] = knn_top1(*features(model.backbone_q, source))
     print(f"seed {seed}: random init kNN top-1 {row['random']:.2f}% ({time.time() - start:.0f} s)", flush=True)
     torch_moco = ref.DemoTrainer(model, float(schedule(0)), WD, seed) if "torch" in args.frameworks else None
     train_tf = "moco_tf" in args.frameworks
@@ -123,21 +128,21 @@ def run_seed(seed: int, source, args, lr: float, steps_per_epoch: int, steps: in
             row[f"{name}_s_per_step"] = seconds[name] / steps
             row[f"{name}_final_loss"] = float(np.mean(losses[name][-steps_per_epoch:]))
     if torch_moco is not None:
-        row["torch"] = knn_top1(torch_backbone_fn(torch_moco.encoder_q), source, 256)
+        row["torch"] = knn_top1(*features(torch_backbone_fn(torch_moco.encoder_q), source))
         print(f"seed {seed}: PyTorch  kNN top-1 {row['torch']:.2f}%", flush=True)
     if train_tf:
-        row["moco_tf"] = knn_top1(model.backbone_q, source, 256)
+        # One feature extraction serves the kNN number and the linear classifier.
+        train_x, train_y, test_x, test_y = features(model.backbone_q, source)
+        row["moco_tf"] = knn_top1(train_x, train_y, test_x, test_y)
         print(f"seed {seed}: moco_tf  kNN top-1 {row['moco_tf']:.2f}%", flush=True)
         # The trained encoder as a TF-Hub export, for the lincls CLI (the full protocol) afterwards.
         about = {"dataset": "cifar10", "aug": "v2", "epochs": args.epochs}
         row["export"] = export.export_moco(model, os.path.join(out_dir, f"export_seed{seed}"), about, overwrite=True)
-        train = data.labelled_dataset(source, "train", 32, 256)
-        test = data.labelled_dataset(source, "test", 32, 256)
-        train_f, test_f = (lincls.feature_dataset(model.backbone_q, d, 256, shuffle=s, seed=seed)
-                           for d, s in ((train, True), (test, False)))  # fmt: skip
-        classifier, _ = lincls.train_linear(None, train_f[0], test_f[0], 10, math.ceil(train_f[1] / 256),
+        train_f = lincls.batched_features(train_x, train_y, 256, shuffle=True, seed=seed)
+        test_f = lincls.batched_features(test_x, test_y, 256, shuffle=False)
+        classifier, _ = lincls.train_linear(None, train_f, test_f, 10, math.ceil(len(train_y) / 256),
                                             epochs=args.lincls_epochs, log=lambda _: None)  # fmt: skip
-        row["lincls"] = lincls.evaluate(classifier, test_f[0])["top1"]
+        row["lincls"] = lincls.evaluate(classifier, test_f)["top1"]
         print(f"seed {seed}: moco_tf  linear top-1 {row['lincls']:.2f}% (precomputed features)", flush=True)
     with open(os.path.join(out_dir, f"seed{seed}.json"), "w") as f:
         json.dump(row, f, indent=1)

@@ -205,10 +205,17 @@ def feature_dataset(
     from moco_tf.knn import extract_features
 
     features, labels = extract_features(backbone, ds)
-    out = tf.data.Dataset.from_tensor_slices((features, labels.astype(np.int32)))
+    return batched_features(features, labels, batch_size, shuffle, seed), len(labels)
+
+
+def batched_features(
+    features: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int | None = None
+) -> tf.data.Dataset:
+    """Features already extracted as a batched (features, labels) dataset, reshuffled each epoch if asked."""
+    out = tf.data.Dataset.from_tensor_slices((features, np.asarray(labels).astype(np.int32)))
     if shuffle:
         out = out.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    return out.batch(batch_size).prefetch(tf.data.AUTOTUNE), len(labels)
+    return out.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def _write_json(path: str, value) -> None:
