@@ -69,42 +69,22 @@ def test_three_steps_match_pytorch(floatx, mlp, temperature, bn_groups, width, s
     )
     model.compile(optimizer=SGD(lr, momentum=0.9, weight_decay=wd))
 
-    def torch_encoder():
-        return ref.ResNet(18, fc=ref.moco_head(8 * width, DIM, mlp), cifar_stem=True, groups=bn_groups, width=width)
-
-    encoder_q, encoder_k = torch_encoder().to(torch_dtype), torch_encoder().to(torch_dtype)
-    ref.load_into_torch(encoder_q, ref.tf_encoder_state(model.encoder_q))
-    ref.load_into_torch(encoder_k, ref.tf_encoder_state(model.encoder_k))
-    official = ref.OfficialMoCo(
-        encoder_q, encoder_k, torch.from_numpy(np.asarray(model.queue).T.copy()), m, temperature
-    )
-    official.train()
-    perm = None
-    if shuffle_bn:
-        key_forward = encoder_k.forward
-
-        def shuffled_forward(x):  # moco_cifar10_demo: shuffle, encode, unshuffle
-            return key_forward(x[perm])[torch.argsort(perm)]
-
-        encoder_k.forward = shuffled_forward
-    optimizer = torch.optim.SGD(encoder_q.parameters(), lr, momentum=0.9, weight_decay=wd)
-    criterion = torch.nn.CrossEntropyLoss()
+    trainer = ref.DemoTrainer(model, lr, wd, dtype=torch_dtype)
+    official, encoder_q, encoder_k = trainer.moco, trainer.moco.encoder_q, trainer.moco.encoder_k
+    if not shuffle_bn:  # the identity: keys go through BN in their own order, as moco_tf's do
+        trainer.key_permutation = torch.arange
 
     rng = np.random.default_rng(0)
     for step in range(STEPS):
         # Two views of one image, as augmentations give: correlated, not independent noise.
         image = rng.standard_normal((BATCH, 1, 32, 32, 3))
         views = (image + 0.5 * rng.standard_normal((BATCH, 2, 32, 32, 3))).astype(np_dtype)
-        perm = torch.from_numpy(key_permutation(BATCH, step).numpy())
+        if shuffle_bn:
+            trainer.key_permutation = lambda n, s=step: torch.from_numpy(key_permutation(n, s).numpy())
         model.loss_tracker.reset_state()
         tf_loss = float(model.train_step(tf.constant(views))["loss"])
-        im = torch.from_numpy(views.transpose(0, 1, 4, 2, 3).copy())
-        logits, labels = official(im[:, 0], im[:, 1])
-        loss = criterion(logits, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        assert abs(tf_loss - loss.item()) < 1e-4, (step, tf_loss, loss.item())
+        torch_loss = float(trainer.step(views))
+        assert abs(tf_loss - torch_loss) < 1e-4, (step, tf_loss, torch_loss)
 
     errors = {}
     for name, encoder_tf, encoder_torch in [("q", model.encoder_q, encoder_q), ("k", model.encoder_k, encoder_k)]:
