@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moco_tf.resnet import feature_dim as feature_dim_of
+
 
 class SplitBatchNorm(nn.BatchNorm2d):
     """The official CIFAR demo's BatchNorm over `num_splits` groups of the batch."""
@@ -198,7 +200,7 @@ class DemoTrainer:
     ):
         torch.manual_seed(seed)
         depth = int(model.arch.removeprefix("resnet"))
-        feature_dim = model.width * 8 * (4 if depth >= 50 else 1)
+        feature_dim = feature_dim_of(model.arch, model.width)
 
         def encoder():
             head = moco_head(feature_dim, model.dim, model.mlp)
