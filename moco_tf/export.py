@@ -228,9 +228,8 @@ def export_moco(
 
     backbone = resnet(model.arch, cifar_stem=model.cifar_stem, width=model.width)
     backbone.set_weights(model.backbone_q.get_weights())
-    full = {
-        "arch": model.arch, "cifar_stem": model.cifar_stem, "width": model.width, "mlp": model.mlp, "dim": model.dim,
-    }
+    # export_backbone records the width (and feature_dim) read off the backbone itself.
+    full = {"arch": model.arch, "cifar_stem": model.cifar_stem, "mlp": model.mlp, "dim": model.dim}
     full.update(config or {})
     return export_backbone(backbone, export_dir, full, head=model.encoder_q.head, overwrite=overwrite)
 
