@@ -1,36 +1,140 @@
-"""Keras callbacks of the training CLI: checkpoints, throughput, learning rate, epoch summary."""
+"""Keras callbacks of the training CLI: checkpoints, clean stops (signals, divergence), throughput,
+learning rate, epoch summary."""
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
+
+from moco_tf.cli import RunFailed
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """SIGTERM (the preemption notice on GCE / TPU VMs) and SIGINT (Ctrl-C) end the run cleanly: the
+    step in progress finishes, CheckpointEvery saves it, and fit returns.
+
+    A second signal, or `grace_s` seconds without reaching the end of a step, exits at once (the
+    last checkpoint stays the newest): stopping never takes longer than that."""
+
+    def __init__(self, grace_s: float = 120.0):
+        super().__init__()
+        self.grace_s = grace_s
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def install(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: leave now
+            os._exit(128 + signum)
+        self.received = signum
+        print(f"{signal.Signals(signum).name} received: saving a checkpoint after the current step "
+              f"(at most {self.grace_s:.0f} s; send it again to exit now)", file=sys.stderr, flush=True)
+        timer = threading.Timer(self.grace_s, self._give_up, args=(signum,))
+        timer.daemon = True
+        timer.start()
+
+    def _give_up(self, signum: int) -> None:
+        print(f"error: no step ended within {self.grace_s:.0f} s of {signal.Signals(signum).name}; exiting without "
+              "a new checkpoint (the previous one is intact)", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.requested:
+            self.model.stop_training = True
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops at the first step whose loss is NaN or infinite, before anything saves that step."""
+
+    def __init__(self, manager: tf.train.CheckpointManager):
+        super().__init__()
+        self.manager = manager
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.all(np.isfinite(np.asarray(loss))):
+            step = int(self.model.optimizer.iterations.numpy())
+            raise RunFailed(
+                f"the loss became {float(np.asarray(loss).reshape(-1)[0])} at step {step}; stopped without saving "
+                f"it ({_newest(self.manager)}); this recipe diverges: start a new --model_dir with a lower --lr"
+            )
+
+
+def _newest(manager: tf.train.CheckpointManager) -> str:
+    latest = manager.latest_checkpoint
+    return f"the newest checkpoint {latest} holds finite weights" if latest else "no checkpoint was written"
 
 
 class CheckpointEvery(keras.callbacks.Callback):
-    """Saves through a CheckpointManager every `every` steps and at each epoch end.
+    """Saves through a CheckpointManager every `every` steps, at each epoch's last step, when a stop is
+    requested, and when training ends.
 
-    The epoch variable counts finished epochs, so a resumed run knows where it stands."""
+    The epoch variable counts finished epochs (step // steps_per_epoch), so a resumed run knows where
+    it stands. Non-finite weights are never saved; a full disk ends the run with one line and the
+    previous checkpoint intact (TF writes a checkpoint to temporary files first)."""
 
-    def __init__(self, manager: tf.train.CheckpointManager, epoch: tf.Variable, every: int):
+    def __init__(
+        self, manager: tf.train.CheckpointManager, epoch: tf.Variable, every: int, steps_per_epoch: int,
+        stop: StopOnSignal | None = None,
+    ):
         super().__init__()
-        self.manager, self.epoch, self.every = manager, epoch, every
+        self.manager, self.epoch, self.every, self.steps_per_epoch = manager, epoch, every, steps_per_epoch
+        self.stop = stop
         self._last_saved = None
 
-    def _save(self):
+    def save(self) -> None:
         step = int(self.model.optimizer.iterations.numpy())
-        if step != self._last_saved:
+        if step == self._last_saved:
+            return
+        for weight in self.model.weights:
+            if not np.all(np.isfinite(np.asarray(weight))):
+                raise RunFailed(
+                    f"{weight.path} became non-finite at step {step}; stopped without saving it "
+                    f"({_newest(self.manager)}); start a new --model_dir with a lower --lr"
+                )
+        self.epoch.assign(step // self.steps_per_epoch)
+        try:
             self.manager.save(checkpoint_number=step)
-            self._last_saved = step
+        except (OSError, tf.errors.OpError) as error:
+            from moco_tf.checkpoint import is_disk_full
+
+            if not is_disk_full(error):
+                raise
+            raise RunFailed(
+                f"no space left on device while writing the checkpoint of step {step} in {self.manager.directory}; "
+                f"{_newest(self.manager)}: free some space and rerun to resume"
+            ) from None
+        self._last_saved = step
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.every and int(self.model.optimizer.iterations.numpy()) % self.every == 0:
-            self._save()
+        step = int(self.model.optimizer.iterations.numpy())
+        due = (self.every and step % self.every == 0) or step % self.steps_per_epoch == 0
+        if due or (self.stop is not None and self.stop.requested):
+            self.save()
 
-    def on_epoch_end(self, epoch, logs=None):
-        self.epoch.assign(epoch + 1)
-        self._save()
+    def on_train_end(self, logs=None):
+        self.save()  # a run cut short by --max_steps keeps its last steps
 
 
 class TrainingLogs(keras.callbacks.Callback):

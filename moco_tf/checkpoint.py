@@ -1,27 +1,39 @@
 """A run's model_dir: its recipe (config.json) and its checkpoints (query and key encoders, queue,
-pointer, optimizer, epoch), with resume and a guard against mixing runs."""
+pointer, optimizer, epoch), with resume and a guard against mixing runs.
+
+Resume never trusts the `checkpoints/checkpoint` record alone: the checkpoint files are listed
+from disk, the newest one is read through before it is used, and a broken one (a kill between
+the data file and the index, a truncated file) is moved aside and the next older one taken.
+A model_dir holding checkpoint files never silently starts over at step 0."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import tensorflow as tf
 
+from moco_tf.cli import RunFailed
 from moco_tf.model import MoCo
 from moco_tf.optimizers import SGD
 from moco_tf.resnet import STANDARD_WIDTH
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-# What makes a run a different run: resuming with any of these changed is refused.
+BROKEN_DIR = "broken"  # where unreadable checkpoints are moved, inside CHECKPOINT_DIR
+# What makes a run a different run (every value that changes the math): resuming with any of
+# these changed is refused. Operational settings (model_dir, logging, checkpoint frequency,
+# strategy, max_steps) may change between a run and its resume.
 RECIPE_KEYS = (
-    "arch", "cifar_stem", "width", "dim", "mlp", "queue_size", "symmetric", "bn_groups", "dataset",
-    "image_size", "aug", "batch_size", "epochs", "schedule", "lr",
+    "arch", "cifar_stem", "width", "dim", "mlp", "queue_size", "momentum", "temperature", "symmetric",
+    "shuffle_bn", "bn_groups", "dataset", "image_size", "aug", "batch_size", "epochs", "schedule", "milestones",
+    "warmup_epochs", "lr", "weight_decay", "sgd_momentum", "seed",
 )
 MODEL_KEYS = (
     "arch", "dim", "queue_size", "momentum", "temperature", "mlp", "shuffle_bn", "bn_groups",
@@ -35,13 +47,24 @@ class RunMismatchError(ValueError):
     """model_dir holds a run of another recipe."""
 
 
+class CheckpointError(ValueError):
+    """A model_dir's config or checkpoints cannot be used or written; the message says which file."""
+
+
 def read_config(model_dir: str) -> dict[str, Any] | None:
     """model_dir/config.json, with DEFAULTS for the keys an older moco_tf did not write; None if absent."""
     path = os.path.join(model_dir, CONFIG_FILE)
     if not tf.io.gfile.exists(path):
         return None
     with tf.io.gfile.GFile(path) as f:
-        return with_defaults(json.load(f))
+        text = f.read()
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); restore it or use a new --model_dir") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} does not hold a moco_tf config (a JSON object); use a new --model_dir")
+    return with_defaults(config)
 
 
 def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -57,18 +80,34 @@ def write_config(model_dir: str, config: Mapping[str, Any]) -> None:
     """Atomic: written beside and renamed, so a crash never leaves half a file."""
     tf.io.gfile.makedirs(model_dir)
     path = os.path.join(model_dir, CONFIG_FILE)
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-        json.dump(dict(config), f, indent=2, sort_keys=True)
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    try:
+        with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+            f.write(json.dumps(dict(config), indent=2, sort_keys=True))
+        tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    except (OSError, tf.errors.OpError) as error:
+        if is_disk_full(error):
+            raise RunFailed(f"no space left on device while writing {path}; free some space and rerun") from None
+        raise CheckpointError(f"cannot write {path}: {_reason(error)}") from None
+
+
+def _shown(value: Any) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
 
 
 def check_same_run(saved: Mapping[str, Any], config: Mapping[str, Any], model_dir: str) -> None:
-    """Refuses to resume a run of another recipe, naming what differs."""
+    """Refuses to resume a run of another recipe, naming each flag that differs and both values.
+
+    A key missing from `saved` (a config.json of an older moco_tf) is not compared."""
     saved, config = with_defaults(saved), with_defaults(config)
-    differ = [f"{k}={saved.get(k)!r} (now {config.get(k)!r})" for k in RECIPE_KEYS if saved.get(k) != config.get(k)]
+    differ = [
+        f"--{k}={_shown(saved[k])} (now {_shown(config.get(k))})"
+        for k in RECIPE_KEYS
+        if k in saved and saved[k] != config.get(k)
+    ]
     if differ:
         raise RunMismatchError(
-            f"model_dir {model_dir} holds another run: {', '.join(differ)}; use a new --model_dir"
+            f"model_dir {model_dir} holds another run: {', '.join(differ)}; "
+            "rerun with its values or use a new --model_dir"
         )
 
 
@@ -77,10 +116,15 @@ def build_model(config: Mapping[str, Any]) -> MoCo:
     return MoCo(image_size=config.get("image_size"), **kwargs)
 
 
-def make_checkpoint(model: MoCo, optimizer, epoch: tf.Variable) -> tf.train.Checkpoint:
+def make_checkpoint(
+    model: MoCo, optimizer, epoch: tf.Variable, data_seed: tf.Variable | None = None
+) -> tf.train.Checkpoint:
+    """model (encoders, queue, pointer), optimizer (step counter = the input position, slots), finished
+    epochs and the data order's seed: everything a resumed run needs to continue exactly."""
     # Build the optimizer first: its momentum buffers must exist to be saved and restored.
     optimizer.build(model.encoder_q.trainable_variables)
-    return tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch)
+    extra = {"data_seed": data_seed} if data_seed is not None else {}
+    return tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch, **extra)
 
 
 def manager(checkpoint: tf.train.Checkpoint, directory: str, keep: int = 3) -> tf.train.CheckpointManager:
@@ -111,17 +155,121 @@ def write_model_dir(model_dir: str, model: MoCo, config: Mapping[str, Any]) -> s
 
 
 def restore_model(model_dir: str) -> tuple[MoCo, dict[str, Any]]:
-    """The MoCo model of the latest checkpoint in model_dir (a model_dir or a checkpoint prefix)."""
+    """The MoCo model of the newest intact checkpoint in model_dir (a model_dir or a checkpoint prefix)."""
     prefix = None
     if not tf.io.gfile.isdir(model_dir) and tf.io.gfile.exists(model_dir + ".index"):
         prefix, model_dir = model_dir, os.path.dirname(os.path.dirname(model_dir))
+        problem = unreadable(prefix)
+        if problem:
+            raise CheckpointError(f"checkpoint {prefix} is unreadable: {problem}")
     config = read_config(model_dir)
     if config is None:
         raise FileNotFoundError(f"{model_dir} is not a moco_tf model_dir (no {CONFIG_FILE})")
-    prefix = prefix or tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_DIR))
+    prefix = prefix or newest_intact(os.path.join(model_dir, CHECKPOINT_DIR))
     if prefix is None:
         raise FileNotFoundError(f"{model_dir} holds no checkpoint yet")
     model = build_model(config)
     # The optimizer is not needed to use the weights: expect_partial() skips it quietly.
     tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
     return model, config
+
+
+# ----------------------------------------------------------------------------------------------
+# finding, verifying and repairing checkpoints
+
+_CKPT_FILE = re.compile(r"^ckpt-(\d+)\.(index|data-\d+-of-\d+)$")
+_CKPT_TEMP = re.compile(r"^ckpt-\d+_temp$")
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error):
+        return "no space left on device"
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return _reason(error) == "no space left on device"
+
+
+def checkpoint_files(ckpt_dir: str) -> dict[int, list[str]]:
+    """step -> the ckpt-STEP.* files on disk (index and data), whatever the `checkpoint` record says."""
+    found: dict[int, list[str]] = {}
+    if not tf.io.gfile.isdir(ckpt_dir):
+        return found
+    for name in tf.io.gfile.listdir(ckpt_dir):
+        match = _CKPT_FILE.match(name)
+        if match:
+            found.setdefault(int(match.group(1)), []).append(name)
+    return found
+
+
+def unreadable(prefix: str) -> str | None:
+    """Why the checkpoint at `prefix` cannot be restored (reads every tensor), or None if it can."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except Exception as error:  # noqa: BLE001 - TF raises IndexError, DataLossError, NotFoundError, ...
+        return _reason(error)
+    return None
+
+
+def newest_intact(ckpt_dir: str, log: Callable[[str], None] | None = None, repair: bool = False) -> str | None:
+    """The prefix of the newest checkpoint in ckpt_dir that reads through, or None when there are no
+    checkpoint files at all. Broken newer ones are reported by file name (through `log`); with
+    `repair` (the one process that owns the run) they are moved into ckpt_dir/broken/ and the
+    `checkpoint` record is rewritten to the intact ones, so CheckpointManager keeps counting right.
+
+    Raises CheckpointError when checkpoint files exist but none is readable: starting at step 0 over
+    them would silently lose the run."""
+    files = checkpoint_files(ckpt_dir)
+    broken, intact = [], []
+    for step in sorted(files, reverse=True):
+        prefix = os.path.join(ckpt_dir, f"ckpt-{step}")
+        if f"ckpt-{step}.index" not in files[step]:
+            problem = "no .index file (interrupted while being written)"
+        else:
+            problem = unreadable(prefix) if not intact else None  # older ones are not needed to start
+        if problem:
+            broken.append(step)
+            if log:
+                log(f"checkpoint {prefix} is unreadable ({problem}); using the previous one")
+        else:
+            intact.append(prefix)
+    if files and not intact:
+        raise CheckpointError(
+            f"{ckpt_dir} holds checkpoint files but none is readable; refusing to start over at step 0 "
+            f"(move the folder away to start a new run)"
+        )
+    if repair and (broken or intact):
+        aside = os.path.join(ckpt_dir, BROKEN_DIR)
+        for step in broken:
+            tf.io.gfile.makedirs(aside)
+            for name in files[step]:
+                tf.io.gfile.rename(os.path.join(ckpt_dir, name), os.path.join(aside, name), overwrite=True)
+        # Relative names, oldest first, as CheckpointManager writes the record (written atomically);
+        # rewritten only when it does not list exactly the intact checkpoints.
+        names = [os.path.basename(p) for p in intact]
+        state = tf.train.get_checkpoint_state(ckpt_dir)
+        recorded = [os.path.basename(p) for p in state.all_model_checkpoint_paths] if state else []
+        if recorded != names[::-1] or os.path.basename(state.model_checkpoint_path) != names[0]:
+            tf.compat.v1.train.update_checkpoint_state(ckpt_dir, names[0], all_model_checkpoint_paths=names[::-1])
+    return intact[0] if intact else None
+
+
+def remove_leftovers(ckpt_dir: str, model_dir: str) -> list[str]:
+    """Deletes what a killed run of ours leaves behind: TF's `ckpt-N_temp/` save folders and a
+    half-written config.json.tmp. Only names this program creates; call it holding the run lock."""
+    removed = []
+    if tf.io.gfile.isdir(ckpt_dir):
+        for name in tf.io.gfile.listdir(ckpt_dir):
+            name = name.rstrip("/")
+            if _CKPT_TEMP.match(name):
+                tf.io.gfile.rmtree(os.path.join(ckpt_dir, name))
+                removed.append(os.path.join(ckpt_dir, name))
+    config_tmp = os.path.join(model_dir, CONFIG_FILE + ".tmp")
+    if tf.io.gfile.exists(config_tmp):
+        tf.io.gfile.remove(config_tmp)
+        removed.append(config_tmp)
+    return removed

@@ -9,7 +9,9 @@ from moco_tf.resnet import ARCHS
 
 
 def define_train_flags() -> None:
-    """Every flag of `moco_tf.train`; defaults are the MoCo v1 ImageNet recipe."""
+    """Every flag of `moco_tf.train`; defaults are the MoCo v1 ImageNet recipe. Defined once per process."""
+    if "arch" in flags.FLAGS:
+        return
     # Model
     flags.DEFINE_enum("arch", "resnet50", list(ARCHS), "Backbone architecture (torchvision ResNet v1.5 layout).")
     flags.DEFINE_bool("cifar_stem", False, "3x3 stride-1 first conv and no max-pool (small images, CIFAR demo).")
@@ -47,8 +49,16 @@ def define_train_flags() -> None:
     flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM).")
     flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "fp16"], "Mixed precision (bf16 on TPU).")
     flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA (one replica per process, GPU/TPU).")
-    flags.DEFINE_integer("seed", None, "Seed of weights, queue and data order; makes a run repeatable.")
-    flags.DEFINE_bool("deterministic", False, "Deterministic TF ops (slower); use with --seed.")
+    flags.DEFINE_integer(
+        "seed", None,
+        "Seed of weights, queue and data order; makes a run repeatable. Without it the data order's seed is "
+        "drawn once and kept in the checkpoint, so a resumed run still continues its own order.",
+    )
+    flags.DEFINE_bool(
+        "deterministic", False,
+        "Deterministic TF ops (slower); with --seed a run stopped and resumed ends bit-identical to an "
+        "uninterrupted one.",
+    )
     # Output
     flags.DEFINE_string("model_dir", None, "Run folder: checkpoints, TensorBoard logs, config. Rerun to resume.")
     flags.DEFINE_integer("knn_every", 10, "kNN monitor every N epochs when the data set has labels (0: off).")
@@ -59,7 +69,18 @@ def define_train_flags() -> None:
     flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept in model_dir.")
     flags.DEFINE_integer("steps_per_epoch", None, "Override steps per epoch (default: images // batch_size).")
     flags.DEFINE_integer("max_steps", None, "Stop after this many steps in total (a short try-out).")
-    flags.DEFINE_string("export_dir", None, "Export the query backbone as a TF-Hub SavedModel here at the end.")
+    flags.DEFINE_string(
+        "export_dir", None,
+        "Export the query backbone as a TF-Hub SavedModel here at the end. An existing folder is replaced only "
+        "when it is a moco_tf export of this same run (or any moco_tf export with --overwrite_export); never "
+        "the model_dir, a folder around it, or a folder that is not an export.",
+    )
+    flags.DEFINE_bool("overwrite_export", False, "Let --export_dir replace a moco_tf export of another run.")
+    flags.DEFINE_float(
+        "stop_grace_s", 25.0,
+        "On SIGTERM / SIGINT: seconds allowed to finish the current step and save it before exiting without "
+        "(preemptible VMs give about 30 s).",
+    )
 
 
 def define_evaluation_flags() -> None:

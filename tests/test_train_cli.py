@@ -15,6 +15,7 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0", 
 TINY = [
     "--flagfile=configs/quickstart.flags", "--batch_size=32", "--queue_size=64", "--bn_groups=2",
     "--steps_per_epoch=2", "--epochs=3", "--knn_every=0", "--checkpoint_every=1", "--seed=1", "--width=8",
+    "--export_dir=",  # not the flagfile's export/quickstart: tests write only under tmp_path
 ]
 
 
@@ -82,31 +83,8 @@ def test_short_run_writes_checkpoint_logs_export_and_resumes(tmp_path):
 
     # Another recipe in the same model_dir is refused.
     other = _train(*TINY, f"--model_dir={model_dir}", "--width=16")
-    assert other.returncode == 2 and "holds another run: width=8 (now 16)" in other.stderr, other.stderr[-2000:]
+    assert other.returncode == 2 and "holds another run: --width=8 (now 16)" in other.stderr, other.stderr[-2000:]
     assert "Traceback" not in other.stderr
-
-
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--queue_size=100"], "not a multiple of the keys"),
-        (["--arch=resnet19"], "resnet19"),
-        (["--dataset=no_such_dataset_xyz"], "no_such_dataset_xyz"),
-        (["--dataset=folder", "--data_dir=/nonexistent/images"], "/nonexistent/images"),
-        (["--temperature=0"], "--temperature must be > 0"),
-        (["--momentum=1.0"], "--momentum must be in [0, 1)"),
-        (["--image_size=4"], "too small"),
-        (["--width=0"], "--width must be positive, got 0"),
-        (["--model_dir=/proc/moco_tf_cannot_write"], "not writable"),
-        (["--strategy=tpu"], "no TPU found"),
-        (["--batch_size=30", "--bn_groups=4", "--queue_size=60"], "bn_groups"),
-    ],
-)
-def test_user_mistakes_give_one_line_and_exit_2(args, message, tmp_path):
-    result = _train(*TINY, f"--model_dir={tmp_path / 'run'}", *args)
-    assert result.returncode != 0
-    assert message in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
 
 
 def test_config_without_width_is_the_standard_width(tmp_path):

@@ -1,0 +1,93 @@
+"""One run per model_dir: a lock file naming its owner (pid, host, start time).
+
+The lock is an `fcntl.flock` on model_dir/run.lock, held for the life of the process: the kernel
+releases it when the process dies however it dies (SIGKILL included), so a lock left by a dead
+run is recognised as stale and taken over, and a live one makes the second run stop with a line
+saying who holds it. Not enforced on object stores (gs://), which have no file locks: there, one
+writer per model_dir is the user's responsibility.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+
+LOCK_FILE = "run.lock"
+
+
+class RunLockedError(ValueError):
+    """Another live process is training in this model_dir."""
+
+
+class RunLock:
+    """Held from `acquire()` until `release()` or the end of the process."""
+
+    def __init__(self, model_dir: str):
+        self.path = os.path.join(model_dir, LOCK_FILE)
+        self._fd: int | None = None
+        self.previous: dict | None = None  # the owner of a stale lock that was taken over
+
+    def acquire(self) -> RunLock:
+        if "://" in self.path:
+            return self
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _describe(_read(fd))
+            os.close(fd)
+            raise RunLockedError(
+                f"{os.path.dirname(self.path)} is in use by another run ({owner}); wait for it to end or use "
+                "another --model_dir"
+            ) from None
+        self.previous = _read(fd) or None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(owner_record()).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        # Unlink while still holding it, so no second run can lock the file we are deleting.
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def owner_record() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def describe_previous(lock: RunLock) -> str | None:
+    """One line about a stale lock that `lock` took over, or None."""
+    if not lock.previous:
+        return None
+    return f"took over the lock of a run that is no longer running ({_describe(lock.previous)})"
+
+
+def _read(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (ValueError, UnicodeDecodeError):
+        return {}
+
+
+def _describe(owner: dict) -> str:
+    if not owner:
+        return "owner unknown"
+    return f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
