@@ -1,22 +1,47 @@
-"""The tf.distribute strategy from a flag: default | mirrored | multi_worker | tpu | auto."""
+"""The tf.distribute strategy from a flag: default | mirrored | multi_worker | tpu | auto.
+
+Multi-worker runs read the cluster from TF_CONFIG, validated here so that a malformed one is
+reported in one line. A worker whose peers do not all join within `peer_timeout_s` stops with a
+message naming the absent ones, and a peer that dies mid-run ends the survivors with a message
+too (`peer_failures`), instead of the silent wait TensorFlow does by default.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
+from collections.abc import Iterator
+from typing import Any
 
 import tensorflow as tf
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
+# Jobs a MultiWorkerMirroredStrategy trains with; "ps" and "evaluator" would need other code.
+JOBS = ("chief", "worker")
+TF_CONFIG_KEYS = ("cluster", "task", "rpc_layer", "environment")
+# Hosts of a cluster are often started by hand or by a scheduler, minutes apart.
+DEFAULT_PEER_TIMEOUT_S = 300.0
 
 
 class StrategyError(ValueError):
     """The requested strategy cannot run here; the message says why in one line."""
 
 
-def make_strategy(name: str = "auto", tpu: str | None = None) -> tf.distribute.Strategy:
+class PeerLostError(StrategyError):
+    """A worker of the cluster stopped answering during the run (killed, preempted, unreachable)."""
+
+
+def make_strategy(
+    name: str = "auto", tpu: str | None = None, peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
+) -> tf.distribute.Strategy:
     """Builds the strategy. `auto`: TPU if --tpu is given, multi-worker if TF_CONFIG names a
-    cluster of several tasks, mirrored over all GPUs if there are several, else the default."""
+    cluster of several tasks, mirrored over all GPUs if there are several, else the default.
+
+    `peer_timeout_s` (multi-worker only): how long to wait for every worker of TF_CONFIG to join,
+    and how long a worker may stop sending heartbeats before the others give up on it."""
     if name not in STRATEGIES:
         raise StrategyError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     if name == "auto":
@@ -24,10 +49,10 @@ def make_strategy(name: str = "auto", tpu: str | None = None) -> tf.distribute.S
     if name == "tpu":
         return _tpu(tpu)
     if name == "multi_worker":
-        if not _cluster_tasks():
+        tf_config = read_tf_config()
+        if tf_config is None:
             raise StrategyError("--strategy=multi_worker needs TF_CONFIG with a cluster (see README: several hosts)")
-        # Collectives over the network; the communication backend is chosen by TF (NCCL on GPUs).
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return multi_worker(tf_config, peer_timeout_s)
     if name == "mirrored":
         return mirrored()
     return tf.distribute.get_strategy()
@@ -60,12 +85,100 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return task_type == "worker" and task_id == 0 and not has_chief
 
 
-def _cluster_tasks() -> int:
+# --- TF_CONFIG -------------------------------------------------------------------------------
+
+
+def read_tf_config(text: str | None = None) -> dict[str, Any] | None:
+    """TF_CONFIG (the environment's when `text` is None), checked: None when it names no cluster.
+
+    TensorFlow itself fails on a malformed one with an AttributeError or KeyError deep inside
+    the strategy, or waits forever on a task index outside the cluster."""
+    if text is None:
+        text = os.environ.get("TF_CONFIG", "")
+    if not text.strip():
+        return None
     try:
-        cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+        config = json.loads(text)
     except json.JSONDecodeError as error:
         raise StrategyError(f"TF_CONFIG is not valid JSON: {error}") from None
-    return sum(len(tasks) for tasks in cluster.values())
+    if not isinstance(config, dict):
+        raise StrategyError(
+            f'TF_CONFIG must be a JSON object {{"cluster": ..., "task": ...}}, got {_json_type(config)}'
+        )
+    unknown = sorted(set(config) - set(TF_CONFIG_KEYS))
+    if unknown:
+        raise StrategyError(f"TF_CONFIG has unknown key {unknown[0]!r} (known: {', '.join(TF_CONFIG_KEYS)})")
+    if config.get("cluster") is None:
+        return None  # e.g. {} or only a task: no cluster, a single-process run
+    cluster = _check_cluster(config["cluster"])
+    _check_task(config.get("task"), cluster)
+    return config
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _check_cluster(cluster: Any) -> dict[str, list[str]]:
+    if not isinstance(cluster, dict):
+        raise StrategyError(
+            f'TF_CONFIG cluster must be an object {{"worker": ["host:port", ...]}}, got {_json_type(cluster)}'
+        )
+    if not cluster:
+        raise StrategyError('TF_CONFIG cluster is empty; list the hosts: {"worker": ["host:port", ...]}')
+    seen: dict[str, str] = {}
+    for job, addresses in cluster.items():
+        if job not in JOBS:
+            raise StrategyError(
+                f"TF_CONFIG cluster has job {job!r}; MultiWorkerMirroredStrategy trains with {' and '.join(JOBS)}"
+            )
+        if not isinstance(addresses, list) or not addresses:
+            raise StrategyError(
+                f'TF_CONFIG cluster "{job}" must be a non-empty list of "host:port" strings, '
+                f"got {_json_type(addresses) if addresses != [] else 'an empty list'}"
+            )
+        for index, address in enumerate(addresses):
+            _check_address(address, f'TF_CONFIG cluster "{job}"[{index}]')
+            if address in seen:
+                raise StrategyError(f"TF_CONFIG cluster lists {address} twice ({seen[address]} and {job} {index})")
+            seen[address] = f"{job} {index}"
+    if len(cluster.get("chief", [])) > 1:
+        raise StrategyError(f'TF_CONFIG cluster "chief" lists {len(cluster["chief"])} hosts; there is one chief')
+    return cluster
+
+
+def _check_address(address: Any, where: str) -> None:
+    if not isinstance(address, str):
+        raise StrategyError(f'{where} must be a "host:port" string, got {_json_type(address)} {address!r}')
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise StrategyError(f'{where} is {address!r}, not "host:port" with a port in 1-65535')
+
+
+def _check_task(task: Any, cluster: dict[str, list[str]]) -> None:
+    example = f'{{"type": "{next(iter(cluster))}", "index": 0}}'
+    if task is None:
+        raise StrategyError(f"TF_CONFIG names a cluster but no task: give each host its own task, e.g. {example}")
+    if not isinstance(task, dict):
+        raise StrategyError(f"TF_CONFIG task must be an object like {example}, got {_json_type(task)}")
+    kind, index = task.get("type"), task.get("index")
+    if kind not in cluster:
+        raise StrategyError(f"TF_CONFIG task type {kind!r} is not a job of the cluster ({', '.join(cluster)})")
+    # bool is an int in Python; true/false as an index is a typo, not task 1/0.
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise StrategyError(f"TF_CONFIG task index must be an integer, got {_json_type(index)} {index!r}")
+    if not 0 <= index < len(cluster[kind]):
+        raise StrategyError(
+            f'TF_CONFIG task index {index} is outside cluster "{kind}", which lists {len(cluster[kind])} '
+            f"host(s): 0 to {len(cluster[kind]) - 1}"
+        )
+
+
+def _cluster_tasks() -> int:
+    config = read_tf_config()
+    return 0 if config is None else sum(len(tasks) for tasks in config["cluster"].values())
 
 
 def _auto(tpu: str | None) -> str:
@@ -76,6 +189,131 @@ def _auto(tpu: str | None) -> str:
     if len(tf.config.list_physical_devices("GPU")) > 1:
         return "mirrored"
     return "default"
+
+
+# --- Multi-worker: joining and losing peers ----------------------------------------------------
+
+
+def multi_worker(tf_config: dict[str, Any], peer_timeout_s: float) -> tf.distribute.MultiWorkerMirroredStrategy:
+    """MultiWorkerMirroredStrategy for the (validated) `tf_config`, which must be the environment's.
+
+    TF's coordination service waits forever for the other tasks by default. Configured here
+    before the strategy does it (TF keeps an existing configuration): a registration barrier with
+    a deadline, and the same deadline for missed heartbeats, so a dead peer aborts collectives."""
+    if not (isinstance(peer_timeout_s, int | float) and math.isfinite(peer_timeout_s) and peer_timeout_s > 0):
+        raise StrategyError(f"the peer timeout must be a positive number of seconds, got {peer_timeout_s}")
+    cluster, task = tf_config["cluster"], tf_config["task"]
+    _configure_coordination(cluster, int(peer_timeout_s * 1000))
+    try:
+        # Collectives over the network; the communication backend is chosen by TF (NCCL on GPUs).
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError) as error:
+        absent = _peers_named(str(error), cluster, task) or _all_peers(cluster, task)
+        raise StrategyError(
+            f"{_describe(absent, cluster)} did not join within {peer_timeout_s:g} s; start the same command on "
+            f"every host of TF_CONFIG, each with its own task index"
+        ) from None
+    except tf.errors.OpError as error:
+        raise StrategyError(f"cannot start {task['type']} {task['index']} of TF_CONFIG: {_first_line(error)}") from None
+
+
+def _configure_coordination(cluster: dict[str, list[str]], timeout_ms: int) -> None:
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.eager import context
+
+    ctx = context.context()
+    if ctx.coordination_service is not None:
+        return  # configured by an earlier strategy of this process; TF cannot change it now
+    leader = "/job:chief/replica:0/task:0" if "chief" in cluster else "/job:worker/replica:0/task:0"
+    ctx.configure_coordination_service(
+        service_type="standalone",  # what MultiWorkerMirroredStrategy itself would configure
+        service_leader=leader,
+        cluster_register_timeout_in_ms=timeout_ms,
+        heartbeat_timeout_in_ms=timeout_ms,
+        coordinated_jobs=[
+            coordination_config_pb2.CoordinatedJob(name=job, num_tasks=len(cluster[job]))
+            for job in JOBS if job in cluster
+        ],
+    )
+    # Without the barrier a task registers alone and the wait for the others has no deadline;
+    # configure_coordination_service() has no argument for it.
+    ctx.coordination_service.cluster_register_with_barrier = True
+
+
+_TASK_NAME = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")
+
+
+def _peers_named(message: str, cluster: dict[str, list[str]], task: dict[str, Any]) -> list[tuple[str, int]]:
+    """The other tasks of the cluster that TF names in an error message, in order of mention."""
+    own = (task["type"], int(task["index"]))
+    named: list[tuple[str, int]] = []
+    for job, index in _TASK_NAME.findall(message):
+        peer = (job, int(index))
+        if peer != own and peer not in named and job in cluster and peer[1] < len(cluster[job]):
+            named.append(peer)
+    return named
+
+
+def _all_peers(cluster: dict[str, list[str]], task: dict[str, Any]) -> list[tuple[str, int]]:
+    own = (task["type"], int(task["index"]))
+    return [(job, i) for job in cluster for i in range(len(cluster[job])) if (job, i) != own]
+
+
+def _describe(peers: list[tuple[str, int]], cluster: dict[str, list[str]]) -> str:
+    return ", ".join(f"{job} {index} ({cluster[job][index]})" for job, index in peers)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
+
+
+def _is_peer_failure(error: BaseException, named: list[tuple[str, int]]) -> bool:
+    text = str(error)
+    # Collectives aborted by a failed peer surface as Unavailable, DeadlineExceeded, Cancelled or
+    # Internal; an Unavailable from elsewhere (a storage bucket) names no task and is not one.
+    if "Collective ops is aborted" in text or "heartbeat" in text:
+        return True
+    return bool(named) and isinstance(error, tf.errors.UnavailableError | tf.errors.DeadlineExceededError)
+
+
+@contextlib.contextmanager
+def peer_failures(strategy: tf.distribute.Strategy | None = None) -> Iterator[None]:
+    """Turns the error a multi-worker process gets when a peer dies mid-run (a collective
+    aborted: connection reset, or heartbeats missed for the peer timeout) into one PeerLostError
+    line naming the peer. Other strategies and other errors pass through unchanged.
+
+    Without `strategy` the cluster is TF_CONFIG's, so it can wrap code that makes the strategy."""
+    try:
+        yield
+    except tf.errors.OpError as error:
+        if strategy is not None and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            raise
+        try:
+            tf_config = read_tf_config()
+        except StrategyError:
+            tf_config = None
+        if tf_config is None or not isinstance(tf_config.get("task"), dict):
+            raise
+        cluster, task = tf_config["cluster"], tf_config["task"]
+        lost = _peers_named(str(error), cluster, task)
+        if not _is_peer_failure(error, lost):
+            raise
+        who = _describe(lost, cluster) if lost else "a worker of TF_CONFIG"
+        text = str(error)
+        if "heartbeat" in text:
+            reason = "it stopped sending heartbeats"
+        elif re.search(r"connection (reset|refused|closed)|socket closed", text, re.IGNORECASE):
+            reason = "its connection closed"
+        else:
+            reason = _first_line(error)
+        raise PeerLostError(
+            f"lost {who}: {reason}; restart the same command on every host of TF_CONFIG to resume "
+            f"from the last checkpoint"
+        ) from None
+
+
+# --- TPU -------------------------------------------------------------------------------------
 
 
 def _tpu(tpu: str | None) -> tf.distribute.TPUStrategy:
