@@ -46,10 +46,11 @@ def keras2_classifier(export_dir: str, num_classes: int, fine_tune: bool):
 
 
 def keras3_features(export_dir: str):
-    """Keras 3: TFSMLayer wraps the serving signature (inference only; outputs a dict)."""
+    """Keras 3: TFSMLayer wraps the serving signature (outputs a dict). It is trainable by
+    default; trainable=False freezes the encoder, as a feature extractor should be."""
     import keras
 
-    layer = keras.layers.TFSMLayer(export_dir, call_endpoint="serving_default")
+    layer = keras.layers.TFSMLayer(export_dir, call_endpoint="serving_default", trainable=False)
     inputs = keras.Input((None, None, 3))
     return keras.Model(inputs, layer(inputs))
 

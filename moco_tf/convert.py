@@ -23,10 +23,11 @@ checkpoint can never run code.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,8 +72,7 @@ class LoadReport:
 
 def read_torch_checkpoint(path: str) -> dict[str, Any]:
     """torch.load(path) with weights_only=True, on CPU; refuses checkpoints that pickle code."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"torch checkpoint {path} does not exist")
+    check_checkpoint_file(path)
     try:
         import torch
     except ImportError as e:
@@ -96,6 +96,14 @@ def read_torch_checkpoint(path: str) -> dict[str, Any]:
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict or checkpoint dict")
     return checkpoint
+
+
+def check_checkpoint_file(path: str) -> None:
+    """A missing path is a FileNotFoundError, a folder a CheckpointError asking for the file."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"torch checkpoint {path} is a directory; give the checkpoint file (.pth / .pth.tar)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"torch checkpoint {path} does not exist")
 
 
 def state_dict_of(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -435,13 +443,18 @@ def load_torch_state_dict(
 
 
 def convert_to_export(torch_checkpoint: str, export_dir: str, overwrite: bool = False) -> str:
-    """Official MoCo / torchvision checkpoint -> TF-Hub export (backbone, plus MoCo head if any)."""
-    from moco_tf.export import export_backbone
+    """Official MoCo / torchvision checkpoint -> TF-Hub export (backbone, plus MoCo head if any).
+
+    export_dir follows `moco_tf.export.check_export_target`: an existing moco_tf export is
+    replaced only with overwrite, anything else never; it may not be or contain the checkpoint.
+    """
+    from moco_tf.export import check_export_target, export_backbone
     from moco_tf.model import projection_head
     from moco_tf.resnet import resnet
 
-    if os.path.exists(export_dir) and not overwrite:
-        raise FileExistsError(f"export {export_dir} already exists; pass --overwrite")
+    check_checkpoint_file(torch_checkpoint)
+    protected = (torch_checkpoint,)
+    check_export_target(export_dir, overwrite, protected)  # before reading a large checkpoint
     checkpoint = read_torch_checkpoint(torch_checkpoint)
     state = state_dict_of(checkpoint)
     info = describe_state_dict(state)
@@ -451,7 +464,7 @@ def convert_to_export(torch_checkpoint: str, export_dir: str, overwrite: bool = 
         head = projection_head(int(backbone.output.shape[-1]), info["dim"], info["mlp"])
     report = load_torch_state_dict(backbone, state, head=head)
     config = _config_from_checkpoint(torch_checkpoint, checkpoint, report)
-    return export_backbone(backbone, export_dir, config, head=head, overwrite=overwrite)
+    return export_backbone(backbone, export_dir, config, head=head, overwrite=overwrite, protected=protected)
 
 
 def convert_to_model_dir(torch_checkpoint: str, model_dir: str, overwrite: bool = False) -> str:
@@ -459,12 +472,19 @@ def convert_to_model_dir(torch_checkpoint: str, model_dir: str, overwrite: bool 
 
     The query and key encoders, heads and queue come from the checkpoint; the optimizer's
     momentum buffers do not (they restart at zero).
+
+    model_dir must be new or empty; with overwrite it may also be a model_dir this function wrote
+    before and nothing has trained in since (`is_converted_model_dir`). Anything else (a training
+    run, a user's folder) is never written into. The model_dir is written beside and renamed into
+    place, so an interrupted conversion leaves the previous state.
     """
     from moco_tf.checkpoint import write_model_dir
+    from moco_tf.export import write_replacing
     from moco_tf.model import MoCo
 
-    if os.path.exists(model_dir) and os.listdir(model_dir) and not overwrite:
-        raise FileExistsError(f"model_dir {model_dir} is not empty; pass --overwrite")
+    model_dir = os.path.normpath(model_dir)
+    check_checkpoint_file(torch_checkpoint)
+    check_model_dir_target(model_dir, overwrite, protected=(torch_checkpoint,))
     checkpoint = read_torch_checkpoint(torch_checkpoint)
     state = state_dict_of(checkpoint)
     info = describe_state_dict(state)
@@ -481,8 +501,70 @@ def convert_to_model_dir(torch_checkpoint: str, model_dir: str, overwrite: bool 
     report = load_torch_state_dict(model, state)
     config = _config_from_checkpoint(torch_checkpoint, checkpoint, report)
     config.update(dim=info["dim"], queue_size=info["queue_size"])
-    write_model_dir(model_dir, model, config)
+    write_replacing(
+        model_dir,
+        lambda path: write_model_dir(path, model, config),
+        recheck=lambda: _check_existing_model_dir(model_dir, overwrite),
+        what="model_dir",
+    )
     return model_dir
+
+
+# What a model_dir holds right after convert_to_model_dir, and nothing else: no training since.
+_CONVERTED_ENTRIES = frozenset({"config.json", "checkpoints"})
+_CONVERTED_CHECKPOINT_FILES = frozenset({"checkpoint", "ckpt-0.index", "ckpt-0.data-00000-of-00001"})
+
+
+def is_converted_model_dir(path: str) -> bool:
+    """Whether `path` is a model_dir written by convert_to_model_dir that nothing has trained in:
+    config.json naming a PyTorch checkpoint as its source, and only the step-0 checkpoint."""
+    try:
+        if not os.path.isdir(path) or os.path.islink(path) or set(os.listdir(path)) != _CONVERTED_ENTRIES:
+            return False
+        checkpoints = set(os.listdir(os.path.join(path, "checkpoints")))
+        with open(os.path.join(path, "config.json")) as f:
+            source = json.load(f).get("source", "")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (
+        isinstance(source, str)
+        and source.startswith("PyTorch checkpoint ")
+        and "ckpt-0.index" in checkpoints
+        and checkpoints <= _CONVERTED_CHECKPOINT_FILES
+    )
+
+
+def check_model_dir_target(model_dir: str, overwrite: bool = False, protected: Sequence[str] = ()) -> None:
+    """Raise ExportTargetError (one line) unless convert_to_model_dir may write `model_dir`; also
+    tidies up after a conversion that was killed (see `moco_tf.export.check_export_target`)."""
+    from moco_tf.export import ExportTargetError, recover_leftovers, refuse_overlap
+
+    if not model_dir:
+        raise ExportTargetError("no model_dir given")
+    refuse_overlap(model_dir, protected, "model_dir")
+    recover_leftovers(model_dir, is_converted_model_dir)
+    _check_existing_model_dir(model_dir, overwrite)
+
+
+def _check_existing_model_dir(model_dir: str, overwrite: bool) -> None:
+    from moco_tf.export import ExportTargetError
+
+    refusing = f"refusing to write model_dir {model_dir}:"
+    if os.path.islink(model_dir):
+        raise ExportTargetError(f"{refusing} it is a symbolic link; give the folder it points to")
+    if not os.path.exists(model_dir):
+        return
+    if not os.path.isdir(model_dir):
+        raise ExportTargetError(f"{refusing} it is a file; choose a new --model_dir")
+    if not os.listdir(model_dir):
+        return
+    if not is_converted_model_dir(model_dir):
+        raise ExportTargetError(
+            f"{refusing} it is not empty and not a model_dir written by moco_tf.convert (a training run, "
+            "or other files); choose a new --model_dir"
+        )
+    if not overwrite:
+        raise ExportTargetError(f"model_dir {model_dir} already exists; pass --overwrite to replace it")
 
 
 # The official ImageNet recipes (facebookresearch/moco README), in moco_tf's flag names: what a

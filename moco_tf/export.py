@@ -18,20 +18,31 @@ therefore a `tf.Module` following the TF-Hub reusable SavedModel convention:
 - `assets/moco_config.json` describing the architecture, the MoCo run and the preprocessing.
 
 Inputs follow the TF-Hub image convention: float32 RGB in [0, 1], shape [batch, height, width, 3],
-any height and width. The ImageNet mean/std normalisation happens inside.
+any height and width. The ImageNet mean/std normalisation happens inside. Each weight is saved
+once (the variables file is 4 bytes per value).
+
+Writing never destroys what moco_tf did not write: an existing export_dir is replaced only when
+it is a moco_tf export and overwrite was asked, never when it is, contains or lies inside the
+model_dir (`check_export_target`), and the replacement is atomic (`write_replacing`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
 import tensorflow as tf
+
+from moco_tf.cli import RunFailed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,6 +58,11 @@ class HubModule(tf.Module):
     variables by walking attributes; Keras 3 variables are not `tf.Variable`s, so the walk would
     miss them. Shadowing the properties with class attributes lets us assign explicit lists of the
     underlying `tf.Variable`s, which is what `hub.KerasLayer` reads after loading.
+
+    The Keras models are kept out of the SavedModel's object graph (`_Untracked`): tracked, each
+    Keras variable is saved as an object of its own beside the `tf.Variable` it wraps, and the
+    variables file held every weight twice. The traced functions capture the `tf.Variable`s,
+    which the `variables` list tracks: each is saved once.
     """
 
     variables = None
@@ -60,8 +76,7 @@ class HubModule(tf.Module):
         config_file: str | None = None,
     ):
         super().__init__(name="moco_encoder")
-        self._backbone = backbone
-        self._head = head
+        self._keras = _Untracked(backbone=backbone, head=head, maps=None)
         layers = [backbone] + ([head] if head is not None else [])
         # Order is part of the format: the backbone's weights first, in `backbone.weights` order,
         # then the head's (moco_tf.pretrained rebuilds a Keras backbone from an export this way).
@@ -77,12 +92,12 @@ class HubModule(tf.Module):
         self.feature_maps = None
         if stages:
             # One Keras model over the same layers: one forward pass gives every stage's map.
-            self._maps = keras.Model(backbone.inputs, stages, name="feature_maps")
+            self._keras.maps = keras.Model(backbone.inputs, stages, name="feature_maps")
             self.feature_maps = tf.function(self._feature_maps, input_signature=[_IMAGES])
 
     def _features(self, images, training):
         x = (tf.convert_to_tensor(images, tf.float32) - self._mean) / self._std
-        return self._backbone(x, training=training)
+        return self._keras.backbone(x, training=training)
 
     @tf.function
     def __call__(self, images, training=False):
@@ -92,15 +107,22 @@ class HubModule(tf.Module):
     def _feature_maps(self, images):
         """The last block's output of each stage, for detection / segmentation backbones."""
         x = (images - self._mean) / self._std
-        return self._maps(x, training=False)
+        return self._keras.maps(x, training=False)
 
     @tf.function(input_signature=[_IMAGES])
     def serve(self, images):
         features = self._features(images, training=False)
         outputs = {"feature_vector": features}
-        if self._head is not None:
-            outputs["projection"] = self._head(features, training=False)
+        if self._keras.head is not None:
+            outputs["projection"] = self._keras.head(features, training=False)
         return outputs
+
+
+class _Untracked:
+    """A plain holder: tf.Module does not track what is inside it (see HubModule)."""
+
+    def __init__(self, **members: Any):
+        self.__dict__.update(members)
 
 
 def export_backbone(
@@ -109,32 +131,32 @@ def export_backbone(
     config: Mapping[str, Any],
     head: keras.Model | None = None,
     overwrite: bool = False,
+    protected: Sequence[str] = (),
 ) -> str:
     """Write `backbone` (images -> pooled features) as a TF-Hub reusable SavedModel.
 
     backbone: a `moco_tf.resnet` model taking ImageNet-normalised images, built without a fixed
         image size (`export_moco` rebuilds a training-time MoCo backbone so for you).
-    export_dir: the folder to create. It is written under a temporary name next to it and renamed
-        at the end, so an interrupted export leaves nothing half-written.
+    export_dir: the folder to create. It is written in a staging folder next to it and renamed
+        at the end, so an interrupted export leaves nothing half-written under export_dir.
     config: what the export should say about itself in `assets/moco_config.json` (arch, MoCo
         version, epochs, dataset, ...); the preprocessing contract is added here, and `width`
         (the ResNet's base channels, read off the backbone) when config does not give it.
     head: the MoCo projection head (`MoCo.encoder_q.head`); when given, `serving_default` also
         returns its output under "projection".
-    overwrite: replace an existing `export_dir`; without it an existing folder is an error.
+    overwrite: replace an existing moco_tf export at `export_dir`. Nothing else is ever replaced:
+        not a folder that is no export, not an export holding other files, not `protected`.
+    protected: paths the export must not be, contain or lie inside (the run's model_dir).
 
-    Returns export_dir. Raises FileExistsError when export_dir exists and overwrite is False.
+    Returns export_dir. Raises ExportTargetError (a FileExistsError) when export_dir may not be
+    written (see `check_export_target`), ExportSpaceError when the disk fills up (the previous
+    export, if any, stays as it was).
     """
     export_dir = os.path.normpath(export_dir)
-    if os.path.exists(export_dir) and not overwrite:
-        raise FileExistsError(f"export {export_dir} already exists; pass overwrite=True (--overwrite)")
-    parent = os.path.dirname(os.path.abspath(export_dir))
-    os.makedirs(parent, exist_ok=True)
-    name = os.path.basename(export_dir)
-    # Same parent folder, so the final rename stays on one filesystem and is atomic.
-    staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
-    try:
-        saved = os.path.join(staging, "saved_model")
+    check_export_target(export_dir, overwrite, protected)
+
+    def write(saved: str) -> None:
+        staging = os.path.dirname(saved)
         config_path = os.path.join(staging, CONFIG_ASSET)
         with open(config_path, "w") as f:
             json.dump(_full_config(backbone, config, head), f, indent=2, sort_keys=True)
@@ -146,9 +168,8 @@ def export_backbone(
         if module.feature_maps is not None:
             signatures["feature_maps"] = module.feature_maps
         tf.saved_model.save(module, saved, signatures=signatures)
-        _replace(saved, export_dir, overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_replacing(export_dir, write, lambda: _check_existing(export_dir, overwrite), what="export")
     return export_dir
 
 
@@ -195,17 +216,259 @@ def _backbone_width(backbone: keras.Model) -> int | None:
         return None
 
 
-def _replace(src: str, dst: str, overwrite: bool) -> None:
-    """Move src to dst; with overwrite, the old dst disappears only once src is in place."""
-    if not os.path.exists(dst):
-        os.rename(src, dst)
+# ----------------------------------------------------------------------------------------------
+# where an export may be written, and replacing one safely
+#
+# An existing export_dir is replaced only when it is recognisably a moco_tf export and the caller
+# asked for it. The new export is written in a staging folder `.NAME.XXXXXXXX.tmp` beside
+# export_dir; then the old export is moved into the staging folder (as `old`), the new one is
+# renamed to export_dir, and the staging folder with the old export is removed. A kill at any
+# point leaves a complete export under export_dir, or (between the two renames) a complete old one
+# in the staging folder, which the next check_export_target puts back.
+
+# What a SavedModel folder holds; an export with anything else in it is not replaced.
+SAVED_MODEL_ENTRIES = frozenset({"saved_model.pb", "fingerprint.pb", "variables", "assets", "assets.extra"})
+_NEW, _OLD, _OWNER = "new", "old", "owner.json"
+# What our staging folders hold: these names, and those of moco_tf versions before this one.
+_STAGING_ENTRIES = frozenset({_NEW, _OLD, _OWNER, CONFIG_ASSET, "saved_model", "saved_model.old"})
+_OLD_ENTRIES = (_OLD, "saved_model.old")
+
+
+class ExportTargetError(FileExistsError):
+    """export_dir may not be written or replaced; the message says why, in one line."""
+
+
+class ExportSpaceError(RunFailed):
+    """The disk filled up while writing; whatever was at the target before is intact. A
+    `cli.RunFailed`: the CLIs report it in one line with exit status 1."""
+
+
+def is_export(path: str) -> bool:
+    """Whether `path` is a folder written by moco_tf.export: a SavedModel with assets/moco_config.json
+    (what every moco_tf export, older ones included, holds)."""
+    return (
+        os.path.isdir(path)
+        and os.path.isfile(os.path.join(path, "saved_model.pb"))
+        and os.path.isfile(os.path.join(path, "assets", CONFIG_ASSET))
+    )
+
+
+def _is_complete_export(path: str) -> bool:
+    return is_export(path) and os.path.isfile(os.path.join(path, "variables", "variables.index"))
+
+
+def export_source(export_dir: str) -> str | None:
+    """The "source" an existing moco_tf export records in its moco_config.json (e.g.
+    "moco_tf model_dir /abs/run"); None when export_dir is no export or records none."""
+    if not is_export(export_dir):
+        return None
+    try:
+        source = read_config(export_dir).get("source")
+    except (OSError, ValueError, AttributeError):  # unreadable or not a JSON object
+        return None
+    return source if isinstance(source, str) else None
+
+
+def check_export_target(export_dir: str, overwrite: bool = False, protected: Sequence[str] = ()) -> None:
+    """Raise ExportTargetError (one line) unless an export may be written at `export_dir`.
+
+    Allowed: a path that does not exist or an empty folder; an existing moco_tf export when
+    `overwrite`. Refused whatever `overwrite` says: export_dir being, containing or lying inside
+    one of `protected` (e.g. the run's model_dir), containing the current directory, a file, a
+    symbolic link, a folder that is not a moco_tf export, an export holding other files too.
+
+    Cheap; call it before a long run (training) and it is called again by export_backbone. It also
+    tidies up after an export that was killed: a leftover staging folder of ours beside export_dir
+    is removed, and if export_dir is missing because the kill came in the middle of a replacement,
+    the previous export is put back first.
+    """
+    if not export_dir:
+        raise ExportTargetError("no export_dir given")
+    refuse_overlap(export_dir, protected, "export_dir")
+    recover_leftovers(export_dir, _is_complete_export)
+    _check_existing(export_dir, overwrite)
+
+
+def _check_existing(export_dir: str, overwrite: bool) -> None:
+    refusing = f"refusing to replace {export_dir}:"
+    if os.path.islink(export_dir):
+        raise ExportTargetError(f"{refusing} it is a symbolic link; give the folder it points to")
+    if not os.path.exists(export_dir):
         return
+    if not os.path.isdir(export_dir):
+        raise ExportTargetError(f"{refusing} it is a file, not an export; choose another export_dir")
+    entries = os.listdir(export_dir)
+    if not entries:
+        return  # an empty folder: nothing to lose
+    if not is_export(export_dir):
+        raise ExportTargetError(
+            f"{refusing} it is not a moco_tf export (no saved_model.pb and assets/{CONFIG_ASSET}); "
+            "choose another export_dir"
+        )
+    foreign = sorted(set(entries) - SAVED_MODEL_ENTRIES)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ExportTargetError(
+            f"{refusing} besides a moco_tf export it holds {shown}; move them out or choose another export_dir"
+        )
     if not overwrite:
-        raise FileExistsError(f"export {dst} already exists; pass overwrite=True (--overwrite)")
-    old = src + ".old"
-    os.rename(dst, old)
-    os.rename(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+        raise ExportTargetError(f"export {export_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def _within(path: str, folder: str) -> bool:
+    """path is folder or lies inside it (both real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def refuse_overlap(target: str, protected: Sequence[str], flag: str) -> None:
+    """A target that is, contains or lies inside a protected path (or contains the current
+    directory) would put the protected files at risk when it is replaced."""
+    real = _real(target)
+    for path in protected:
+        if not path or "://" in path:
+            continue  # remote paths (gs://) never meet a local target
+        other = _real(path)
+        if real == other:
+            how = "is"
+        elif _within(other, real):
+            how = "contains"
+        elif _within(real, other):
+            how = "is inside"
+        else:
+            continue
+        raise ExportTargetError(
+            f"refusing --{flag}={target}: it {how} {path}, which must stay untouched; give it a folder of its own"
+        )
+    if _within(_real(os.getcwd()), real):
+        raise ExportTargetError(
+            f"refusing --{flag}={target}: it is or contains the current directory; give it a folder of its own"
+        )
+
+
+def write_replacing(
+    target: str, write: Callable[[str], None], recheck: Callable[[], None] | None = None, what: str = "export"
+) -> None:
+    """Call write(path) to build the new content at a fresh `path` in a staging folder beside
+    `target`, then put it at `target`; an existing target (already checked by the caller) is
+    removed only after the new content is in place, and a failure at any point leaves the old one.
+
+    recheck: called just before the swap, to refuse a target that changed in the meantime.
+    A full disk while writing raises ExportSpaceError; the staging folder is removed in any case.
+    """
+    target = os.path.abspath(target)
+    parent, name = os.path.split(target)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        # Same parent folder, so the renames stay on one filesystem and are atomic.
+        staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    except OSError as error:
+        _raise_if_disk_full(error, what, target)
+        raise
+    try:
+        with open(os.path.join(staging, _OWNER), "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+        new = os.path.join(staging, _NEW)
+        write(new)
+        if recheck is not None:
+            recheck()
+        old = os.path.join(staging, _OLD)
+        if os.path.lexists(target):
+            os.rename(target, old)
+        os.rename(new, target)
+    except (OSError, tf.errors.OpError) as error:
+        _raise_if_disk_full(error, what, target)
+        raise
+    finally:
+        _remove_staging(staging, target)
+
+
+def _remove_staging(staging: str, target: str) -> None:
+    """Remove a staging folder; an old target inside it is put back first when the target is
+    missing (the swap was interrupted), never deleted."""
+    if not os.path.lexists(target):
+        for entry in _OLD_ENTRIES:
+            old = os.path.join(staging, entry)
+            if os.path.isdir(old):
+                os.rename(old, target)
+                break
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _raise_if_disk_full(error: BaseException, what: str, target: str) -> None:
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if full or "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+        previous = f"the previous {what} is intact" if os.path.lexists(target) else f"no {what} was written"
+        raise ExportSpaceError(
+            f"no space left on device while writing {what} {target}; {previous}; free some space and rerun"
+        ) from None
+
+
+def _staging_folders(target: str) -> list[str]:
+    """Staging folders of ours beside target whose process is gone: our name pattern, and nothing
+    inside but what moco_tf puts there."""
+    parent, name = os.path.split(os.path.abspath(target))
+    pattern = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp\Z")
+    try:
+        entries = os.listdir(parent)
+    except OSError:  # no parent yet (or unreadable): nothing of ours there
+        return []
+    found = []
+    for entry in sorted(entries):
+        path = os.path.join(parent, entry)
+        if not pattern.match(entry) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        try:
+            if set(os.listdir(path)) <= _STAGING_ENTRIES and not _owner_alive(path):
+                found.append(path)
+        except OSError:
+            continue
+    return found
+
+
+def _owner_alive(staging: str) -> bool:
+    """Whether the process that made a staging folder may still be writing it. Folders of older
+    moco_tf versions, or of a process killed before it wrote owner.json, have no owner."""
+    try:
+        with open(os.path.join(staging, _OWNER)) as f:
+            owner = json.load(f)
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname() or pid == os.getpid():
+        return True  # another machine's (cannot tell), or this process's own: leave it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def recover_leftovers(target: str, is_complete: Callable[[str], bool]) -> list[str]:
+    """Tidy up after a killed write of `target`: when target is missing and a staging folder holds
+    a complete previous version (is_complete), put it back; then remove our staging folders.
+    Returns a line for each thing done (also printed on stderr)."""
+    done = []
+    leftovers = _staging_folders(target)
+    if not os.path.lexists(target):
+        olds = [os.path.join(s, e) for s in leftovers for e in _OLD_ENTRIES if is_complete(os.path.join(s, e))]
+        if olds:
+            newest = max(olds, key=os.path.getmtime)
+            os.rename(newest, target)
+            done.append(f"restored {target}, which an interrupted replacement had moved to {newest}")
+    for staging in leftovers:
+        if not os.path.lexists(target) and any(os.path.isdir(os.path.join(staging, e)) for e in _OLD_ENTRIES):
+            continue  # an old version we could not verify, and nothing in its place: keep it
+        shutil.rmtree(staging, ignore_errors=True)
+        done.append(f"removed {staging}, left by an interrupted write of {target}")
+    for line in done:
+        print(line, file=sys.stderr)
+    return done
 
 
 def read_config(export_dir: str) -> dict[str, Any]:
@@ -215,7 +478,11 @@ def read_config(export_dir: str) -> dict[str, Any]:
 
 
 def export_moco(
-    model: keras.Model, export_dir: str, config: Mapping[str, Any] | None = None, overwrite: bool = False
+    model: keras.Model,
+    export_dir: str,
+    config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    protected: Sequence[str] = (),
 ) -> str:
     """Export a `moco_tf.MoCo` model's query backbone and projection head (e.g. after training).
 
@@ -223,28 +490,51 @@ def export_moco(
     trained weights: a training-time backbone may fix its image size (static shapes) and split
     BN into groups, neither of which suits a consumer fine-tuning at its own size and batch.
     config: extra entries for moco_config.json (MoCo version, epochs, dataset, ...).
+    overwrite, protected: as in `export_backbone` (pass the run's model_dir as protected).
     """
     from moco_tf.resnet import resnet
 
+    check_export_target(export_dir, overwrite, protected)  # before rebuilding the backbone
     backbone = resnet(model.arch, cifar_stem=model.cifar_stem, width=model.width)
     backbone.set_weights(model.backbone_q.get_weights())
     # export_backbone records the width (and feature_dim) read off the backbone itself.
     full = {"arch": model.arch, "cifar_stem": model.cifar_stem, "mlp": model.mlp, "dim": model.dim}
     full.update(config or {})
-    return export_backbone(backbone, export_dir, full, head=model.encoder_q.head, overwrite=overwrite)
+    return export_backbone(
+        backbone, export_dir, full, head=model.encoder_q.head, overwrite=overwrite, protected=protected
+    )
 
 
 def export_model_dir(model_dir: str, export_dir: str, overwrite: bool = False) -> str:
-    """Export the query backbone (and head) of the MoCo model saved in `model_dir`."""
-    if os.path.exists(export_dir) and not overwrite:  # before the slow restore
-        raise FileExistsError(f"export {export_dir} already exists; pass overwrite=True (--overwrite)")
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model_dir {model_dir} does not exist")
+    """Export the query backbone (and head) of the MoCo model saved in `model_dir`: a moco_tf
+    model_dir (its newest checkpoint) or one checkpoint prefix in it (`DIR/checkpoints/ckpt-12`).
+
+    export_dir may not be, contain or lie inside the model_dir (see `check_export_target`).
+    """
+    model_dir = os.path.normpath(model_dir)
+    prefix = not os.path.isdir(model_dir) and os.path.isfile(model_dir + ".index")
+    if prefix:
+        # The checkpoint's folder and the run's model_dir (restore_model reads its config.json).
+        protected = [os.path.dirname(model_dir) or ".", os.path.dirname(os.path.dirname(model_dir)) or "."]
+    else:
+        protected = [model_dir]
+    check_export_target(export_dir, overwrite, protected)  # before the slow restore
+    if not prefix and not os.path.isdir(model_dir):
+        if os.path.exists(model_dir):
+            raise NotADirectoryError(
+                f"model_dir {model_dir} is a file: give a moco_tf model_dir or a checkpoint prefix (DIR/ckpt-N)"
+            )
+        raise FileNotFoundError(
+            f"model_dir {model_dir} does not exist (neither a folder nor a checkpoint prefix with a .index file)"
+        )
     from moco_tf.checkpoint import restore_model
 
     model, config = restore_model(model_dir)
-    config = {**config, "source": f"moco_tf model_dir {os.path.abspath(model_dir)}"}
-    return export_moco(model, export_dir, config, overwrite=overwrite)
+    run_dir = protected[-1]
+    config = {**config, "source": f"moco_tf model_dir {os.path.abspath(run_dir)}"}
+    if prefix:
+        config["checkpoint"] = os.path.basename(model_dir)
+    return export_moco(model, export_dir, config, overwrite=overwrite, protected=protected)
 
 
 # User mistakes the CLIs report in one line instead of a traceback.

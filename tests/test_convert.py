@@ -492,3 +492,72 @@ def test_official_checkpoint_to_model_dir_resumes_and_exports(reference, tmp_pat
 
     export_dir = export_model_dir(model_dir, str(tmp_path / "export"))
     assert read_config(export_dir)["arch"] == "resnet18"
+
+
+# ---------------------------------------------------------------- what convert may write
+
+
+def _tree(root) -> dict[str, bytes | None]:
+    from tests.test_export import tree
+
+    return tree(root)
+
+
+@pytest.fixture
+def tiny_official(tmp_path):
+    """An official-layout MoCo v2 checkpoint of a width-8 CIFAR ResNet-18 (fast to convert)."""
+    from tests import torch_reference
+
+    torch.manual_seed(0)
+    encoder = torch_reference.ResNet(18, fc=torch_reference.moco_head(64, 16, mlp=True), cifar_stem=True, width=8)
+    state = {f"module.encoder_q.{k}": v for k, v in encoder.state_dict().items()}
+    state.update({f"module.encoder_k.{k}": v.clone() for k, v in encoder.state_dict().items()})
+    state["module.queue"] = torch.randn(16, 8)
+    state["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    path = tmp_path / "checkpoint_0001.pth.tar"
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": state}, path)
+    return str(path)
+
+
+def test_a_directory_as_torch_checkpoint_asks_for_the_file(tmp_path):
+    with pytest.raises(convert.CheckpointError, match="is a directory; give the checkpoint file"):
+        convert.convert_to_export(str(tmp_path), str(tmp_path / "e"))
+
+
+def test_convert_never_replaces_what_it_did_not_write(tmp_path, tiny_official):
+    run_dir = tmp_path / "run"  # a training run
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text('{"arch": "resnet18", "source": "PyTorch checkpoint x"}')
+    (run_dir / "checkpoints" / "ckpt-0.index").write_bytes(b"i")
+    (run_dir / "logs").mkdir()
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"\xff\xd8")
+    before = _tree(tmp_path)
+    cases = [
+        (convert.convert_to_export, tmp_path / "photos", "not a moco_tf export"),
+        (convert.convert_to_export, tmp_path, "contains .*checkpoint_0001.pth.tar"),
+        (convert.convert_to_model_dir, run_dir, "not a model_dir written by moco_tf.convert"),
+        (convert.convert_to_model_dir, tmp_path / "photos", "not a model_dir written by moco_tf.convert"),
+        (convert.convert_to_model_dir, tmp_path, "contains .*checkpoint_0001.pth.tar"),
+    ]
+    for function, target, message in cases:
+        with pytest.raises(FileExistsError, match=message):
+            function(tiny_official, str(target), overwrite=True)
+    assert _tree(tmp_path) == before
+
+
+def test_converted_model_dir_is_replaced_only_with_overwrite(tmp_path, tiny_official):
+    model_dir = str(tmp_path / "from_torch")
+    convert.convert_to_model_dir(tiny_official, model_dir)
+    assert convert.is_converted_model_dir(model_dir)
+    written = _tree(model_dir)
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
+        convert.convert_to_model_dir(tiny_official, model_dir)
+    assert _tree(model_dir) == written
+    convert.convert_to_model_dir(tiny_official, model_dir, overwrite=True)
+    assert convert.is_converted_model_dir(model_dir) and sorted(os.listdir(tmp_path)) == [
+        "checkpoint_0001.pth.tar", "from_torch"
+    ]
+    os.mkdir(os.path.join(model_dir, "logs"))  # trained in since: a run of its own now
+    with pytest.raises(FileExistsError, match="not a model_dir written by moco_tf.convert"):
+        convert.convert_to_model_dir(tiny_official, model_dir, overwrite=True)

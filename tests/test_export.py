@@ -6,7 +6,10 @@ of full-size ResNet-18/50 against PyTorch are in test_convert.py.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -47,6 +50,11 @@ def run(*args, timeout=300):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(export path, npz with images in [0, 1] and the Keras backbone's features / projections)."""
+    import keras
+
+    # A module fixture is set up before the per-test seed (conftest): seed it, or its random
+    # weights change from session to session (graph vs eager differences up to ~1e-5 came with some).
+    keras.utils.set_random_seed(0)
     backbone = resnet("resnet18")
     randomize(backbone)
     head = projection_head(512, 16, mlp=True)
@@ -136,6 +144,10 @@ model = keras.Model(inputs, layer(inputs))
 out = model.predict(data["x"], verbose=0)
 assert np.abs(out["feature_vector"] - data["features"]).max() < 1e-5
 assert np.abs(out["projection"] - data["projection"]).max() < 1e-5
+# TFSMLayer trains the encoder unless told not to (export/README.md says so).
+assert len(layer.trainable_weights) == 60 + 4  # the backbone's and the projection head's
+frozen = keras.layers.TFSMLayer(path, call_endpoint="serving_default", trainable=False)
+assert not frozen.trainable_weights and len(frozen.weights) == len(layer.weights)
 """,
     "saved_model_load": r"""
 import json, numpy as np, tensorflow as tf
@@ -230,3 +242,287 @@ def test_export_moco_inside_a_distribution_strategy(tmp_path):
     expected = model.backbone_q((x - MEAN) / STD, training=False).numpy()
     assert np.abs(loaded(x).numpy() - expected).max() < 1e-5
     assert len(loaded.trainable_variables) == 60
+
+
+# ---------------------------------------------------------------- what an export may replace
+
+
+def tree(root) -> dict[str, bytes | None]:
+    """Every path under root (root included) -> its bytes (None for a folder): to check that
+    nothing was touched."""
+    root = str(root)
+    out = {".": None}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(folder, name), root)] = None
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                out[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return out
+
+
+@pytest.fixture
+def user_files(tmp_path):
+    """A run's model_dir, a folder of photos and a file, as a user has them."""
+    run_dir = tmp_path / "runs" / "q"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text('{"arch": "resnet18"}')
+    (run_dir / "checkpoints" / "ckpt-3.index").write_bytes(b"\x00index")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (tmp_path / "notes.txt").write_text("mine")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("runs/q", "it is .*runs/q, which must stay untouched"),  # the model_dir itself
+        ("runs", "it contains .*runs/q"),  # a parent of it
+        (".", "it contains .*runs/q"),
+        ("runs/q/checkpoints", "it is inside .*runs/q"),
+        ("runs/q/hub", "it is inside .*runs/q"),  # even a new folder: the model_dir is the run's
+        ("photos", "it is not a moco_tf export"),
+        ("notes.txt", "it is a file"),
+    ],
+)
+def test_refuses_to_replace_what_is_no_export_even_with_overwrite(user_files, target, message):
+    before = tree(user_files)
+    with pytest.raises(export.ExportTargetError, match=message) as error:
+        export.export_backbone(
+            tiny_backbone(), str(user_files / target), {"arch": "resnet18"}, overwrite=True,
+            protected=[str(user_files / "runs" / "q")],
+        )
+    assert "\n" not in str(error.value)
+    assert tree(user_files) == before
+
+
+def test_refuses_an_export_holding_other_files_and_symlinks(tmp_path):
+    target = str(tmp_path / "e")
+    export.export_backbone(tiny_backbone(), target, {"arch": "resnet18"})
+    (tmp_path / "e" / "my_results.csv").write_text("1,2,3")
+    os.symlink(target, tmp_path / "link")
+    before = tree(tmp_path)
+    with pytest.raises(export.ExportTargetError, match="besides a moco_tf export it holds my_results.csv"):
+        export.export_backbone(tiny_backbone(), target, {"arch": "resnet18"}, overwrite=True)
+    with pytest.raises(export.ExportTargetError, match="symbolic link"):
+        export.check_export_target(str(tmp_path / "link"), overwrite=True)
+    assert tree(tmp_path) == before
+
+
+def test_current_directory_and_empty_folder(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    with pytest.raises(export.ExportTargetError, match="current directory"):
+        export.check_export_target(".", overwrite=True)
+    with pytest.raises(export.ExportTargetError, match="current directory"):
+        export.check_export_target(str(tmp_path), overwrite=True)
+    monkeypatch.chdir(tmp_path)
+    # An empty folder holds nothing to lose: written without overwrite.
+    export.export_backbone(tiny_backbone(), "empty", {"arch": "resnet18", "tag": 1})
+    assert export.read_config("empty")["tag"] == 1
+    assert export.export_source("empty") is None and export.export_source("absent") is None
+
+
+def test_export_command_protects_its_model_dir(user_files):
+    """What `python -m moco_tf.export --model_dir=runs/q --export_dir=... --overwrite` does (the
+    CLI reports the FileExistsError in one line, see test_cli_refuses_to_overwrite_in_one_line)."""
+    before = tree(user_files)
+    run_dir = user_files / "runs" / "q"
+    for target in (run_dir, user_files / "runs", run_dir / "checkpoints"):
+        with pytest.raises(export.ExportTargetError, match="must stay untouched"):
+            export.export_model_dir(str(run_dir), str(target), overwrite=True)
+    assert tree(user_files) == before
+
+
+def _kill_leftover(tmp_path, target: str) -> str:
+    """What a kill between the two renames of an overwrite leaves: export_dir gone, the previous
+    export inside the staging folder, a new one half-written beside it."""
+    staging = tmp_path / ".e.k1ll3d_x.tmp"
+    staging.mkdir()
+    os.rename(target, staging / "old")
+    (staging / "new" / "variables").mkdir(parents=True)
+    (staging / "new" / "variables" / "variables.data-00000-of-00001").write_bytes(b"half")
+    # A pid no process has (above the kernel's pid_max), on this host: the writer is gone.
+    (staging / "owner.json").write_text(json.dumps({"pid": 2**30, "host": socket.gethostname()}))
+    return str(staging)
+
+
+def test_leftovers_of_a_killed_export_are_restored_or_removed(tmp_path):
+    target = str(tmp_path / "e")
+    export.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 1})
+    exported = tree(target)
+    staging = _kill_leftover(tmp_path, target)
+    assert not os.path.exists(target)
+    # Also: a staging folder of an older moco_tf (no owner), one of a live process (this one), one
+    # holding a user's file, and another export's: only the first is ours to remove.
+    legacy = tmp_path / ".e.abcd1234.tmp"
+    (legacy / "saved_model" / "variables").mkdir(parents=True)
+    (legacy / "moco_config.json").write_text("{}")
+    live = tmp_path / ".e.l1ve0000.tmp"
+    live.mkdir()
+    (live / "owner.json").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    foreign = tmp_path / ".e.f0r31gn0.tmp"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("mine")
+    other = tmp_path / ".other.abcd1234.tmp"
+    other.mkdir()
+    kept = tree(tmp_path / ".e.f0r31gn0.tmp"), tree(live), tree(other)
+
+    with pytest.raises(export.ExportTargetError, match="already exists"):
+        export.check_export_target(target)  # the previous export is back, so it exists
+    assert tree(target) == exported
+    assert not os.path.exists(staging) and not legacy.exists()
+    assert (tree(foreign), tree(live), tree(other)) == kept
+
+
+def test_kill_between_the_renames_then_rerun(tmp_path):
+    """A real SIGKILL inside an overwrite (after the old export moved aside, before the new one
+    is in place); the next export puts the old one back, then replaces it."""
+    target = str(tmp_path / "e")
+    export.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 1})
+    exported = tree(target)
+    script = tmp_path / "killed.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from moco_tf import export\n"
+        "from tests.test_export import tiny_backbone\n"
+        "rename = os.rename\n"
+        "def killing_rename(src, dst):\n"
+        "    rename(src, dst)\n"
+        "    if src == sys.argv[1]:  # the old export was just moved aside\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.rename = killing_rename\n"
+        "export.export_backbone(tiny_backbone(), sys.argv[1], {'arch': 'resnet18', 'tag': 2}, overwrite=True)\n"
+    )
+    result = run(str(script), target)
+    assert result.returncode == -9, result.stderr[-2000:]
+    assert not os.path.exists(target) and len(os.listdir(tmp_path)) == 2  # script + staging
+    export.check_export_target(target, overwrite=True)
+    assert tree(target) == exported and sorted(os.listdir(tmp_path)) == ["e", "killed.py"]
+    export.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 3}, overwrite=True)
+    assert export.read_config(target)["tag"] == 3
+
+
+@pytest.mark.parametrize("failing_call", [1, 2])
+def test_interrupted_rename_keeps_the_old_export(tmp_path, monkeypatch, failing_call):
+    target = str(tmp_path / "e")
+    export.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 1})
+    exported = tree(target)
+    rename, calls = os.rename, []
+
+    def interrupted(src, dst):
+        calls.append(src)
+        if len(calls) == failing_call:
+            raise KeyboardInterrupt
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 2}, overwrite=True)
+    assert tree(target) == exported and os.listdir(tmp_path) == ["e"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        tf.errors.ResourceExhaustedError(None, None, "writing x; No space left on device"),
+    ],
+)
+def test_full_disk_keeps_the_previous_export(tmp_path, monkeypatch, error):
+    target = str(tmp_path / "e")
+    export.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 1})
+    exported = tree(target)
+
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(tf.saved_model, "save", full)
+    with pytest.raises(export.ExportSpaceError) as raised:
+        export.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 2}, overwrite=True)
+    assert str(raised.value) == (
+        f"no space left on device while writing export {target}; the previous export is intact; "
+        "free some space and rerun"
+    )
+    assert tree(target) == exported and os.listdir(tmp_path) == ["e"]
+    with pytest.raises(export.ExportSpaceError, match="no export was written"):
+        export.export_backbone(tiny_backbone(), str(tmp_path / "new"), {"arch": "resnet18"})
+    assert os.listdir(tmp_path) == ["e"]
+
+
+def test_export_from_a_checkpoint_prefix(tmp_path):
+    from moco_tf import checkpoint
+
+    model = MoCo(arch="resnet18", width=8, dim=16, queue_size=8, cifar_stem=True)
+    randomize(model.backbone_q)
+    run_dir = str(tmp_path / "run")
+    checkpoint.write_model_dir(run_dir, model, {"image_size": 32, "dataset": "digits"})
+    prefix = os.path.join(run_dir, "checkpoints", "ckpt-0")
+    for inside in (os.path.join(run_dir, "checkpoints"), run_dir):
+        with pytest.raises(export.ExportTargetError, match="must stay untouched"):
+            export.export_model_dir(prefix, inside, overwrite=True)
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a checkpoint prefix"):
+        export.export_model_dir(os.path.join(run_dir, "checkpoints", "ckpt-7"), str(tmp_path / "e"))
+    path = export.export_model_dir(prefix, str(tmp_path / "e"))
+    config = export.read_config(path)
+    assert config["checkpoint"] == "ckpt-0" and config["source"] == f"moco_tf model_dir {os.path.abspath(run_dir)}"
+    assert export.export_source(path) == config["source"]
+    x = np.random.RandomState(4).rand(2, 32, 32, 3).astype(np.float32)
+    expected = model.backbone_q((x - MEAN) / STD, training=False).numpy()
+    assert np.abs(tf.saved_model.load(path)(x).numpy() - expected).max() < 1e-5
+
+
+# ---------------------------------------------------------------- size and TFLite
+
+
+def variables_bytes(path: str) -> int:
+    folder = os.path.join(path, "variables")
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if ".data-" in f)
+
+
+def test_each_weight_is_saved_once(exported, tmp_path):
+    """4 bytes per live float32 value, within 5%: ResNet-18 at width 64 with a head (the shared
+    export), ResNet-50 at width 16 without one (width 64 measured in export/README.md)."""
+    path, _ = exported
+    backbone, head = resnet("resnet18"), projection_head(512, 16, mlp=True)
+    head.build((None, 512))
+    cases = [(path, backbone.weights + head.weights)]
+    r50 = resnet("resnet50", width=16)
+    cases.append((export.export_backbone(r50, str(tmp_path / "r50"), {"arch": "resnet50"}), r50.weights))
+    for where, weights in cases:
+        live = sum(int(np.prod(w.shape)) for w in weights)
+        ratio = variables_bytes(where) / (4 * live)
+        print(f"{os.path.basename(where)}: {live} values, {variables_bytes(where)} bytes, {ratio:.4f} x 4 bytes")
+        assert 1.0 <= ratio < 1.05, ratio
+        keys = [name for name, _ in tf.train.list_variables(os.path.join(where, "variables", "variables"))]
+        saved = [k for k in keys if k.endswith("VARIABLE_VALUE")]
+        assert len(saved) == len(weights) and all(k.startswith("variables/") for k in saved), saved[:5]
+
+
+def test_tflite_matches_the_saved_model(tmp_path):
+    """serving_default converts with dynamic height, width and batch; two input sizes."""
+    import warnings
+
+    backbone = resnet("resnet18", width=8)
+    randomize(backbone, seed=5)
+    head = projection_head(64, 16, mlp=True)
+    path = export.export_backbone(backbone, str(tmp_path / "e"), {"arch": "resnet18"}, head=head)
+    converter = tf.lite.TFLiteConverter.from_saved_model(path, signature_keys=["serving_default"])
+    flatbuffer = converter.convert()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter points to ai_edge_litert
+        runner = tf.lite.Interpreter(model_content=flatbuffer).get_signature_runner("serving_default")
+    loaded = tf.saved_model.load(path)
+    for shape in [(2, 64, 64, 3), (3, 72, 40, 3)]:
+        x = np.random.RandomState(sum(shape)).rand(*shape).astype(np.float32)
+        lite = runner(images=x)
+        saved = loaded.signatures["serving_default"](images=tf.constant(x))
+        for key in ("feature_vector", "projection"):
+            reference = saved[key].numpy()
+            # Within 1e-5 of the output's scale (an untrained ResNet's features reach ~20 here,
+            # where float32 steps by 2e-6; seen: 7.6e-6 absolute, 4e-7 of the scale).
+            scale = max(1.0, float(np.abs(reference).max()))
+            diff = np.abs(lite[key] - reference).max()
+            print(f"tflite {shape} {key}: max abs diff {diff:.2e}, {diff / scale:.1e} of max |value| {scale:.2f}")
+            assert lite[key].shape == reference.shape and diff <= 1e-5 * scale, (shape, key, diff, scale)
