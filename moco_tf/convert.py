@@ -453,7 +453,7 @@ def convert_to_export(torch_checkpoint: str, export_dir: str, overwrite: bool = 
     from moco_tf.resnet import resnet
 
     check_checkpoint_file(torch_checkpoint)
-    protected = (torch_checkpoint,)
+    protected = {torch_checkpoint: "the torch checkpoint"}
     check_export_target(export_dir, overwrite, protected)  # before reading a large checkpoint
     checkpoint = read_torch_checkpoint(torch_checkpoint)
     state = state_dict_of(checkpoint)
@@ -484,7 +484,7 @@ def convert_to_model_dir(torch_checkpoint: str, model_dir: str, overwrite: bool 
 
     model_dir = os.path.normpath(model_dir)
     check_checkpoint_file(torch_checkpoint)
-    check_model_dir_target(model_dir, overwrite, protected=(torch_checkpoint,))
+    check_model_dir_target(model_dir, overwrite, protected={torch_checkpoint: "the torch checkpoint"})
     checkpoint = read_torch_checkpoint(torch_checkpoint)
     state = state_dict_of(checkpoint)
     info = describe_state_dict(state)
@@ -534,7 +534,9 @@ def is_converted_model_dir(path: str) -> bool:
     )
 
 
-def check_model_dir_target(model_dir: str, overwrite: bool = False, protected: Sequence[str] = ()) -> None:
+def check_model_dir_target(
+    model_dir: str, overwrite: bool = False, protected: Sequence[str] | Mapping[str, str] = ()
+) -> None:
     """Raise ExportTargetError (one line) unless convert_to_model_dir may write `model_dir`; also
     tidies up after a conversion that was killed (see `moco_tf.export.check_export_target`)."""
     from moco_tf.export import ExportTargetError, recover_leftovers, refuse_overlap

@@ -48,6 +48,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CONFIG_ASSET = "moco_config.json"
 
+# Paths an export must keep clear of: plain paths are model_dirs; a mapping gives each path's
+# description for the messages ({"ckpt.pth": "the torch checkpoint"}).
+Protected = Sequence[str] | Mapping[str, str]
+
 _IMAGES = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
 
 
@@ -131,7 +135,8 @@ def export_backbone(
     config: Mapping[str, Any],
     head: keras.Model | None = None,
     overwrite: bool = False,
-    protected: Sequence[str] = (),
+    protected: Protected = (),
+    overwrite_flag: str = "--overwrite",
 ) -> str:
     """Write `backbone` (images -> pooled features) as a TF-Hub reusable SavedModel.
 
@@ -147,13 +152,14 @@ def export_backbone(
     overwrite: replace an existing moco_tf export at `export_dir`. Nothing else is ever replaced:
         not a folder that is no export, not an export holding other files, not `protected`.
     protected: paths the export must not be, contain or lie inside (the run's model_dir).
+    overwrite_flag: the caller's flag that sets overwrite, named when an export exists.
 
     Returns export_dir. Raises ExportTargetError (a FileExistsError) when export_dir may not be
     written (see `check_export_target`), ExportSpaceError when the disk fills up (the previous
     export, if any, stays as it was).
     """
     export_dir = os.path.normpath(export_dir)
-    check_export_target(export_dir, overwrite, protected)
+    check_export_target(export_dir, overwrite, protected, overwrite_flag)
 
     def write(saved: str) -> None:
         staging = os.path.dirname(saved)
@@ -169,7 +175,7 @@ def export_backbone(
             signatures["feature_maps"] = module.feature_maps
         tf.saved_model.save(module, saved, signatures=signatures)
 
-    write_replacing(export_dir, write, lambda: _check_existing(export_dir, overwrite), what="export")
+    write_replacing(export_dir, write, lambda: _check_existing(export_dir, overwrite, overwrite_flag), what="export")
     return export_dir
 
 
@@ -269,7 +275,9 @@ def export_source(export_dir: str) -> str | None:
     return source if isinstance(source, str) else None
 
 
-def check_export_target(export_dir: str, overwrite: bool = False, protected: Sequence[str] = ()) -> None:
+def check_export_target(
+    export_dir: str, overwrite: bool = False, protected: Protected = (), overwrite_flag: str = "--overwrite"
+) -> None:
     """Raise ExportTargetError (one line) unless an export may be written at `export_dir`.
 
     Allowed: a path that does not exist or an empty folder; an existing moco_tf export when
@@ -286,10 +294,10 @@ def check_export_target(export_dir: str, overwrite: bool = False, protected: Seq
         raise ExportTargetError("no export_dir given")
     refuse_overlap(export_dir, protected, "export_dir")
     recover_leftovers(export_dir, _is_complete_export)
-    _check_existing(export_dir, overwrite)
+    _check_existing(export_dir, overwrite, overwrite_flag)
 
 
-def _check_existing(export_dir: str, overwrite: bool) -> None:
+def _check_existing(export_dir: str, overwrite: bool, overwrite_flag: str = "--overwrite") -> None:
     refusing = f"refusing to replace {export_dir}:"
     if os.path.islink(export_dir):
         raise ExportTargetError(f"{refusing} it is a symbolic link; give the folder it points to")
@@ -312,7 +320,7 @@ def _check_existing(export_dir: str, overwrite: bool) -> None:
             f"{refusing} besides a moco_tf export it holds {shown}; move them out or choose another export_dir"
         )
     if not overwrite:
-        raise ExportTargetError(f"export {export_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise ExportTargetError(f"export {export_dir} already exists; pass {overwrite_flag} to replace it")
 
 
 def _real(path: str) -> str:
@@ -324,11 +332,12 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def refuse_overlap(target: str, protected: Sequence[str], flag: str) -> None:
+def refuse_overlap(target: str, protected: Protected, flag: str) -> None:
     """A target that is, contains or lies inside a protected path (or contains the current
-    directory) would put the protected files at risk when it is replaced."""
+    directory) would put the protected files at risk when it is replaced: ExportTargetError."""
     real = _real(target)
-    for path in protected:
+    described = protected.items() if isinstance(protected, Mapping) else ((p, "the model_dir") for p in protected)
+    for path, what in described:
         if not path or "://" in path:
             continue  # remote paths (gs://) never meet a local target
         other = _real(path)
@@ -341,11 +350,12 @@ def refuse_overlap(target: str, protected: Sequence[str], flag: str) -> None:
         else:
             continue
         raise ExportTargetError(
-            f"refusing --{flag}={target}: it {how} {path}, which must stay untouched; give it a folder of its own"
+            f"refusing --{flag}={target}: it {how} {what} {path}, which must stay untouched; "
+            f"give --{flag} a folder of its own"
         )
     if _within(_real(os.getcwd()), real):
         raise ExportTargetError(
-            f"refusing --{flag}={target}: it is or contains the current directory; give it a folder of its own"
+            f"refusing --{flag}={target}: it is or contains the current directory; give --{flag} a folder of its own"
         )
 
 
@@ -482,7 +492,8 @@ def export_moco(
     export_dir: str,
     config: Mapping[str, Any] | None = None,
     overwrite: bool = False,
-    protected: Sequence[str] = (),
+    protected: Protected = (),
+    overwrite_flag: str = "--overwrite",
 ) -> str:
     """Export a `moco_tf.MoCo` model's query backbone and projection head (e.g. after training).
 
@@ -490,18 +501,19 @@ def export_moco(
     trained weights: a training-time backbone may fix its image size (static shapes) and split
     BN into groups, neither of which suits a consumer fine-tuning at its own size and batch.
     config: extra entries for moco_config.json (MoCo version, epochs, dataset, ...).
-    overwrite, protected: as in `export_backbone` (pass the run's model_dir as protected).
+    overwrite, protected, overwrite_flag: as in `export_backbone` (protected: the run's model_dir).
     """
     from moco_tf.resnet import resnet
 
-    check_export_target(export_dir, overwrite, protected)  # before rebuilding the backbone
+    check_export_target(export_dir, overwrite, protected, overwrite_flag)  # before rebuilding the backbone
     backbone = resnet(model.arch, cifar_stem=model.cifar_stem, width=model.width)
     backbone.set_weights(model.backbone_q.get_weights())
     # export_backbone records the width (and feature_dim) read off the backbone itself.
     full = {"arch": model.arch, "cifar_stem": model.cifar_stem, "mlp": model.mlp, "dim": model.dim}
     full.update(config or {})
     return export_backbone(
-        backbone, export_dir, full, head=model.encoder_q.head, overwrite=overwrite, protected=protected
+        backbone, export_dir, full, head=model.encoder_q.head, overwrite=overwrite, protected=protected,
+        overwrite_flag=overwrite_flag,
     )
 
 
@@ -515,9 +527,12 @@ def export_model_dir(model_dir: str, export_dir: str, overwrite: bool = False) -
     prefix = not os.path.isdir(model_dir) and os.path.isfile(model_dir + ".index")
     if prefix:
         # The checkpoint's folder and the run's model_dir (restore_model reads its config.json).
-        protected = [os.path.dirname(model_dir) or ".", os.path.dirname(os.path.dirname(model_dir)) or "."]
+        protected = {
+            os.path.dirname(model_dir) or ".": "the checkpoints folder",
+            os.path.dirname(os.path.dirname(model_dir)) or ".": "the model_dir",
+        }
     else:
-        protected = [model_dir]
+        protected = {model_dir: "the model_dir"}
     check_export_target(export_dir, overwrite, protected)  # before the slow restore
     if not prefix and not os.path.isdir(model_dir):
         if os.path.exists(model_dir):
@@ -530,7 +545,7 @@ def export_model_dir(model_dir: str, export_dir: str, overwrite: bool = False) -
     from moco_tf.checkpoint import restore_model
 
     model, config = restore_model(model_dir)
-    run_dir = protected[-1]
+    run_dir = list(protected)[-1]
     config = {**config, "source": f"moco_tf model_dir {os.path.abspath(run_dir)}"}
     if prefix:
         config["checkpoint"] = os.path.basename(model_dir)

@@ -93,6 +93,8 @@ def test_refuses_to_overwrite_then_replaces(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         export.export_backbone(backbone, target, {"arch": "resnet18", "tag": 2})
     assert export.read_config(target)["tag"] == 1
+    with pytest.raises(FileExistsError, match="pass --overwrite_export to replace it"):  # train's flag
+        export.check_export_target(target, overwrite_flag="--overwrite_export")
     export.export_backbone(backbone, target, {"arch": "resnet18", "tag": 2}, overwrite=True)
     assert export.read_config(target)["tag"] == 2
     assert os.listdir(tmp_path) == ["e"]
