@@ -28,7 +28,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CIFAR10_TAR = os.path.join(ROOT, "..", "shared", "datasets", "cifar10-jpg.tar.gz")
+# The real CIFAR-10 JPEGs: the folder named by MOCO_TF_DATASETS (as for the tests), default ../shared/datasets.
+CIFAR10_TAR = os.path.join(
+    os.environ.get("MOCO_TF_DATASETS", os.path.join(ROOT, "..", "shared", "datasets")), "cifar10-jpg.tar.gz"
+)
 
 
 # ----------------------------------------------------------------------------------------------

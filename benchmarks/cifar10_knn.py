@@ -46,7 +46,10 @@ from moco_tf.optimizers import SGD  # noqa: E402
 from moco_tf.schedules import EpochSchedule, scaled_lr  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 
-CIFAR10_TAR = os.path.join(ROOT, "..", "shared", "datasets", "cifar10-jpg.tar.gz")
+# The real CIFAR-10 JPEGs: the folder named by MOCO_TF_DATASETS (as for the tests), default ../shared/datasets.
+CIFAR10_TAR = os.path.join(
+    os.environ.get("MOCO_TF_DATASETS", os.path.join(ROOT, "..", "shared", "datasets")), "cifar10-jpg.tar.gz"
+)
 DIM, QUEUE, M, T, BN_GROUPS, WD, LR_PER_256 = 128, 4096, 0.99, 0.1, 8, 5e-4, 0.03
 
 

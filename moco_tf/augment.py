@@ -169,7 +169,13 @@ def crop_and_resize_batch(
     if flip is not None:
         x1, x2 = tf.where(flip, x2, x1), tf.where(flip, x1, x2)
     boxes = tf.stack([y1, x1, y2, x2], axis=1)
-    n = tf.shape(images)[0]
+    # A static batch size where known: with unknown box counts grappler's cost model logs
+    # "Error in PredictCost()" for CropAndResize on every trace (tensorflow#56904).
+    n = images.shape[0]
+    if n is not None:
+        boxes.set_shape([n, 4])
+    else:
+        n = tf.shape(images)[0]
     return tf.image.crop_and_resize(
         tf.cast(padded, tf.float32), boxes, tf.range(n), [image_size, image_size], method="bilinear"
     )
