@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -165,7 +166,7 @@ def restore_model(model_dir: str) -> tuple[MoCo, dict[str, Any]]:
     config = read_config(model_dir)
     if config is None:
         raise FileNotFoundError(f"{model_dir} is not a moco_tf model_dir (no {CONFIG_FILE})")
-    prefix = prefix or newest_intact(os.path.join(model_dir, CHECKPOINT_DIR))
+    prefix = prefix or newest_intact(os.path.join(model_dir, CHECKPOINT_DIR), log=_warn)
     if prefix is None:
         raise FileNotFoundError(f"{model_dir} holds no checkpoint yet")
     model = build_model(config)
@@ -186,6 +187,10 @@ def _reason(error: BaseException) -> str:
         return "no space left on device"
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def is_disk_full(error: BaseException) -> bool:

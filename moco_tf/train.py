@@ -287,7 +287,7 @@ def _train(config: dict, model_dir: str, strategy, chief: bool, source, steps_pe
         extra = {"epochs": int(epoch.numpy()), "dataset": FLAGS.dataset, "aug": FLAGS.aug,
                  "moco_version": config["moco_version"], "source": _export_source(model_dir)}
         path = export.export_moco(model, FLAGS.export_dir, extra, overwrite=export_overwrite,
-                                  protected=(model_dir,))
+                                  protected=(model_dir,), overwrite_flag="--overwrite_export")
         print(f"exported the query backbone to {path} (load it with hub.KerasLayer)")
     return model
 
@@ -306,7 +306,9 @@ def _check_export_dir(model_dir: str) -> bool:
     # replacement had moved aside, so that the second pass sees what is really there.
     export.check_export_target(FLAGS.export_dir, overwrite=True, protected=(model_dir,))
     overwrite = FLAGS.overwrite_export or export.export_source(FLAGS.export_dir) == _export_source(model_dir)
-    export.check_export_target(FLAGS.export_dir, overwrite=overwrite, protected=(model_dir,))
+    export.check_export_target(
+        FLAGS.export_dir, overwrite=overwrite, protected=(model_dir,), overwrite_flag="--overwrite_export"
+    )
     return overwrite
 
 

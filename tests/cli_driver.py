@@ -57,7 +57,7 @@ def main() -> None:
                 entry([f"moco_tf.{command}", *case["args"]])
             code = 0
         except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 1
+            code = 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
         except BaseException:  # noqa: BLE001 - what the user would have seen as a traceback
             escaped = traceback.format_exc()
         finally:

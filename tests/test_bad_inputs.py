@@ -6,6 +6,7 @@ and leaves the user's files as they were. All cases of one command line run in o
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -73,7 +74,7 @@ def world(tmp_path_factory):
         os.makedirs(base / name)
         (base / name / "config.json").write_text(content)
     os.makedirs(base / "garbage_ckpt" / "checkpoints")
-    (base / "garbage_ckpt" / "config.json").write_text("{}")
+    (base / "garbage_ckpt" / "config.json").write_text(json.dumps({"width": 8}))
     (base / "garbage_ckpt" / "checkpoints" / "checkpoint").write_text("garbage record\n")
     (base / "garbage_ckpt" / "checkpoints" / "ckpt-5.index").write_bytes(b"not an index")
     (base / "garbage_ckpt" / "checkpoints" / "ckpt-5.data-00000-of-00001").write_bytes(b"\0" * 100)
@@ -88,7 +89,7 @@ def world(tmp_path_factory):
     w["run"] = str(base / "run")
     w["export"] = str(base / "export")
     result = subprocess.run(
-        [sys.executable, "-m", "moco_tf.train", *TINY, f"--model_dir={w['run']}", "--max_steps=1",
+        [sys.executable, "-m", "moco_tf.train", *TINY, f"--model_dir={w['run']}", "--max_steps=2",
          f"--export_dir={w['export']}"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -138,7 +139,7 @@ def _train_cases(w):
         (run("--dataset=folder", "--data_dir=/nonexistent/images"), "/nonexistent/images"),
         (run("--dataset=folder"), "--data_dir"),
         (run("--dataset=folder", f"--data_dir={w['empty']}"), w["empty"]),
-        (run("--dataset=folder", f"--data_dir={os.path.dirname(w['not_images'])}"), "no images"),
+        (run("--dataset=folder", f"--data_dir={os.path.dirname(w['not_images'])}"), "no readable images"),
         (run(f"--data_dir={w['photos']}"), "--data_dir is not used with --dataset=digits"),
         (run("--dataset=folder", f"--data_dir={w['truncated_jpeg_dir']}", "--strict_data", "--image_size=16"),
          "photo1.jpg"),
@@ -184,5 +185,41 @@ def test_bad_inputs_give_one_line_the_right_exit_code_and_no_traceback(world, tm
     assert not failures, "\n".join(map(str, failures))
     assert len(cases) >= 40
     # Nothing the cases touched was changed.
+    for key, digest in world["digests"].items():
+        assert _tree_digest(world[key]) == digest, key
+
+
+def test_export_and_convert_command_lines(world, tmp_path):
+    run, b = world["run"], world["base"]
+    # The newest checkpoint truncated (a kill or a full disk while copying): the previous one is used.
+    truncated = str(tmp_path / "truncated_run")
+    shutil.copytree(run, truncated)
+    data = os.path.join(truncated, "checkpoints", "ckpt-2.data-00000-of-00001")
+    open(data, "r+b").truncate(os.path.getsize(data) // 2)
+    export_cases = [
+        (["--model_dir=" + truncated, f"--export_dir={tmp_path}/from_truncated"], 0, "ckpt-2"),
+        ([f"--model_dir={run}/checkpoints/ckpt-1", f"--export_dir={tmp_path}/from_prefix"], 0, "exported"),
+        ([f"--model_dir={run}/checkpoints/ckpt-99", f"--export_dir={tmp_path}/x"], 2, "does not exist"),
+        ([f"--model_dir={run}", f"--export_dir={run}"], 2, "model_dir"),
+        ([f"--model_dir={run}", f"--export_dir={b}"], 2, "model_dir"),
+        ([f"--model_dir={run}", f"--export_dir={world['photos']}", "--overwrite"], 2, "not a moco_tf export"),
+        ([f"--model_dir={run}", f"--export_dir={world['export']}"], 2, "--overwrite"),
+        ([f"--model_dir={run}"], 2, "both --model_dir and --export_dir are required"),
+        ([f"--model_dir={world['a_file']}", f"--export_dir={tmp_path}/y"], 2, world["a_file"]),
+    ]
+    convert_cases = [
+        ([f"--torch_checkpoint={world['photos']}", f"--export_dir={tmp_path}/z"], 2, world["photos"]),
+        ([f"--export_dir={tmp_path}/z"], 2, "--torch_checkpoint is required"),
+        ([f"--torch_checkpoint={b}/no_such.pth.tar", f"--export_dir={tmp_path}/z"], 2, "no_such.pth.tar"),
+    ]
+    failures = []
+    for command, table in (("export", export_cases), ("convert", convert_cases)):
+        results = _run_cases(command, [{"args": args} for args, _, _ in table], tmp_path)
+        for (args, code, want), got in zip(table, results, strict=True):
+            text = got["stderr"] + got["stdout"]
+            if got["traceback"] or "Traceback" in text or got["code"] != code or want not in text:
+                failures.append((command, args, code, want, got["code"], text[-800:], (got["traceback"] or "")[-800:]))
+    assert not failures, "\n".join(map(str, failures))
+    assert os.path.exists(os.path.join(tmp_path, "from_truncated", "saved_model.pb"))
     for key, digest in world["digests"].items():
         assert _tree_digest(world[key]) == digest, key
