@@ -83,7 +83,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
 def _newest(manager: tf.train.CheckpointManager) -> str:
     latest = manager.latest_checkpoint
-    return f"the newest checkpoint {latest} holds finite weights" if latest else "no checkpoint was written"
+    return f"the newest checkpoint, {latest}, is intact" if latest else "no checkpoint was written"
 
 
 class CheckpointEvery(keras.callbacks.Callback):

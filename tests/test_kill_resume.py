@@ -185,3 +185,45 @@ def test_killed_at_20_points_and_rerun_loses_nothing(reference, tmp_path):
     assert not leftovers, leftovers
     assert not os.path.exists(os.path.join(model_dir, "run.lock"))
     _assert_same_state(_state(model_dir), reference["state"])
+
+
+def test_diverging_run_stops_naming_the_step_and_saves_no_nan(tmp_path):
+    model_dir = str(tmp_path / "run")
+    result = _train(model_dir, None, "--lr=1e30", "--max_steps=6")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    line = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(line) == 1 and "at step" in line[0] and "lower --lr" in line[0], result.stderr[-2000:]
+    # Whatever was saved holds finite numbers only, and the run resumes from it (and stops again).
+    if _newest(model_dir):
+        assert all(np.all(np.isfinite(v)) for v in _state(model_dir).values() if v.dtype.kind == "f")
+
+
+def _mount_tmpfs(path, megabytes):
+    os.makedirs(path, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", path], capture_output=True)
+    return done.returncode == 0
+
+
+def test_full_disk_while_checkpointing_gives_one_line_and_keeps_the_previous(tmp_path):
+    disk = str(tmp_path / "disk")
+    # Room for two checkpoints of this tiny model (2.3 MB each) and not a third.
+    if not _mount_tmpfs(disk, 6):
+        pytest.skip("needs a small tmpfs to fill (mount -t tmpfs): not permitted here")
+    try:
+        model_dir = os.path.join(disk, "run")
+        full = _train(model_dir, None, "--keep_checkpoints=3")
+        assert full.returncode == 1, full.stderr[-3000:]
+        errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "no space left on device" in errors[0], full.stderr[-2000:]
+        assert "Traceback" not in full.stderr
+        saved = _step(model_dir)
+        assert saved >= 1
+        # Room again: the rerun removes the half-written checkpoint and goes on from the intact one.
+        subprocess.run(["mount", "-o", "remount,size=64m", disk], check=True)
+        rerun = _train(model_dir, None, f"--max_steps={saved + 2}")
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert f"from step {saved}" in rerun.stdout and "_temp" in rerun.stdout  # "removed ...ckpt-N_temp"
+        assert _step(model_dir) == saved + 2
+    finally:
+        subprocess.run(["umount", disk], capture_output=True)
