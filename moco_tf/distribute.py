@@ -13,10 +13,16 @@ import json
 import math
 import os
 import re
+import signal
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import tensorflow as tf
+
+from moco_tf.cli import RunFailed, RunInterrupted
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 # Jobs a MultiWorkerMirroredStrategy trains with; "ps" and "evaluator" would need other code.
@@ -24,14 +30,18 @@ JOBS = ("chief", "worker")
 TF_CONFIG_KEYS = ("cluster", "task", "rpc_layer", "environment")
 # Hosts of a cluster are often started by hand or by a scheduler, minutes apart.
 DEFAULT_PEER_TIMEOUT_S = 300.0
+# A peer killed between two steps is not noticed by the next collective (its RPCs are retried):
+# only missed heartbeats reveal it. Kept shorter than the start-up wait, which can be minutes.
+HEARTBEAT_TIMEOUT_S = 30.0
 
 
 class StrategyError(ValueError):
     """The requested strategy cannot run here; the message says why in one line."""
 
 
-class PeerLostError(StrategyError):
-    """A worker of the cluster stopped answering during the run (killed, preempted, unreachable)."""
+class PeerLostError(RunFailed):
+    """A worker of the cluster stopped answering during the run (killed, preempted, unreachable):
+    not a user mistake, a run that cannot go on (the CLIs exit with status 1)."""
 
 
 def make_strategy(
@@ -40,8 +50,8 @@ def make_strategy(
     """Builds the strategy. `auto`: TPU if --tpu is given, multi-worker if TF_CONFIG names a
     cluster of several tasks, mirrored over all GPUs if there are several, else the default.
 
-    `peer_timeout_s` (multi-worker only): how long to wait for every worker of TF_CONFIG to join,
-    and how long a worker may stop sending heartbeats before the others give up on it."""
+    `peer_timeout_s` (multi-worker only): how long to wait for every worker of TF_CONFIG to join;
+    a worker silent for min(peer_timeout_s, HEARTBEAT_TIMEOUT_S) later counts as lost."""
     if name not in STRATEGIES:
         raise StrategyError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     if name == "auto":
@@ -199,11 +209,13 @@ def multi_worker(tf_config: dict[str, Any], peer_timeout_s: float) -> tf.distrib
 
     TF's coordination service waits forever for the other tasks by default. Configured here
     before the strategy does it (TF keeps an existing configuration): a registration barrier with
-    a deadline, and the same deadline for missed heartbeats, so a dead peer aborts collectives."""
+    a deadline, and a deadline for missed heartbeats, so that a dead peer aborts the collectives."""
     if not (isinstance(peer_timeout_s, int | float) and math.isfinite(peer_timeout_s) and peer_timeout_s > 0):
         raise StrategyError(f"the peer timeout must be a positive number of seconds, got {peer_timeout_s}")
     cluster, task = tf_config["cluster"], tf_config["task"]
-    _configure_coordination(cluster, int(peer_timeout_s * 1000))
+    _wait_for_peers(cluster, task, peer_timeout_s)
+    # All peers are up; TF's own registration deadline remains for one that dies right now.
+    _configure_coordination(cluster, int(peer_timeout_s * 1000), int(min(peer_timeout_s, HEARTBEAT_TIMEOUT_S) * 1000))
     try:
         # Collectives over the network; the communication backend is chosen by TF (NCCL on GPUs).
         return tf.distribute.MultiWorkerMirroredStrategy()
@@ -217,7 +229,79 @@ def multi_worker(tf_config: dict[str, Any], peer_timeout_s: float) -> tf.distrib
         raise StrategyError(f"cannot start {task['type']} {task['index']} of TF_CONFIG: {_first_line(error)}") from None
 
 
-def _configure_coordination(cluster: dict[str, list[str]], timeout_ms: int) -> None:
+def _wait_for_peers(cluster: dict[str, list[str]], task: dict[str, Any], timeout_s: float) -> None:
+    """Returns once every other task of the cluster accepts TCP connections on its port.
+
+    A rendezvous before TF's own: TF waits inside C++ holding the interpreter, so Ctrl-C and
+    SIGTERM would do nothing for up to the whole timeout (TF even installs its own SIGTERM
+    handler). Here the wait is in Python, interruptible, and knows which peers are missing.
+    Until it sees them all, this task listens on its own port, so that peers waiting the same
+    way see it; TF's server takes the port over right after."""
+    own = (task["type"], int(task["index"]))
+    own_port = int(cluster[own[0]][own[1]].rpartition(":")[2])
+    pending = {peer: cluster[peer[0]][peer[1]] for peer in _all_peers(cluster, task)}
+    if not pending:
+        return
+    try:
+        if socket.has_dualstack_ipv6():
+            listener = socket.create_server(("", own_port), family=socket.AF_INET6, dualstack_ipv6=True)
+        else:
+            listener = socket.create_server(("", own_port))
+    except OSError as error:
+        raise StrategyError(
+            f"port {own_port} of {_describe([own], cluster)} is in use on this host ({error.strerror}): another "
+            "run, or a TF_CONFIG task index that belongs to another host"
+        ) from None
+    listener.setblocking(False)
+    unknown_hosts: set[tuple[str, int]] = set()
+    deadline = time.monotonic() + timeout_s
+    with listener, _signals_interrupt("waiting for the workers of TF_CONFIG to join; nothing was trained"):
+        while pending:
+            with contextlib.suppress(OSError):
+                while True:  # drain the peers' probes
+                    listener.accept()[0].close()
+            for peer, address in list(pending.items()):
+                host, _, port = address.rpartition(":")
+                try:
+                    socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+                    del pending[peer]
+                    unknown_hosts.discard(peer)
+                except socket.gaierror:
+                    unknown_hosts.add(peer)
+                except OSError:
+                    pass
+            if pending and time.monotonic() > deadline:
+                missing = ", ".join(
+                    f"{job} {index} ({cluster[job][index]}{', unknown host' if (job, index) in unknown_hosts else ''})"
+                    for job, index in pending
+                )
+                raise StrategyError(
+                    f"{missing} did not join within {timeout_s:g} s; start the same command on every host of "
+                    "TF_CONFIG, each with its own task index"
+                )
+            if pending:
+                time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def _signals_interrupt(doing: str) -> Iterator[None]:
+    """SIGTERM and SIGINT end the block with cli.RunInterrupted (one line, status 128 + signal)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise RunInterrupted(f"stopped by {signal.Signals(signum).name} while {doing}", signum)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _configure_coordination(cluster: dict[str, list[str]], register_ms: int, heartbeat_ms: int) -> None:
     from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
     from tensorflow.python.eager import context
 
@@ -228,8 +312,8 @@ def _configure_coordination(cluster: dict[str, list[str]], timeout_ms: int) -> N
     ctx.configure_coordination_service(
         service_type="standalone",  # what MultiWorkerMirroredStrategy itself would configure
         service_leader=leader,
-        cluster_register_timeout_in_ms=timeout_ms,
-        heartbeat_timeout_in_ms=timeout_ms,
+        cluster_register_timeout_in_ms=register_ms,
+        heartbeat_timeout_in_ms=heartbeat_ms,
         coordinated_jobs=[
             coordination_config_pb2.CoordinatedJob(name=job, num_tasks=len(cluster[job]))
             for job in JOBS if job in cluster

@@ -1,24 +1,51 @@
-"""One worker of the multi-worker test: trains through the CLI's code path, then dumps its state."""
+"""One worker of the multi-worker tests: trains through the CLI's code path, then dumps its state.
 
+--kill_at_step=N makes this worker SIGKILL itself once step N and its callbacks (checkpoint
+included) are done, mid-run, as a preempted or crashed host would vanish: no handler runs.
+A peer lost mid-run ends in one `error:` line (distribute.peer_failures), as in the CLI.
+"""
+
+import os
+import signal
 import sys
 
+import keras
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from moco_tf import train
+from moco_tf import cli, distribute, train
 from moco_tf.flags import define_train_flags
 
 define_train_flags()
 flags.DEFINE_string("dump", None, "npz file for this worker's final queue and weights")
+flags.DEFINE_integer("kill_at_step", None, "SIGKILL this worker right after this step's callbacks")
+
+
+def _kill_after(step: int) -> None:
+    # Patched on Keras' CallbackList, not on a moco_tf callback, so it follows any change of train.py's callbacks.
+    original = keras.callbacks.CallbackList.on_train_batch_end
+
+    def on_train_batch_end(self, batch, logs=None):
+        original(self, batch, logs)
+        if int(self.model.optimizer.iterations.numpy()) >= step:
+            print(f"killing myself after step {step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    keras.callbacks.CallbackList.on_train_batch_end = on_train_batch_end
 
 
 def main(argv):
-    model = train.train_from_flags()
-    state = {"queue": np.asarray(model.queue), "ptr": np.asarray(model.queue_ptr)}
-    for i, weight in enumerate(model.encoder_k.weights + model.encoder_q.weights):
-        state[f"w{i}"] = np.asarray(weight)
-    np.savez(flags.FLAGS.dump, **state)
+    if flags.FLAGS.kill_at_step is not None:
+        _kill_after(flags.FLAGS.kill_at_step)
+    with distribute.peer_failures():
+        model = train.train_from_flags()
+    if flags.FLAGS.dump:
+        state = {"queue": np.asarray(model.queue), "ptr": np.asarray(model.queue_ptr),
+                 "step": np.asarray(model.optimizer.iterations)}
+        for i, weight in enumerate(model.encoder_k.weights + model.encoder_q.weights):
+            state[f"w{i}"] = np.asarray(weight)
+        np.savez(flags.FLAGS.dump, **state)
 
 
 if __name__ == "__main__":
-    app.run(main, argv=sys.argv)
+    cli.run(main, user_errors=train.USER_ERRORS, argv=sys.argv)

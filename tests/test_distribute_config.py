@@ -3,15 +3,17 @@
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import tensorflow as tf
 
-from moco_tf import distribute
+from moco_tf import cli, distribute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0", "PYTHONPATH": ROOT}
@@ -112,7 +114,77 @@ def test_cli_reports_malformed_tf_config_in_one_line():
     assert errors == ['error: TF_CONFIG must be a JSON object {"cluster": ..., "task": ...}, got a list']
 
 
-# One process of a 2-worker cluster whose other worker never starts, reported as the CLIs report it.
+def _cluster_env(monkeypatch, workers, index):
+    tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
+
+
+def test_absent_peer_named_after_the_timeout(monkeypatch):
+    """The Python rendezvous before TF's: no TF state is touched when it fails."""
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)] + ["no-such-host.invalid:2222"]
+    _cluster_env(monkeypatch, workers, 0)
+    start = time.monotonic()
+    with pytest.raises(distribute.StrategyError) as error:
+        distribute.make_strategy("multi_worker", peer_timeout_s=1.5)
+    assert 1.5 <= time.monotonic() - start < 10
+    assert str(error.value) == (
+        f"worker 1 ({workers[1]}), worker 2 (no-such-host.invalid:2222, unknown host) did not join within 1.5 s; "
+        "start the same command on every host of TF_CONFIG, each with its own task index"
+    )
+
+
+def test_own_port_in_use_is_reported(monkeypatch):
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    _cluster_env(monkeypatch, workers, 1)
+    with socket.create_server(("127.0.0.1", int(workers[1].rpartition(":")[2]))):
+        with pytest.raises(distribute.StrategyError, match=rf"port \d+ of worker 1 \({workers[1]}\) is in use"):
+            distribute.make_strategy("multi_worker", peer_timeout_s=5)
+
+
+def test_rendezvous_listens_on_own_port_until_the_peers_are_up():
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(3)]
+    task = {"type": "worker", "index": 0}
+    seen_me = threading.Event()
+    peers = []
+
+    def other_workers_start():
+        # A peer waiting the same way finds this worker's port open ...
+        with socket.create_connection(("127.0.0.1", int(workers[0].rpartition(":")[2])), timeout=5):
+            seen_me.set()
+        # ... then both others come up.
+        peers.extend(socket.create_server(("127.0.0.1", int(w.rpartition(":")[2]))) for w in workers[1:])
+
+    timer = threading.Timer(1.0, other_workers_start)
+    timer.start()
+    start = time.monotonic()
+    try:
+        distribute._wait_for_peers({"worker": workers}, task, timeout_s=30)
+    finally:
+        timer.join()
+        for peer in peers:
+            peer.close()
+    assert seen_me.is_set() and time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_ends_the_wait_at_once(sig):
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    before = signal.getsignal(sig)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), sig))
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(cli.RunInterrupted) as stop:
+        distribute._wait_for_peers({"worker": workers}, {"type": "worker", "index": 0}, timeout_s=60)
+    timer.join()
+    assert time.monotonic() - start < 5
+    assert stop.value.signum == sig
+    assert str(stop.value) == (
+        f"stopped by {sig.name} while waiting for the workers of TF_CONFIG to join; nothing was trained"
+    )
+    assert signal.getsignal(sig) == before
+
+
+# One process of a 2-worker cluster, reported as the CLIs report it.
 _ALONE = """
 import sys, time
 from moco_tf import cli, distribute
@@ -126,21 +198,31 @@ cli.run(main, user_errors=(distribute.StrategyError,))
 """
 
 
-def test_absent_peer_fails_within_the_timeout_naming_it(tmp_path):
-    """Worker 0 (the coordination leader) and worker 1 each started alone, in two clusters at once."""
+def test_peer_that_never_registers_with_tf_fails_within_the_timeout():
+    """Past the rendezvous, TF's registration barrier has the same deadline. The absent peer's
+    port is held by a socket that accepts TCP and never speaks gRPC (a peer that died right after
+    the rendezvous, or another program on its port). Worker 0 (TF's coordination leader) and
+    worker 1 run alone, in two clusters at once."""
     timeout = 5
     ports = _free_ports(4)
     clusters = [[f"127.0.0.1:{p}" for p in ports[:2]], [f"127.0.0.1:{p}" for p in ports[2:]]]
+    silent = [socket.create_server(("127.0.0.1", ports[1])), socket.create_server(("127.0.0.1", ports[2]))]
     procs = []
-    for index, workers in enumerate(clusters):  # cluster 0 runs only worker 0, cluster 1 only worker 1
-        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", _ALONE, str(timeout)], cwd=ROOT, env={**ENV, "TF_CONFIG": json.dumps(tf_config)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
-    started = time.monotonic()
-    outputs = [p.communicate(timeout=240) for p in procs]
-    assert time.monotonic() - started < 200
+    try:
+        for index, workers in enumerate(clusters):  # cluster 0 runs only worker 0, cluster 1 only worker 1
+            tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", _ALONE, str(timeout)], cwd=ROOT,
+                env={**ENV, "TF_CONFIG": json.dumps(tf_config)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True,
+            ))
+        outputs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for s in silent:
+            s.close()
     absent = [f"worker 1 ({clusters[0][1]})", f"worker 0 ({clusters[1][0]})"]
     for p, (out, err), who in zip(procs, outputs, absent, strict=True):
         assert p.returncode == 2, err[-3000:]
