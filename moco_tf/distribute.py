@@ -347,9 +347,12 @@ def _describe(peers: list[tuple[str, int]], cluster: dict[str, list[str]]) -> st
     return ", ".join(f"{job} {index} ({cluster[job][index]})" for job, index in peers)
 
 
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(error).__name__
+def _first_line(error: BaseException | str) -> str:
+    # TF prefixes eager errors with a line that says nothing ("Graph execution error:").
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and "execution error" not in line]
+    if lines:
+        return lines[0][:300]
+    return type(error).__name__ if isinstance(error, BaseException) else "unknown error"
 
 
 def _is_peer_failure(error: BaseException, named: list[tuple[str, int]]) -> bool:
@@ -383,18 +386,60 @@ def peer_failures(strategy: tf.distribute.Strategy | None = None) -> Iterator[No
         lost = _peers_named(str(error), cluster, task)
         if not _is_peer_failure(error, lost):
             raise
-        who = _describe(lost, cluster) if lost else "a worker of TF_CONFIG"
-        text = str(error)
-        if "heartbeat" in text:
-            reason = "it stopped sending heartbeats"
-        elif re.search(r"connection (reset|refused|closed)|socket closed", text, re.IGNORECASE):
-            reason = "its connection closed"
-        else:
-            reason = _first_line(error)
-        raise PeerLostError(
-            f"lost {who}: {reason}; restart the same command on every host of TF_CONFIG to resume "
-            f"from the last checkpoint"
-        ) from None
+        raise PeerLostError(_peer_failure_message(str(error), lost, cluster)) from None
+
+
+def _peer_failure_message(text: str, lost: list[tuple[str, int]], cluster: dict[str, list[str]]) -> str:
+    then = "restart the same command on every host of TF_CONFIG to resume from the last checkpoint"
+    if _OUT_OF_STEP.search(text):
+        # Not a dead peer: one worker ran another collective than the others (it stopped, saved or
+        # resumed at another step). Every worker must take the same decisions at the same step.
+        return f"the workers of TF_CONFIG went out of step (one stopped or resumed at another step); {then}"
+    who = _describe(lost, cluster) if lost else "a worker of TF_CONFIG"
+    if "heartbeat" in text:
+        reason = "it stopped sending heartbeats"
+    elif re.search(r"connection (reset|refused|closed)|socket closed", text, re.IGNORECASE):
+        reason = "its connection closed"
+    else:
+        aborted = re.search(r"Collective ops is aborted by: (.+)", text)
+        reason = aborted.group(1).strip()[:300] if aborted else _first_line(text)
+    return f"lost {who}: {reason}; {then}"
+
+
+_OUT_OF_STEP = re.compile(r"Collective instance \d+ expected")
+
+
+def check_same_on_all_workers(strategy: tf.distribute.Strategy, value: int, what: str, hint: str = "") -> None:
+    """Raises StrategyError, on every worker alike, when the workers of a multi-worker run hold
+    different `value`s: e.g. the step each one restored, which differs when model_dir is not one
+    folder that all of them read (a local path on several hosts). TF would not notice: each worker
+    trains on from its own state and the copies of the weights silently drift apart."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    per_replica = strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant([value], tf.int64)
+    )
+    values = [int(v) for v in strategy.gather(per_replica, axis=0).numpy()]  # replicas in cluster order
+    if len(set(values)) == 1:
+        return
+    spec = strategy.cluster_resolver.cluster_spec().as_dict()
+    tasks = [(job, i) for job in ("chief", "worker") if job in spec for i in range(len(spec[job]))]
+    per_worker = max(len(values) // len(tasks), 1)
+    held = ", ".join(f"{job} {i} has {values[n * per_worker]}" for n, (job, i) in enumerate(tasks))
+    raise StrategyError(f"the workers of TF_CONFIG disagree on {what}: {held}{'; ' + hint if hint else ''}")
+
+
+def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
+    """Whether `flag` is true on any worker: every worker gets the same answer. For decisions that
+    change what runs next (stop on a signal, save now): a worker deciding alone runs other
+    collectives than the others, and all of them fail ("went out of step"). One tiny all-reduce;
+    call it at the same point on every worker (e.g. each step's end)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return flag
+    per_replica = strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant(1 if flag else 0, tf.int32)
+    )
+    return int(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)) > 0
 
 
 # --- TPU -------------------------------------------------------------------------------------

@@ -237,6 +237,45 @@ def test_peer_that_never_registers_with_tf_fails_within_the_timeout():
         assert timeout <= waited < timeout + 30, out
 
 
+_AGREE = """
+import sys
+from moco_tf import cli, distribute
+def main(argv):
+    strategy = distribute.make_strategy("multi_worker", peer_timeout_s=120)
+    distribute.check_same_on_all_workers(strategy, 6, "the restored step")
+    print("agreed on 6", flush=True)
+    mine = int(argv[1]) == 0  # worker 1 only
+    answers = [distribute.any_worker(strategy, mine), distribute.any_worker(strategy, False)]
+    print(f"any_worker {answers}", flush=True)
+    distribute.check_same_on_all_workers(strategy, int(argv[1]), "the restored step", "use shared storage")
+cli.run(main, user_errors=(distribute.StrategyError,))
+"""
+
+
+def test_workers_agree_on_a_flag_and_all_stop_when_they_restored_different_steps():
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    procs = []
+    try:
+        for index, value in enumerate((6, 0)):
+            tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", _AGREE, str(value)], cwd=ROOT, env={**ENV, "TF_CONFIG": json.dumps(tf_config)},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            ))
+        outputs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert "agreed on 6" in out and "any_worker [True, False]" in out, err[-3000:]
+        assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+        assert [line for line in err.splitlines() if line.startswith("error:")] == [
+            "error: the workers of TF_CONFIG disagree on the restored step: worker 0 has 6, worker 1 has 0; "
+            "use shared storage"
+        ]
+
+
 def _lost(message, error=tf.errors.UnavailableError):
     with pytest.raises(distribute.PeerLostError) as caught:
         with distribute.peer_failures():
@@ -259,6 +298,20 @@ def test_lost_peer_is_named_in_one_line(monkeypatch):
     assert _lost(silent, error=tf.errors.InternalError).startswith(
         "lost worker 1 (127.0.0.1:2223): it stopped sending heartbeats;"
     )
+
+
+def test_workers_out_of_step_are_not_called_lost(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", _config())
+    # Seen when only the chief stopped on SIGTERM and saved while the other worker trained on.
+    desync = ("{{function_node __wrapped__CollectiveReduceV2_Nordering_token_1_device_/job:worker/replica:0/task:0"
+              "/device:CPU:0}} Collective ops is aborted by: Collective instance 1259 expected type 0 and "
+              "data_type 9 but got type 0 and data_type 1")
+    assert _lost(desync, error=tf.errors.InternalError) == (
+        "the workers of TF_CONFIG went out of step (one stopped or resumed at another step); restart the same "
+        "command on every host of TF_CONFIG to resume from the last checkpoint"
+    )
+    other = "Graph execution error:\n\nCollective ops is aborted by: something else\nThe error could be from a..."
+    assert _lost(other, error=tf.errors.CancelledError).startswith("lost a worker of TF_CONFIG: something else;")
 
 
 def test_other_errors_pass_through(monkeypatch):
