@@ -1,0 +1,625 @@
+"""One run config: the pretraining recipe and the operational settings as typed dataclasses,
+validated once, written to and read from model_dir/config.json, compared once on resume.
+
+    PretrainConfig
+      model:   ModelConfig    backbone (BackboneSpec: arch, width, cifar_stem), dim, mlp, queue_size,
+                              moco_momentum, temperature, symmetric, shuffle_bn, bn_groups
+      data:    DataConfig     dataset, image_size, aug; data_dir, strict_data (operational)
+      optim:   OptimConfig    epochs, batch_size, lr, schedule, milestones, warmup_epochs,
+                              weight_decay, sgd_momentum
+      runtime: RuntimeConfig  seed (recipe); model_dir, strategy, checkpoints, logging, ... (operational)
+
+Recipe fields change the math: resuming a model_dir with any of them changed is refused.
+Operational fields (where files are, how often to log or save, which devices) may change between
+a run and its resume. Each field's flag is named like the field (the backbone's: --arch,
+--width, --cifar_stem), so messages name the flag the user typed.
+
+config.json: `to_json` writes the structured format below; `from_json` also reads the flat one
+of earlier moco_tf versions (one object of flag values, `momentum` for the key encoder's m,
+`width` missing before --width existed), so old model_dirs still load and resume.
+
+    {"format_version": 2, "moco_version": "v2",
+     "model": {"backbone": {"arch": ..., "width": ..., "cifar_stem": ...}, "dim": ..., ...},
+     "data": {...}, "optim": {...}, "runtime": {...}, "source": "..." (where the weights came from)}
+
+A key a file does not hold (a converted PyTorch checkpoint records only what its weights and the
+official recipe tell) takes the default, is listed in `unrecorded`, and is not compared.
+
+LinearConfig is the same for the linear classification protocol (lincls_config.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, Literal
+
+from moco_tf.data import MIN_IMAGE_SIZE
+from moco_tf.distribute import STRATEGIES
+from moco_tf.models.backbones import BackboneSpec, get_backbone
+
+FORMAT_VERSION = 2
+Schedule = Literal["step", "cosine"]
+Augmentation = Literal["v1", "v2"]
+Precision = Literal["none", "bf16", "fp16"]
+
+
+class ConfigError(ValueError):
+    """A setting out of range, or a config file that does not hold a valid config; one line naming
+    the flag (or the key)."""
+
+
+class RunMismatchError(ConfigError):
+    """model_dir holds a run of another recipe."""
+
+
+def _recipe(default: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"recipe": True})
+
+
+def _operational(default: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"recipe": False})
+
+
+# ----------------------------------------------------------------------------------------------
+# the sections (flags of `python -m moco_tf.train`; defaults: the MoCo v1 ImageNet recipe)
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The MoCo model. All recipe."""
+
+    RECIPE: ClassVar[bool] = True
+    backbone: BackboneSpec = dataclasses.field(default_factory=BackboneSpec)
+    dim: int = 128  # projection dimension of queries and keys
+    mlp: bool = False  # MoCo v2 head: Dense(feature dim) -> ReLU -> Dense(dim)
+    queue_size: int = 65536  # K, negative keys; a multiple of the keys enqueued per step
+    moco_momentum: float = 0.999  # m of the key encoder's moving average (not SGD momentum)
+    temperature: float = 0.07  # T of InfoNCE; v2 uses 0.2
+    symmetric: bool = False  # loss on both view orders (official CIFAR demo)
+    shuffle_bn: bool = True
+    bn_groups: int = 1  # BatchNorm statistics per group of batch / bn_groups (shuffle BN on 1 device)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """What the encoders are fed. Recipe except where to read it from and how to treat bad files."""
+
+    RECIPE: ClassVar[bool] = True
+    dataset: str = "digits"  # digits (embedded), folder, or a TFDS name (imagenet2012, cifar10, ...)
+    image_size: int | None = None  # side of the crops; None: the backbone's default (32 or 224)
+    aug: Augmentation = "v1"
+    data_dir: str | None = _operational(None)  # a moved copy of the same data is the same run
+    strict_data: bool = _operational(False)  # stop at the first unreadable image instead of skipping
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """SGD and its schedule. All recipe."""
+
+    RECIPE: ClassVar[bool] = True
+    epochs: int = 200
+    batch_size: int = 256  # global, over all replicas and workers
+    lr: float = 0.03  # per 256 images, scaled linearly with batch_size (official: the same number)
+    schedule: Schedule = "step"
+    milestones: tuple[int, ...] = (120, 160)  # epochs where the step schedule multiplies lr by 0.1
+    warmup_epochs: int = 0
+    weight_decay: float = 1e-4  # PyTorch style: added to the gradient
+    sgd_momentum: float = 0.9
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    """Where and how a run executes. Operational, except the seed: weights, queue and data order
+    follow from it, so a run resumed with another seed would not be the run it continues."""
+
+    RECIPE: ClassVar[bool] = False
+    seed: int | None = _recipe(None)
+    model_dir: str | None = None  # None: runs/<dataset>-<arch>-<aug>
+    deterministic: bool = False
+    strategy: str = "auto"
+    tpu: str | None = None
+    mixed_precision: Precision = "none"
+    jit_compile: bool = False
+    checkpoint_every: int = 1000  # steps; also at every epoch end
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    knn_every: int = 10  # epochs; 0: off
+    knn_k: int = 200
+    knn_t: float = 0.1
+    steps_per_epoch: int | None = None  # None: images // batch_size
+    max_steps: int | None = None
+    export_dir: str | None = None
+    overwrite_export: bool = False
+    stop_grace_s: float = 25.0
+
+
+_SECTION_TYPES = (ModelConfig, DataConfig, OptimConfig, RuntimeConfig)  # in PretrainConfig.SECTIONS order
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """A whole pretraining run. `unrecorded`: flags whose values the file it was read from did not
+    hold (they keep the defaults and are not compared on resume); empty for a config made here."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    source: str | None = None  # where the weights came from, e.g. "PyTorch checkpoint X"; not compared
+    unrecorded: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
+
+    SECTIONS: ClassVar[tuple[str, ...]] = ("model", "data", "optim", "runtime")
+
+    def __post_init__(self):
+        if self.data.image_size is None:
+            size = self.model.backbone.default_image_size
+            self.data = dataclasses.replace(self.data, image_size=size)
+
+    # -------------------------------------------------------------------- derived values
+
+    @property
+    def moco_version(self) -> str:
+        """"v2" for the v2 head with v2 augmentation, else "v1" (recorded for people, never compared)."""
+        return "v2" if self.model.mlp and self.data.aug == "v2" else "v1"
+
+    def default_model_dir(self) -> str:
+        return os.path.join("runs", f"{self.data.dataset}-{self.model.backbone.tag}-{self.data.aug}")
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its flag name (arch, width, ..., stop_grace_s)."""
+        return {name: value for name, value, _ in _leaves(self, self.SECTIONS)}
+
+    def recipe(self) -> dict[str, Any]:
+        """The recipe settings by flag name: what a resumed run must share with its model_dir."""
+        return {name: value for name, value, recipe in _leaves(self, self.SECTIONS) if recipe}
+
+    # -------------------------------------------------------------------- checks
+
+    def validate(self) -> None:
+        """Everything checkable before touching data or devices; a ConfigError naming the flag."""
+        _check_types([getattr(self, s) for s in self.SECTIONS])
+        values = self.flat()
+        if values["image_size"] is None:
+            raise ConfigError("--image_size must be an integer, got None")
+        _check_table(values)
+        if values["seed"] is not None and not 0 <= values["seed"] < 2**31:
+            raise ConfigError(f"--seed must be in [0, 2**31), got {values['seed']}")
+        if values["strategy"] not in STRATEGIES:
+            raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {values['strategy']!r}")
+        if values["warmup_epochs"] > values["epochs"]:
+            raise ConfigError(f"--warmup_epochs {values['warmup_epochs']} is more than --epochs {values['epochs']}")
+        check_queue_fits(values["queue_size"], values["batch_size"], values["symmetric"])
+        if any(m < 1 for m in values["milestones"]):
+            raise ConfigError(f"--milestones must be positive epochs, got {_shown(values['milestones'])}")
+        if values["image_size"] < MIN_IMAGE_SIZE:
+            raise ConfigError(f"--image_size {values['image_size']} is too small (at least {MIN_IMAGE_SIZE})")
+
+    def check_replicas(self, replicas: int) -> None:
+        """The global batch must split evenly over the replicas, and each replica's over bn_groups."""
+        batch, groups = self.optim.batch_size, self.model.bn_groups
+        if batch % replicas:
+            raise ConfigError(f"--batch_size {batch} is not divisible by the {replicas} replicas")
+        if (batch // replicas) % groups:
+            raise ConfigError(f"the per-replica batch {batch // replicas} is not divisible by --bn_groups")
+
+    def steps_per_epoch(self, num_examples: int, dataset_name: str) -> int:
+        """--steps_per_epoch, or the whole batches in the pretraining split (at least one)."""
+        steps = self.runtime.steps_per_epoch or num_examples // self.optim.batch_size
+        if steps < 1:
+            raise ConfigError(f"{dataset_name} has {num_examples} images, fewer than one --batch_size")
+        return steps
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Steps the run trains in all: every epoch, or fewer with --max_steps."""
+        total = self.optim.epochs * steps_per_epoch
+        return min(total, self.runtime.max_steps) if self.runtime.max_steps else total
+
+    # -------------------------------------------------------------------- files and flags
+
+    def to_dict(self) -> dict[str, Any]:
+        """The structured config.json content; unrecorded settings are left out."""
+        out: dict[str, Any] = {"format_version": FORMAT_VERSION, "moco_version": self.moco_version}
+        for section in self.SECTIONS:
+            out[section] = _section_to_dict(getattr(self, section), self.unrecorded)
+        if self.source is not None:
+            out["source"] = self.source
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> PretrainConfig:
+        """From a parsed config.json, structured or the flat format of earlier versions."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"a config must be a JSON object, got {type(values).__name__}")
+        if "format_version" not in values:
+            return _from_flat(values, flags=False)
+        version = values["format_version"]
+        if version != FORMAT_VERSION:
+            raise ConfigError(f"config format_version {version!r} is not {FORMAT_VERSION} (another moco_tf version)")
+        unknown = sorted(set(values) - {"format_version", "moco_version", "source", *cls.SECTIONS})
+        if unknown:
+            raise ConfigError(f"unknown config key {unknown[0]!r} (written by a newer moco_tf?)")
+        unrecorded: set[str] = set()
+        sections = {}
+        for name, section_type in zip(cls.SECTIONS, _SECTION_TYPES, strict=True):
+            given = values.get(name, {})
+            if not isinstance(given, Mapping):
+                raise ConfigError(f"config key {name!r} must be an object, got {given!r}")
+            sections[name] = _section_from_dict(section_type, given, name, unrecorded)
+        return cls(**sections, source=_source(values), unrecorded=frozenset(unrecorded))
+
+    @classmethod
+    def from_json(cls, text: str) -> PretrainConfig:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"not valid JSON ({error})") from None
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_flags(cls, flag_values: Any) -> PretrainConfig:
+        """From absl FlagValues (or a mapping of flag name -> value); absent flags keep the defaults.
+
+        Flag names are the fields' (`--moco_momentum` for m, `--sgd_momentum` for SGD's); --milestones
+        may be a list of strings, as absl's DEFINE_list gives."""
+        values = dict(flag_values.flag_values_dict() if hasattr(flag_values, "flag_values_dict") else flag_values)
+        if "milestones" in values:
+            values["milestones"] = parse_milestones(values["milestones"])
+        return _from_flat(values, flags=True)
+
+
+def parse_milestones(milestones: Any) -> tuple[int, ...]:
+    """Epochs from a flag list ("120,160" or ["120", "160"]) as integers."""
+    items = milestones.split(",") if isinstance(milestones, str) else list(milestones)
+    items = [m.strip() if isinstance(m, str) else m for m in items if m != ""]
+    try:
+        if any(isinstance(m, bool) or not isinstance(m, int | str) for m in items):
+            raise ValueError
+        return tuple(int(m) for m in items)
+    except ValueError:
+        raise ConfigError(f"--milestones must be epochs (integers), got {_shown(items)}") from None
+
+
+def check_queue_fits(queue_size: int, global_batch_size: int, symmetric: bool = False) -> None:
+    """queue_size must be a multiple of the keys enqueued per step (so the queue pointer wraps)."""
+    keys = global_batch_size * (2 if symmetric else 1)
+    if queue_size % keys:
+        raise ConfigError(
+            f"--queue_size {queue_size} is not a multiple of the keys enqueued per step "
+            f"({keys} = global batch {global_batch_size}{' x 2 (symmetric)' if symmetric else ''})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# resume
+
+
+def recipe_differences(saved: PretrainConfig | LinearConfig, current: PretrainConfig | LinearConfig) -> list[str]:
+    """"--flag=saved (now current)" for each recipe setting that differs; settings `saved` did not
+    record are not compared."""
+    before, now = saved.recipe(), current.recipe()
+    skip = saved.unrecorded | current.unrecorded
+    return [
+        f"--{name}={_shown(before[name])} (now {_shown(now[name])})"
+        for name in before
+        if name not in skip and before[name] != now[name]
+    ]
+
+
+def check_same_run(
+    saved: PretrainConfig | LinearConfig, current: PretrainConfig | LinearConfig, model_dir: str
+) -> None:
+    """Refuses to resume a run of another recipe, naming each flag that differs and both values."""
+    differ = recipe_differences(saved, current)
+    if differ:
+        run = "another linear classifier run" if isinstance(saved, LinearConfig) else "another run"
+        raise RunMismatchError(
+            f"model_dir {model_dir} holds {run}: {', '.join(differ)}; rerun with its values or use a new --model_dir"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# the linear classification protocol (`python -m moco_tf.lincls`)
+
+
+@dataclasses.dataclass
+class LinearConfig:
+    """Linear classification on a frozen encoder; defaults: the official protocol (main_lincls.py).
+    Everything that changes the classifier's training is recipe: a rerun in the same model_dir
+    resumes only with the same."""
+
+    RECIPE: ClassVar[bool] = True
+    pretrained: str | None = None  # model_dir, checkpoint, TF-Hub export or .pth (record it absolute)
+    dataset: str | None = None
+    image_size: int | None = None  # None: the encoder's default (32 with the CIFAR stem, else 224)
+    batch_size: int = 256
+    epochs: int = 100
+    lr: float = 30.0  # not scaled with batch_size (as main_lincls.py)
+    sgd_momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: tuple[int, ...] = (60, 80)  # epochs where lr is multiplied by 0.1
+    precompute_features: bool = False  # not the official protocol: no augmentation
+    seed: int | None = None
+    data_dir: str | None = _operational(None)
+    strict_data: bool = _operational(False)
+    limit_train: int = _operational(0)
+    limit_val: int = _operational(0)
+    model_dir: str | None = _operational(None)
+    unrecorded: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
+
+    def flat(self) -> dict[str, Any]:
+        return {name: value for name, value, _ in _leaves(self, None)}
+
+    def recipe(self) -> dict[str, Any]:
+        return {name: value for name, value, recipe in _leaves(self, None) if recipe}
+
+    def validate(self) -> None:
+        _check_types([self])
+        values = self.flat()
+        _check_table(values)
+        for name in ("limit_train", "limit_val"):
+            if values[name] < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {values[name]}")
+        if values["seed"] is not None and not 0 <= values["seed"] < 2**31:
+            raise ConfigError(f"--seed must be in [0, 2**31), got {values['seed']}")
+        if any(m < 1 for m in values["milestones"]):
+            raise ConfigError(f"--milestones must be positive epochs, got {_shown(values['milestones'])}")
+        if values["image_size"] is not None and values["image_size"] < MIN_IMAGE_SIZE:
+            raise ConfigError(f"--image_size {values['image_size']} is too small (at least {MIN_IMAGE_SIZE})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **_section_to_dict(self, self.unrecorded)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> LinearConfig:
+        """From lincls_config.json; files of earlier versions record only pretrained, dataset,
+        image_size, precompute_features, batch_size, lr and epochs."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"a config must be a JSON object, got {type(values).__name__}")
+        given = {k: v for k, v in values.items() if k != "format_version"}
+        unrecorded: set[str] = set()
+        config = _section_from_dict(cls, given, None, unrecorded, ignore_unknown="format_version" not in values)
+        return dataclasses.replace(config, unrecorded=frozenset(unrecorded))
+
+    @classmethod
+    def from_json(cls, text: str) -> LinearConfig:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"not valid JSON ({error})") from None
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_flags(cls, flag_values: Any) -> LinearConfig:
+        values = dict(flag_values.flag_values_dict() if hasattr(flag_values, "flag_values_dict") else flag_values)
+        names = {f.name for f in dataclasses.fields(cls)} - {"unrecorded"}
+        given = {k: v for k, v in values.items() if k in names}
+        if "milestones" in given:
+            given["milestones"] = parse_milestones(given["milestones"])
+        return _section_from_dict(cls, given, None, set(), flags=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# ranges, checked once (NaN included: absl takes "nan")
+
+_POSITIVE_INTS = ("epochs", "batch_size", "queue_size", "dim", "bn_groups", "image_size", "log_every",
+                  "keep_checkpoints", "knn_k")
+_NON_NEGATIVE_INTS = ("warmup_epochs", "checkpoint_every", "knn_every")
+_OPTIONAL_POSITIVE_INTS = ("steps_per_epoch", "max_steps")
+_FLOAT_RANGES = {  # name: (low, high, low inclusive, high inclusive, wording)
+    "lr": (0.0, math.inf, False, False, "> 0"),
+    "temperature": (0.0, math.inf, False, False, "> 0"),
+    "moco_momentum": (0.0, 1.0, True, False, "in [0, 1)"),
+    "sgd_momentum": (0.0, 1.0, True, False, "in [0, 1)"),
+    "weight_decay": (0.0, math.inf, True, False, ">= 0"),
+    "knn_t": (0.0, math.inf, False, False, "> 0"),
+    "stop_grace_s": (0.0, math.inf, False, False, "> 0"),
+}
+
+
+def _in_range(value: float, low: float, high: float, low_in: bool, high_in: bool) -> bool:
+    return (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
+
+
+def _check_types(sections: list[Any]) -> None:
+    """Each setting of the type its field declares (a config built in Python is not checked by a parser)."""
+    for section in sections:
+        hints = typing.get_type_hints(type(section))
+        for field in _fields(type(section)):
+            if hints[field.name] is not BackboneSpec:  # a BackboneSpec checks itself
+                _typed(field.name, getattr(section, field.name), hints[field.name], flags=True)
+
+
+def _check_table(values: Mapping[str, Any]) -> None:
+    """The range checks of the table above, for the settings `values` has; choices of Literal fields."""
+    for name, (low, high, low_in, high_in, wording) in _FLOAT_RANGES.items():
+        if name in values:
+            value = values[name]
+            if not math.isfinite(value) or not _in_range(value, low, high, low_in, high_in):
+                raise ConfigError(f"--{name} must be a finite number {wording}, got {value}")
+    for name in _POSITIVE_INTS:
+        if values.get(name) is not None and values[name] < 1:
+            raise ConfigError(f"--{name} must be positive, got {values[name]}")
+    for name in _NON_NEGATIVE_INTS:
+        if name in values and values[name] < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {values[name]}")
+    for name in _OPTIONAL_POSITIVE_INTS:
+        if values.get(name) is not None and values[name] < 1:
+            raise ConfigError(f"--{name} must be positive (or unset), got {values[name]}")
+    for name, choices in (("aug", Augmentation), ("schedule", Schedule), ("mixed_precision", Precision)):
+        if name in values and values[name] not in typing.get_args(choices):
+            raise ConfigError(f"--{name} must be one of {', '.join(typing.get_args(choices))}, got {values[name]!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# flattening, reading and writing
+
+
+def _shown(value: Any) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)
+
+
+def _is_recipe(section: Any, field: dataclasses.Field) -> bool:
+    return field.metadata.get("recipe", type(section).RECIPE)
+
+
+def _fields(section_type: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(section_type) if f.name != "unrecorded"]
+
+
+def _leaves(config: Any, sections: tuple[str, ...] | None) -> Iterator[tuple[str, Any, bool]]:
+    """(flag name, value, is recipe) for every setting; a BackboneSpec gives arch, width, cifar_stem."""
+    for section in [getattr(config, s) for s in sections] if sections else [config]:
+        for field in _fields(type(section)):
+            value = getattr(section, field.name)
+            if isinstance(value, BackboneSpec):
+                for name, sub in value.to_dict().items():
+                    yield name, sub, _is_recipe(section, field)
+            else:
+                yield field.name, value, _is_recipe(section, field)
+
+
+def _section_to_dict(section: Any, unrecorded: frozenset[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for field in _fields(type(section)):
+        value = getattr(section, field.name)
+        if isinstance(value, BackboneSpec):
+            out[field.name] = value.to_dict()
+        elif field.name not in unrecorded:
+            out[field.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _section_from_dict(
+    section_type: type,
+    given: Mapping[str, Any],
+    section_name: str | None,
+    unrecorded: set[str],
+    ignore_unknown: bool = False,
+    flags: bool = False,
+) -> Any:
+    """A section from its dict; missing keys keep the defaults and are added to `unrecorded`."""
+    hints = typing.get_type_hints(section_type)
+    fields = {f.name: f for f in _fields(section_type)}
+    unknown = sorted(set(given) - set(fields))
+    if unknown and not ignore_unknown:
+        where = f"{section_name}.{unknown[0]}" if section_name else unknown[0]
+        raise ConfigError(f"unknown config key {where!r} (written by a newer moco_tf?)")
+    kwargs = {}
+    for name in fields:
+        if hints[name] is BackboneSpec:
+            if name not in given:
+                raise ConfigError("the config records no backbone (arch)")
+            kwargs[name] = _backbone(given[name], flags)
+        elif name in given:
+            kwargs[name] = _typed(name, given[name], hints[name], flags)
+        else:
+            unrecorded.add(name)
+    return section_type(**kwargs)
+
+
+_BACKBONE_KEYS = ("arch", "width", "cifar_stem")
+
+
+def _backbone(values: Any, flags: bool) -> BackboneSpec:
+    """A BackboneSpec, its errors worded for flags (--width ...) or for a file (width ...)."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"backbone must be an object, got {values!r}")
+    if flags:  # absent flags keep the defaults
+        values = {**BackboneSpec().to_dict(), **{k: v for k, v in values.items() if v is not None}}
+    elif values.get("arch") is None:
+        raise ConfigError("the config records no arch")
+    try:
+        get_backbone(values["arch"])
+    except ValueError as error:  # "unknown arch 'x'; choose one of ..."
+        raise ConfigError(str(error)) from None
+    dash = "--" if flags else ""
+    width = values.get("width")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise ConfigError(f"{dash}width must be positive, got {width}")
+    try:
+        return BackboneSpec.from_dict(values)
+    except ValueError as error:
+        raise ConfigError(f"{dash}{error}") from None
+
+
+def _from_flat(values: Mapping[str, Any], flags: bool) -> PretrainConfig:
+    """From one object of flag values: flags, or config.json as moco_tf wrote it before format 2
+    (`momentum` = the key encoder's m; keys it does not know, such as moco_version, are ignored)."""
+    values = dict(values)
+    if not flags and "momentum" in values and "moco_momentum" not in values:
+        values["moco_momentum"] = values.pop("momentum")
+    unrecorded: set[str] = set()
+    sections = {}
+    for name, section_type in zip(PretrainConfig.SECTIONS, _SECTION_TYPES, strict=True):
+        names = {f.name for f in _fields(section_type)}
+        # A null where the type has no None (a key an older version wrote as null) counts as absent.
+        given = {k: v for k, v in values.items() if k in names and (v is not None or _optional_field(section_type, k))}
+        if "backbone" in names:
+            given["backbone"] = {k: values[k] for k in _BACKBONE_KEYS if k in values}
+        sections[name] = _section_from_dict(section_type, given, name, unrecorded, flags=flags)
+    if flags:
+        return PretrainConfig(**sections)
+    return PretrainConfig(**sections, source=_source(values), unrecorded=frozenset(unrecorded))
+
+
+def _optional_field(section_type: type, name: str) -> bool:
+    return _optional(typing.get_type_hints(section_type)[name])
+
+
+def _optional(hint: Any) -> bool:
+    return isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def _source(values: Mapping[str, Any]) -> str | None:
+    source = values.get("source")
+    if source is not None and not isinstance(source, str):
+        raise ConfigError(f"source must be a string, got {source!r}")
+    return source
+
+
+def _typed(name: str, value: Any, hint: Any, flags: bool) -> Any:
+    """`value` as the field's type, or a ConfigError naming the key (the flag with `flags`).
+    Ranges, and the choices of a flag, are validate()'s to check."""
+    if _optional(hint):
+        if value is None:
+            return None
+        (hint,) = [h for h in typing.get_args(hint) if h is not type(None)]
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(hint) is Literal:
+        ok = value in typing.get_args(hint) or (flags and isinstance(value, str))
+    elif typing.get_origin(hint) is tuple:  # tuple[int, ...]
+        ok = isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = tuple(value) if ok else value
+    else:  # pragma: no cover - a new field type needs a rule here
+        raise TypeError(f"no rule for {name}: {hint}")
+    if not ok:
+        raise ConfigError(f"{'--' if flags else ''}{name} must be {_kind(hint)}, got {value!r}")
+    return value
+
+
+def _kind(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(typing.get_args(hint))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, "a list of integers"
+    )

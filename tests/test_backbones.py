@@ -1,0 +1,105 @@
+"""The backbone spec and its registry: lookup, facts (feature dim, default size), building, and the
+dict form config.json and moco_config.json store (older files without width or cifar_stem)."""
+
+import numpy as np
+import pytest
+
+from moco_tf.models import backbones
+from moco_tf.models.backbones import BackboneSpec
+
+
+def test_registry_holds_the_resnets_and_names_them_when_asked_for_another():
+    assert backbones.backbone_names() == ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+    assert backbones.get_backbone("resnet50").name == "resnet50"
+    with pytest.raises(ValueError) as error:
+        backbones.get_backbone("vgg16")
+    assert str(error.value) == "unknown arch 'vgg16'; choose one of resnet18, resnet34, resnet50, resnet101, resnet152"
+    with pytest.raises(ValueError, match="unknown arch 'resnet20'"):
+        BackboneSpec("resnet20")
+
+
+@pytest.mark.parametrize(
+    "arch, width, dim",
+    [("resnet18", 64, 512), ("resnet34", 64, 512), ("resnet50", 64, 2048), ("resnet152", 64, 2048),
+     ("resnet18", 16, 128), ("resnet101", 8, 256)],
+)
+def test_feature_dim_is_8_width_for_basic_blocks_and_32_width_for_bottlenecks(arch, width, dim):
+    assert BackboneSpec(arch, width).feature_dim == dim
+
+
+def test_default_image_size_follows_the_stem():
+    assert BackboneSpec("resnet18", cifar_stem=True).default_image_size == 32
+    assert BackboneSpec("resnet50").default_image_size == 224
+    assert backbones.default_image_size(True) == 32 and backbones.default_image_size(False) == 224
+    assert backbones.official_dataset(True) == "cifar10" and backbones.official_dataset(False) == "imagenet2012"
+
+
+def test_preprocessing_constants_are_imagenet_statistics():
+    spec = BackboneSpec()
+    assert spec.mean == backbones.IMAGENET_MEAN == (0.485, 0.456, 0.406)
+    assert spec.std == backbones.IMAGENET_STD == (0.229, 0.224, 0.225)
+
+
+def test_build_gives_features_of_feature_dim():
+    spec = BackboneSpec("resnet18", width=8, cifar_stem=True)
+    model = spec.build(image_size=spec.default_image_size, bn_groups=2)
+    assert model.input_shape == (None, 32, 32, 3)
+    assert model.get_layer("conv1").kernel.shape == (3, 3, 3, 8)  # the CIFAR stem's 3x3 conv
+    assert model.get_layer("bn1").num_groups == 2
+    features = model(np.zeros((2, 32, 32, 3), np.float32), training=False)
+    assert features.shape == (2, spec.feature_dim) == (2, 64)
+
+    spec = BackboneSpec("resnet50", width=8)
+    model = spec.build(name="backbone")
+    assert model.name == "backbone" and model.input_shape == (None, None, None, 3)
+    assert model.get_layer("conv1").kernel.shape == (7, 7, 3, 8)
+    assert model(np.zeros((1, 64, 64, 3), np.float32)).shape == (1, spec.feature_dim) == (1, 256)
+
+
+def test_dict_round_trip_and_older_files():
+    spec = BackboneSpec("resnet18", width=16, cifar_stem=True)
+    assert spec.to_dict() == {"arch": "resnet18", "width": 16, "cifar_stem": True}
+    assert BackboneSpec.from_dict(spec.to_dict()) == spec
+    # A whole config (other keys ignored); files before --width / the CIFAR stem lack those keys.
+    assert BackboneSpec.from_dict({"arch": "resnet50", "dim": 128, "feature_dim": 2048}) == BackboneSpec("resnet50")
+    assert BackboneSpec.from_dict({"arch": "resnet18", "width": None, "cifar_stem": True}).width == 64
+    with pytest.raises(ValueError, match="no arch"):
+        BackboneSpec.from_dict({"width": 8})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"width": 0}, "width must be a positive number of channels, got 0"),
+     ({"width": True}, "width must be a positive number of channels, got True"),
+     ({"width": 8.0}, "width must be a positive number of channels, got 8.0"),
+     ({"cifar_stem": "yes"}, "cifar_stem must be true or false, got 'yes'")],
+)
+def test_invalid_specs_are_refused(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        BackboneSpec("resnet18", **kwargs)
+    assert str(error.value) == message
+
+
+def test_label_and_tag_show_a_nonstandard_width():
+    assert BackboneSpec("resnet50").label == BackboneSpec("resnet50").tag == "resnet50"
+    assert BackboneSpec("resnet18", 8).label == "resnet18 width 8"
+    assert BackboneSpec("resnet18", 8).tag == "resnet18w8"
+
+
+def test_a_new_backbone_is_one_entry():
+    import keras
+
+    def tiny(cifar_stem, bn_groups, image_size, width, name):
+        inputs = keras.Input((image_size, image_size, 3))
+        x = keras.layers.Conv2D(width, 3, name="conv1")(inputs)
+        return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x), name=name or "tiny")
+
+    backbones.register_backbone("tiny", tiny, feature_dim=lambda width: width)
+    try:
+        spec = BackboneSpec.from_dict({"arch": "tiny", "width": 5})
+        assert spec.feature_dim == 5 and "tiny" in backbones.backbone_names()
+        assert spec.build()(np.zeros((1, 8, 8, 3), np.float32)).shape == (1, 5)
+        with pytest.raises(ValueError, match="'tiny' is already registered"):
+            backbones.register_backbone("tiny", tiny, feature_dim=lambda width: width)
+    finally:
+        del backbones.BACKBONES["tiny"]
