@@ -60,8 +60,17 @@ class StopOnSignal(keras.callbacks.Callback):
         os._exit(128 + signum)
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.requested:
+        from moco_tf.distribute import any_worker
+
+        # Every worker must stop at the same step: one stopping alone runs other collectives
+        # (its save) than the rest, and all of them fail. A worker told by another adopts SIGTERM.
+        if any_worker(self.model.distribute_strategy, self.requested):
+            if self.received is None:
+                self.received = signal.SIGTERM
+                self.by_peer = True
             self.model.stop_training = True
+
+    by_peer = False  # stopping because another worker of a multi-worker run got the signal
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):

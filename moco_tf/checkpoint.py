@@ -137,7 +137,27 @@ def worker_checkpoint_dir(model_dir: str, chief: bool) -> str:
     kept, the others write to a temporary folder and delete it."""
     if chief:
         return os.path.join(model_dir, CHECKPOINT_DIR)
-    return tempfile.mkdtemp(prefix="moco_tf_worker_ckpt_")
+    _remove_dead_workers_dirs()
+    return tempfile.mkdtemp(prefix=f"{_WORKER_DIR_PREFIX}{os.getpid()}_")
+
+
+_WORKER_DIR_PREFIX = "moco_tf_worker_ckpt_"
+
+
+def _remove_dead_workers_dirs() -> None:
+    """A killed non-chief worker leaves its throw-away checkpoint folder in the temp folder; the next
+    start removes those whose process (named in the folder's name) no longer runs on this host."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        match = re.match(rf"^{_WORKER_DIR_PREFIX}(\d+)_", name)
+        if not match or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def remove_worker_dir(path: str, chief: bool) -> None:

@@ -46,6 +46,11 @@ def define_train_flags() -> None:
     flags.DEFINE_float("sgd_momentum", 0.9, "SGD momentum.")
     # Hardware
     flags.DEFINE_enum("strategy", "auto", list(STRATEGIES), "tf.distribute strategy; auto picks from the hardware.")
+    flags.DEFINE_float(
+        "peer_timeout", 300.0,
+        "Multi-worker: seconds to wait for every host of TF_CONFIG to start (a host silent for 30 s during "
+        "training counts as lost).",
+    )
     flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM).")
     flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "fp16"], "Mixed precision (bf16 on TPU).")
     flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA (one replica per process, GPU/TPU).")

@@ -53,6 +53,7 @@ _FLOAT_RANGES = {  # name: (low, high, low inclusive, high inclusive, wording)
     "weight_decay": (0.0, math.inf, True, False, ">= 0"),
     "knn_t": (0.0, math.inf, False, False, "> 0"),
     "stop_grace_s": (0.0, math.inf, False, False, "> 0"),
+    "peer_timeout": (0.0, math.inf, False, False, "> 0"),
 }
 
 
@@ -138,7 +139,8 @@ def _segments(step: int, total: int, steps_per_epoch: int) -> list[tuple[int, in
 
 def main(argv) -> None:
     cli.reject_extra_arguments(argv)
-    train_from_flags()
+    with distribute.peer_failures():  # a lost worker of a multi-worker run: one line, not a traceback
+        train_from_flags()
 
 
 def train_from_flags() -> keras.Model:
@@ -146,8 +148,13 @@ def train_from_flags() -> keras.Model:
     validate_flags()
     config = config_from_flags()
     model_dir = FLAGS.model_dir or default_model_dir()
+    # Before the strategy: a mistake found once the workers of a multi-worker run are connected
+    # would look to the other workers like a lost peer.
+    saved = checkpoint.read_config(model_dir)
+    if saved is not None:
+        checkpoint.check_same_run(saved, config, model_dir)
 
-    strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.tpu)
+    strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.peer_timeout)
     chief = distribute.is_chief(strategy)
     replicas = strategy.num_replicas_in_sync
     if FLAGS.batch_size % replicas:
@@ -168,17 +175,16 @@ def train_from_flags() -> keras.Model:
         if runlock.describe_previous(lock):
             print(runlock.describe_previous(lock))
     try:
-        return _train(config, model_dir, strategy, chief, source, steps_per_epoch)
+        return _train(config, saved, model_dir, strategy, chief, source, steps_per_epoch)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(config: dict, model_dir: str, strategy, chief: bool, source, steps_per_epoch: int) -> keras.Model:
-    saved = checkpoint.read_config(model_dir)
-    if saved is not None:
-        checkpoint.check_same_run(saved, config, model_dir)
-    export_overwrite = _check_export_dir(model_dir)
+def _train(
+    config: dict, saved: dict | None, model_dir: str, strategy, chief: bool, source, steps_per_epoch: int
+) -> keras.Model:
+    export_overwrite = _check_export_dir(model_dir) if chief else False
     run_ckpt_dir = os.path.join(model_dir, checkpoint.CHECKPOINT_DIR)
     if chief:
         for path in checkpoint.remove_leftovers(run_ckpt_dir, model_dir):
@@ -219,6 +225,9 @@ def _train(config: dict, model_dir: str, strategy, chief: bool, source, steps_pe
         checkpoint.write_config(model_dir, config)
 
     step = int(optimizer.iterations.numpy())
+    distribute.check_same_on_all_workers(
+        strategy, step, "the step restored from --model_dir", "--model_dir must be one folder every worker reads"
+    )
     total = FLAGS.epochs * steps_per_epoch
     if FLAGS.max_steps:
         total = min(total, FLAGS.max_steps)
@@ -271,9 +280,9 @@ def _train(config: dict, model_dir: str, strategy, chief: bool, source, steps_pe
         stop.uninstall()
         checkpoint.remove_worker_dir(ckpt_dir, chief)
     if stop.requested:
+        cause = "another worker's SIGTERM" if stop.by_peer else signal.Signals(stop.received).name
         raise cli.RunInterrupted(
-            f"stopped by {signal.Signals(stop.received).name} at step {step}: checkpoint saved in {model_dir}; "
-            "rerun the same command to resume",
+            f"stopped by {cause} at step {step}: checkpoint saved in {model_dir}; rerun the same command to resume",
             stop.received,
         )
     if step >= total and not history:
