@@ -16,7 +16,7 @@ from typing import Any
 
 import keras
 
-from moco_tf import resnet
+from moco_tf.models import resnet
 
 # torchvision's ImageNet statistics, which every MoCo encoder (and the official weights) expects:
 # images in [0, 1] are normalised as (x - mean) / std.

@@ -39,9 +39,10 @@ import typing
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Literal
 
-from moco_tf.data import MIN_IMAGE_SIZE
-from moco_tf.distribute import STRATEGIES
+from moco_tf.data.sources import MIN_IMAGE_SIZE
+from moco_tf.errors import UserError
 from moco_tf.models.backbones import BackboneSpec, get_backbone
+from moco_tf.training.distribute import STRATEGIES
 
 FORMAT_VERSION = 2
 Schedule = Literal["step", "cosine"]
@@ -49,7 +50,7 @@ Augmentation = Literal["v1", "v2"]
 Precision = Literal["none", "bf16", "fp16"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A setting out of range, or a config file that does not hold a valid config; one line naming
     the flag (or the key)."""
 
@@ -342,7 +343,7 @@ class LinearConfig:
     image_size: int | None = None  # None: the encoder's default (32 with the CIFAR stem, else 224)
     batch_size: int = 256
     epochs: int = 100
-    lr: float = 30.0  # not scaled with batch_size (as main_lincls.py)
+    lr: float = 30.0  # per 256 images, scaled linearly with batch_size, as --lr of pretraining (one meaning)
     sgd_momentum: float = 0.9
     weight_decay: float = 0.0
     milestones: tuple[int, ...] = (60, 80)  # epochs where lr is multiplied by 0.1
