@@ -166,6 +166,8 @@ def test_from_flags_reads_absl_lists_and_defaults_missing_flags():
     assert config.optim.milestones == (30, 40) and config.optim.lr == 0.06
     assert config.model.backbone == BackboneSpec("resnet18") and config.data.image_size == 224  # the flag's default
     assert PretrainConfig.from_flags({}) == PretrainConfig()
+    with pytest.raises(ConfigError, match="--momentum is ambiguous: --moco_momentum is the key encoder's m"):
+        PretrainConfig.from_flags({"momentum": 0.9})
     assert PretrainConfig.from_flags({"cifar_stem": True, "arch": "resnet18"}).data.image_size == 32
 
 

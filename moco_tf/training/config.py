@@ -272,6 +272,11 @@ class PretrainConfig:
         Flag names are the fields' (`--moco_momentum` for m, `--sgd_momentum` for SGD's); --milestones
         may be a list of strings, as absl's DEFINE_list gives."""
         values = dict(flag_values.flag_values_dict() if hasattr(flag_values, "flag_values_dict") else flag_values)
+        if "momentum" in values and "moco_momentum" not in values:  # never guess which momentum was meant
+            raise ConfigError(
+                "--momentum is ambiguous: --moco_momentum is the key encoder's m, --sgd_momentum SGD's momentum "
+                "(main_moco.py's --momentum)"
+            )
         if "milestones" in values:
             values["milestones"] = parse_milestones(values["milestones"])
         return _from_flat(values, flags=True)
