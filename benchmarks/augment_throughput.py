@@ -79,10 +79,10 @@ def run_moco_tf(folder: str, image_size: int, batch: int, workers: int, seconds:
 
     tf.config.threading.set_intra_op_parallelism_threads(workers)
     tf.config.threading.set_inter_op_parallelism_threads(workers)
-    from moco_tf import data
+    from moco_tf.data import pipelines, sources
 
-    source = data.make_source("folder", folder)
-    ds = data.pretrain_dataset(source, "train", image_size, "v2", batch, seed=0)
+    source = sources.make_source("folder", folder)
+    ds = pipelines.pretrain_dataset(source, "train", image_size, "v2", batch, seed=0)
     options = tf.data.Options()
     options.threading.private_threadpool_size = workers
     ds = ds.with_options(options)

@@ -40,10 +40,12 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import torch  # noqa: E402
 
-from moco_tf import data, export, knn, lincls  # noqa: E402
-from moco_tf.model import MoCo  # noqa: E402
-from moco_tf.optimizers import SGD  # noqa: E402
-from moco_tf.schedules import EpochSchedule, scaled_lr  # noqa: E402
+from moco_tf.data import pipelines, sources  # noqa: E402
+from moco_tf.evaluation import knn, linear  # noqa: E402
+from moco_tf.interop import hub  # noqa: E402
+from moco_tf.models.moco import MoCo  # noqa: E402
+from moco_tf.training.optimizers import SGD  # noqa: E402
+from moco_tf.training.schedules import EpochSchedule, scaled_lr  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 
 # The real CIFAR-10 JPEGs: the folder named by MOCO_TF_DATASETS (as for the tests), default ../shared/datasets.
@@ -70,8 +72,8 @@ def extract_subset(root: str, train_per_class: int, test_per_class: int) -> str:
 
 def features(backbone_fn, source, batch: int = 256):
     """(train features, train labels, test features, test labels) under the eval transform."""
-    train = data.labelled_dataset(source, "train", 32, batch)
-    test = data.labelled_dataset(source, "test", 32, batch)
+    train = pipelines.labelled_dataset(source, "train", 32, batch)
+    test = pipelines.labelled_dataset(source, "test", 32, batch)
     return (*knn.extract_features(backbone_fn, train), *knn.extract_features(backbone_fn, test))
 
 
@@ -108,7 +110,7 @@ def run_seed(seed: int, source, args, lr: float, steps_per_epoch: int, steps: in
     print(f"seed {seed}: random init kNN top-1 {row['random']:.2f}% ({time.time() - start:.0f} s)", flush=True)
     torch_moco = ref.DemoTrainer(model, float(schedule(0)), WD, seed) if "torch" in args.frameworks else None
     train_tf = "moco_tf" in args.frameworks
-    views_stream = iter(data.pretrain_dataset(source, "train", 32, "v2", args.batch_size, seed=seed))
+    views_stream = iter(pipelines.pretrain_dataset(source, "train", 32, "v2", args.batch_size, seed=seed))
     seconds = {"moco_tf": 0.0, "torch": 0.0}
     losses = {"moco_tf": [], "torch": []}
     for step in range(steps):
@@ -140,12 +142,12 @@ def run_seed(seed: int, source, args, lr: float, steps_per_epoch: int, steps: in
         print(f"seed {seed}: moco_tf  kNN top-1 {row['moco_tf']:.2f}%", flush=True)
         # The trained encoder as a TF-Hub export, for the lincls CLI (the full protocol) afterwards.
         about = {"dataset": "cifar10", "aug": "v2", "epochs": args.epochs}
-        row["export"] = export.export_moco(model, os.path.join(out_dir, f"export_seed{seed}"), about, overwrite=True)
-        train_f = lincls.batched_features(train_x, train_y, 256, shuffle=True, seed=seed)
-        test_f = lincls.batched_features(test_x, test_y, 256, shuffle=False)
-        classifier, _ = lincls.train_linear(None, train_f, test_f, 10, math.ceil(len(train_y) / 256),
+        row["export"] = hub.export_moco(model, os.path.join(out_dir, f"export_seed{seed}"), about, overwrite=True)
+        train_f = linear.batched_features(train_x, train_y, 256, shuffle=True, seed=seed)
+        test_f = linear.batched_features(test_x, test_y, 256, shuffle=False)
+        classifier, _ = linear.train_linear(None, train_f, test_f, 10, math.ceil(len(train_y) / 256),
                                             epochs=args.lincls_epochs, log=lambda _: None)  # fmt: skip
-        row["lincls"] = lincls.evaluate(classifier, test_f)["top1"]
+        row["lincls"] = linear.evaluate(classifier, test_f)["top1"]
         print(f"seed {seed}: moco_tf  linear top-1 {row['lincls']:.2f}% (precomputed features)", flush=True)
     with open(os.path.join(out_dir, f"seed{seed}.json"), "w") as f:
         json.dump(row, f, indent=1)
@@ -195,7 +197,7 @@ def main() -> None:
     print(f"args: {vars(args)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = extract_subset(tmp, args.train_images // 10, args.test_images // 10)
-        source = data.make_source("folder", root)
+        source = sources.make_source("folder", root)
         n = source.num_examples("train")
         steps_per_epoch = n // args.batch_size
         total = int(args.epochs * steps_per_epoch)

@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from moco_tf.model import MoCo  # noqa: E402
-from moco_tf.optimizers import SGD  # noqa: E402
+from moco_tf.models.moco import MoCo  # noqa: E402
+from moco_tf.training.optimizers import SGD  # noqa: E402
 
 LR, WD = 0.06, 5e-4
 

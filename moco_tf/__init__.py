@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Lazy so that `import moco_tf.resnet` does not build the whole package.
     if name == "MoCo":
-        from moco_tf.model import MoCo
+        from moco_tf.models.moco import MoCo
 
         return MoCo
     raise AttributeError(f"module 'moco_tf' has no attribute {name!r}")

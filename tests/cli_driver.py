@@ -9,6 +9,7 @@ another open file (as a second run would see it) during the case.
 """
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -17,29 +18,16 @@ import traceback
 
 
 def _entry(command: str):
-    from absl import flags
-
-    if command == "train":
-        from moco_tf import train
-
-        return train.run
-    if command in ("export", "convert"):
-        import importlib
-
-        from moco_tf.export import run_cli
-
-        module = importlib.import_module(f"moco_tf.{command}")
-        module._define_flags()
-        extra = (ImportError,) if command == "convert" else ()  # as `python -m moco_tf.convert` reports
-        return lambda argv: run_cli(module._main, argv=argv, user_errors=extra)
-    del flags
-    raise SystemExit(f"unknown command {command}")
+    """The command line's `run(argv)`: flags defined once, user mistakes reported as by `python -m`."""
+    if command not in ("train", "export", "convert"):
+        raise SystemExit(f"unknown command {command}")
+    return importlib.import_module(f"moco_tf.{command}").run
 
 
 def main() -> None:
     from absl import flags
 
-    from moco_tf import runlock
+    from moco_tf.training import runlock
 
     command, cases_path, results_path = sys.argv[1:]
     cases = json.load(open(cases_path))

@@ -61,7 +61,8 @@ def install(point: str, n: int, model_dir: str) -> None:
     import tensorflow as tf
     from tensorflow.python.checkpoint import checkpoint_management
 
-    from moco_tf import callbacks, checkpoint, export, runlock, train
+    from moco_tf.interop import hub
+    from moco_tf.training import callbacks, checkpoint, pretrain, runlock
 
     ckpt_dir = os.path.join(model_dir, checkpoint.CHECKPOINT_DIR)
     if point == "lock":  # right after taking the run lock
@@ -70,7 +71,7 @@ def install(point: str, n: int, model_dir: str) -> None:
         original_rename = tf.io.gfile.rename
         tf.io.gfile.rename = _counting(original_rename, n, before=_kill)
     elif point == "view_pairs":  # writing the TensorBoard picture of the views
-        train._write_view_pairs = _counting(train._write_view_pairs, n, before=_kill)
+        pretrain._write_view_pairs = _counting(pretrain._write_view_pairs, n, before=_kill)
     elif point in ("step_begin", "step_mid", "sigterm_at_step", "sigterm_then_kill"):
         def begin(self, batch, logs=None, calls=[0]):  # noqa: B006 - a counter shared by the calls
             calls[0] += 1
@@ -117,7 +118,7 @@ def install(point: str, n: int, model_dir: str) -> None:
     elif point == "export_rename":  # the n-th rename of the export (an overwrite's renames)
         original_rename = os.rename
         os.rename = _counting(original_rename, n, before=_kill)
-        export.os.rename = os.rename
+        hub.os.rename = os.rename
     else:
         raise SystemExit(f"unknown fault point {point}")
     del keras

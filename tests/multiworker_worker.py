@@ -13,8 +13,9 @@ import keras
 import numpy as np
 from absl import flags
 
-from moco_tf import cli, distribute, train
-from moco_tf.flags import define_train_flags
+from moco_tf import cli, train
+from moco_tf.cli.flags import define_train_flags
+from moco_tf.training import distribute
 
 define_train_flags()
 flags.DEFINE_string("dump", None, "npz file for this worker's final queue and weights")
@@ -22,7 +23,7 @@ flags.DEFINE_integer("kill_at_step", None, "SIGKILL this worker right after this
 
 
 def _kill_after(step: int) -> None:
-    # Patched on Keras' CallbackList, not on a moco_tf callback, so it follows any change of train.py's callbacks.
+    # Patched on Keras' CallbackList, not on a moco_tf callback, so it follows any change of the run's callbacks.
     original = keras.callbacks.CallbackList.on_train_batch_end
 
     def on_train_batch_end(self, batch, logs=None):

@@ -1,4 +1,4 @@
-"""moco_tf.data: sources (digits, image folders incl. the real CIFAR-10 JPEGs, TFDS), the two-view
+"""moco_tf.data: sources (digits, image folders incl. the real CIFAR-10 JPEGs, TFDS), their two-view
 and labelled pipelines, sharding, seeds, and the one-line DataError for every user mistake."""
 
 import logging
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from moco_tf import data
+from moco_tf.data import pipelines, sources
 
 CLASSES = ("cat", "dog")
 PER_CLASS = {"train": 20, "test": 8}
@@ -37,7 +37,7 @@ def cifar_dir(tmp_path_factory, cifar10_tar):
 
 
 def test_digits_source_and_pipelines():
-    source = data.make_source("digits")
+    source = sources.make_source("digits")
     assert (source.num_classes, source.pretrain_split, source.eval_split) == (10, "train", "test")
     assert source.num_examples("train") == 1438 and source.num_examples("test") == 359
     train_images, train_labels = source.splits["train"]
@@ -47,11 +47,11 @@ def test_digits_source_and_pipelines():
     assert train_images[:, 0, 0].max() == 0 and train_images.max() == 255
     np.testing.assert_array_equal(train_images[..., 0], train_images[..., 2])
 
-    views = next(iter(data.pretrain_dataset(source, "train", 32, "v2", 16, seed=0)))
+    views = next(iter(pipelines.pretrain_dataset(source, "train", 32, "v2", 16, seed=0)))
     assert views.shape == (16, 2, 32, 32, 3) and views.dtype == tf.float32
     assert np.abs(views[:, 0] - views[:, 1]).max(axis=(1, 2, 3)).min() > 0.1  # independent views
 
-    images, labels = next(iter(data.labelled_dataset(source, "test", 32, 359)))
+    images, labels = next(iter(pipelines.labelled_dataset(source, "test", 32, 359)))
     assert images.shape == (359, 32, 32, 3) and labels.dtype == tf.int32
     np.testing.assert_array_equal(labels, source.splits["test"][1])
 
@@ -61,23 +61,23 @@ def test_digits_source_and_pipelines():
 
 
 def test_cifar_folder_source(cifar_dir):
-    source = data.make_source("folder", cifar_dir)
+    source = sources.make_source("folder", cifar_dir)
     assert source.num_classes == 2 and source.class_names == CLASSES
     assert (source.train_split, source.eval_split) == ("train", "test")
     assert source.num_examples("train") == 40 and source.num_examples("test") == 16
     assert source.skipped_files == ()
 
-    ds = data.pretrain_dataset(source, "train", 32, "v2", 8, seed=1)
+    ds = pipelines.pretrain_dataset(source, "train", 32, "v2", 8, seed=1)
     assert ds.element_spec.shape == (8, 2, 32, 32, 3)  # static: drop_remainder
     batches = [b.numpy() for b in ds.take(6)]  # 48 > 40 images: repeats into the next epoch
     assert all(b.shape == (8, 2, 32, 32, 3) for b in batches)
-    again = [b.numpy() for b in data.pretrain_dataset(source, "train", 32, "v2", 8, seed=1).take(2)]
-    other = next(iter(data.pretrain_dataset(source, "train", 32, "v2", 8, seed=2))).numpy()
+    again = [b.numpy() for b in pipelines.pretrain_dataset(source, "train", 32, "v2", 8, seed=1).take(2)]
+    other = next(iter(pipelines.pretrain_dataset(source, "train", 32, "v2", 8, seed=2))).numpy()
     np.testing.assert_array_equal(batches[0], again[0])
     np.testing.assert_array_equal(batches[1], again[1])
     assert np.abs(batches[0] - other).max() > 0.5
 
-    images, labels = zip(*data.labelled_dataset(source, "test", 32, 5), strict=True)
+    images, labels = zip(*pipelines.labelled_dataset(source, "test", 32, 5), strict=True)
     labels = np.concatenate(labels)
     assert [len(x) for x in images] == [5, 5, 5, 1]
     np.testing.assert_array_equal(labels, [0] * 8 + [1] * 8)  # cat, dog in sorted class order
@@ -90,20 +90,20 @@ def test_cifar_folder_source(cifar_dir):
 def test_labelled_subset_is_evenly_spaced_and_fixed(cifar_dir):
     """subset=N: N examples spread over the split (both classes of a class-sorted folder, not the
     first N = all cats), the same ones every epoch even when shuffled."""
-    source = data.make_source("folder", cifar_dir)
-    labels = np.concatenate([y for _, y in data.labelled_dataset(source, "test", 32, 4, subset=4)])
+    source = sources.make_source("folder", cifar_dir)
+    labels = np.concatenate([y for _, y in pipelines.labelled_dataset(source, "test", 32, 4, subset=4)])
     np.testing.assert_array_equal(labels, [0, 0, 1, 1])  # test: 8 cats then 8 dogs, every 4th
-    ds = data.labelled_dataset(source, "train", 32, 8, shuffle=True, seed=2, subset=10, repeat=True)
+    ds = pipelines.labelled_dataset(source, "train", 32, 8, shuffle=True, seed=2, subset=10, repeat=True)
     epochs = [np.concatenate([x.numpy().reshape(8, -1)[:, :4] for x, _ in ds.take(5)])[i:i + 10] for i in (0, 10, 20)]
     rows = [sorted(map(tuple, e.round(4))) for e in epochs]
     assert rows[0] == rows[1] == rows[2]  # the same 10 images each epoch
     assert not np.array_equal(epochs[0], epochs[1])  # in a new order
-    assert sum(len(y) for _, y in data.labelled_dataset(source, "train", 32, 8, subset=100)) == 40  # >= all
+    assert sum(len(y) for _, y in pipelines.labelled_dataset(source, "train", 32, 8, subset=100)) == 40  # >= all
 
 
 def test_labelled_train_aug_and_drop_remainder(cifar_dir):
-    source = data.make_source("folder", cifar_dir)
-    ds = data.labelled_dataset(
+    source = sources.make_source("folder", cifar_dir)
+    ds = pipelines.labelled_dataset(
         source, "train", 24, 16, train_aug=True, drop_remainder=True, repeat=True, shuffle=True, seed=3
     )
     assert ds.element_spec[0].shape == (16, 24, 24, 3)
@@ -111,7 +111,7 @@ def test_labelled_train_aug_and_drop_remainder(cifar_dir):
     assert set(la.numpy()) | set(lb.numpy()) <= {0, 1}
     assert np.abs(a - b).max() > 0.5
     # same seed, same stream
-    (a2, la2), _ = data.labelled_dataset(
+    (a2, la2), _ = pipelines.labelled_dataset(
         source, "train", 24, 16, train_aug=True, drop_remainder=True, repeat=True, shuffle=True, seed=3
     ).take(2)
     np.testing.assert_array_equal(a, a2)
@@ -119,18 +119,18 @@ def test_labelled_train_aug_and_drop_remainder(cifar_dir):
 
 
 def test_sharding_with_input_context(cifar_dir):
-    source = data.make_source("folder", cifar_dir)
+    source = sources.make_source("folder", cifar_dir)
     labels = []
     for pipeline in range(2):
         ctx = tf.distribute.InputContext(
             num_input_pipelines=2, input_pipeline_id=pipeline, num_replicas_in_sync=2
         )
-        views = next(iter(data.pretrain_dataset(source, "train", 16, "v1", 8, seed=0, input_context=ctx)))
+        views = next(iter(pipelines.pretrain_dataset(source, "train", 16, "v1", 8, seed=0, input_context=ctx)))
         assert views.shape == (4, 2, 16, 16, 3)  # per-replica share of the global batch
-        images = [x.numpy() for x, _ in data.labelled_dataset(source, "test", 16, 16, input_context=ctx)]
+        images = [x.numpy() for x, _ in pipelines.labelled_dataset(source, "test", 16, 16, input_context=ctx)]
         labels.append(
             np.concatenate(
-                [y.numpy() for _, y in data.labelled_dataset(source, "test", 16, 4, input_context=ctx)]
+                [y.numpy() for _, y in pipelines.labelled_dataset(source, "test", 16, 4, input_context=ctx)]
             )
         )
         assert sum(len(x) for x in images) == 8
@@ -165,30 +165,30 @@ def messy_dir(cifar_dir, tmp_path):
 
 
 def test_folder_with_corrupt_files_skips_and_warns_once(messy_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="moco_tf.data"):
-        source = data.make_source("folder", messy_dir)
+    with caplog.at_level(logging.WARNING, logger="moco_tf.data.sources"):
+        source = sources.make_source("folder", messy_dir)
     assert len(source.skipped_files) == 3
     assert {os.path.basename(p) for p in source.skipped_files} == {
         "a_empty.jpg",
         "notes.jpg",
         "truncated.jpg",
     }
-    warnings = [r for r in caplog.records if r.name == "moco_tf.data"]
+    warnings = [r for r in caplog.records if r.name == "moco_tf.data.sources"]
     assert len(warnings) == 1 and "3 unreadable" in warnings[0].getMessage()
     assert "a_empty.jpg" in warnings[0].getMessage()
     # 4 JPEG + 1 nested PNG cats, 4 JPEG + BMP + GIF (+ the undecodable) dogs; no val split here
     assert source.num_examples("train") == 12 and source.eval_split is None
     _, labels = source.splits["train"]
     assert list(labels) == [0] * 5 + [1] * 7
-    batches = list(data.labelled_dataset(source, "train", 32, 12))
+    batches = list(pipelines.labelled_dataset(source, "train", 32, 12))
     assert len(batches) == 1 and batches[0][0].shape == (11, 32, 32, 3)  # the garbage one dropped
-    views = next(iter(data.pretrain_dataset(source, "train", 32, "v2", 11, seed=0)))
+    views = next(iter(pipelines.pretrain_dataset(source, "train", 32, "v2", 11, seed=0)))
     assert views.shape == (11, 2, 32, 32, 3) and np.isfinite(views.numpy()).all()
 
 
 def test_folder_strict_names_the_first_bad_file(messy_dir):
-    with pytest.raises(data.DataError) as err:
-        data.make_source("folder", messy_dir, strict=True)
+    with pytest.raises(sources.DataError) as err:
+        sources.make_source("folder", messy_dir, strict=True)
     message = str(err.value)
     assert "a_empty.jpg" in message and "empty file" in message and "\n" not in message
 
@@ -196,11 +196,11 @@ def test_folder_strict_names_the_first_bad_file(messy_dir):
 def test_unlabelled_folder(cifar_dir, tmp_path):
     for name in sorted(os.listdir(os.path.join(cifar_dir, "train", "cat")))[:6]:
         shutil.copy(os.path.join(cifar_dir, "train", "cat", name), tmp_path / name)
-    source = data.make_source("folder", str(tmp_path))
+    source = sources.make_source("folder", str(tmp_path))
     assert source.num_classes is None and source.num_examples("train") == 6
-    assert next(iter(data.pretrain_dataset(source, "train", 16, "v2", 4, seed=0))).shape == (4, 2, 16, 16, 3)
-    with pytest.raises(data.DataError, match="no labels"):
-        data.labelled_dataset(source, "train", 16, 4)
+    assert next(iter(pipelines.pretrain_dataset(source, "train", 16, "v2", 4, seed=0))).shape == (4, 2, 16, 16, 3)
+    with pytest.raises(sources.DataError, match="no labels"):
+        pipelines.labelled_dataset(source, "train", 16, 4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def test_unlabelled_folder(cifar_dir, tmp_path):
 
 def _one_line_error(fn, *args, match, **kwargs):
     start = time.perf_counter()
-    with pytest.raises(data.DataError, match=match) as err:
+    with pytest.raises(sources.DataError, match=match) as err:
         fn(*args, **kwargs)
     assert "\n" not in str(err.value)
     assert time.perf_counter() - start < 10  # no download retries
@@ -217,20 +217,20 @@ def _one_line_error(fn, *args, match, **kwargs):
 
 
 def test_data_errors(tmp_path, cifar_dir):
-    _one_line_error(data.make_source, "folder", None, match="needs --data_dir")
-    _one_line_error(data.make_source, "folder", str(tmp_path / "missing"), match="not a folder")
+    _one_line_error(sources.make_source, "folder", None, match="needs --data_dir")
+    _one_line_error(sources.make_source, "folder", str(tmp_path / "missing"), match="not a folder")
     (tmp_path / "empty" / "some_class").mkdir(parents=True)
-    _one_line_error(data.make_source, "folder", str(tmp_path / "empty"), match="no readable images")
-    _one_line_error(data.make_source, "no_such_dataset_xyz", match="unknown dataset")
-    msg = _one_line_error(data.make_source, "cifar10", str(tmp_path / "tfds"), match="not prepared")
+    _one_line_error(sources.make_source, "folder", str(tmp_path / "empty"), match="no readable images")
+    _one_line_error(sources.make_source, "no_such_dataset_xyz", match="unknown dataset")
+    msg = _one_line_error(sources.make_source, "cifar10", str(tmp_path / "tfds"), match="not prepared")
     assert "tfds build cifar10" in msg
-    msg = _one_line_error(data.make_source, "imagenet2012", str(tmp_path / "tfds"), match="not prepared")
+    msg = _one_line_error(sources.make_source, "imagenet2012", str(tmp_path / "tfds"), match="not prepared")
     assert "manual" in msg
-    source = data.make_source("folder", cifar_dir)
-    _one_line_error(data.pretrain_dataset, source, "train", 8, "v2", 8, match="too small")
-    _one_line_error(data.pretrain_dataset, source, "train", 32, "v2", 64, match="fewer than one batch")
-    _one_line_error(data.pretrain_dataset, source, "nope", 32, "v2", 8, match="no split 'nope'")
-    _one_line_error(data.labelled_dataset, source, "test", 4, 8, match="too small")
+    source = sources.make_source("folder", cifar_dir)
+    _one_line_error(pipelines.pretrain_dataset, source, "train", 8, "v2", 8, match="too small")
+    _one_line_error(pipelines.pretrain_dataset, source, "train", 32, "v2", 64, match="fewer than one batch")
+    _one_line_error(pipelines.pretrain_dataset, source, "nope", 32, "v2", 8, match="no split 'nope'")
+    _one_line_error(pipelines.labelled_dataset, source, "test", 4, 8, match="too small")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,10 +264,10 @@ def test_tfds_source(tmp_path):
                 yield i, {"image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "label": i % 3}
 
     MocoTinyImages(data_dir=str(tmp_path)).download_and_prepare()
-    source = data.make_source("moco_tiny_images", str(tmp_path))
+    source = sources.make_source("moco_tiny_images", str(tmp_path))
     assert (source.num_classes, source.pretrain_split, source.eval_split) == (3, "train", "test")
     assert source.num_examples("train") == 30
-    views = next(iter(data.pretrain_dataset(source, "train", 24, "v2", 8, seed=0)))
+    views = next(iter(pipelines.pretrain_dataset(source, "train", 24, "v2", 8, seed=0)))
     assert views.shape == (8, 2, 24, 24, 3)
-    labels = np.concatenate([y for _, y in data.labelled_dataset(source, "test", 24, 4)])
+    labels = np.concatenate([y for _, y in pipelines.labelled_dataset(source, "test", 24, 4)])
     np.testing.assert_array_equal(np.sort(labels), np.sort(np.arange(9) % 3))

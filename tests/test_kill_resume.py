@@ -36,7 +36,7 @@ def _train(model_dir, export_dir=None, *extra, fault=None):
 
 
 def _newest(model_dir):
-    from moco_tf import checkpoint
+    from moco_tf.training import checkpoint
 
     return checkpoint.newest_intact(os.path.join(model_dir, checkpoint.CHECKPOINT_DIR))
 

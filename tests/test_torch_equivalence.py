@@ -17,9 +17,9 @@ import pytest
 import tensorflow as tf
 import torch
 
-from moco_tf import resnet
-from moco_tf.model import MoCo, key_permutation
-from moco_tf.optimizers import SGD
+from moco_tf.models import resnet
+from moco_tf.models.moco import MoCo, key_permutation
+from moco_tf.training.optimizers import SGD
 from tests import torch_reference as ref
 
 STEPS, BATCH, DIM, QUEUE = 3, 8, 32, 16  # 3 x 8 keys > 16 rows: the queue wraps around
@@ -119,7 +119,7 @@ def test_ten_steps_of_the_demo_recipe_match_pytorch():
     moco_tf's key permutations. Both sides agree to ~5e-9 after 10 steps; beyond ~10 steps at a
     high lr any two runs (even float64 ones) drift apart chaotically, so longer runs compare
     statistics (benchmarks/cifar10_knn.py), not trajectories."""
-    from moco_tf.schedules import EpochSchedule
+    from moco_tf.training.schedules import EpochSchedule
 
     keras.config.set_floatx("float64")
     try:

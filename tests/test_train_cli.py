@@ -55,10 +55,10 @@ def test_short_run_writes_checkpoint_logs_export_and_resumes(tmp_path):
     assert "epoch 2/3" in first.stdout  # one-line epoch summaries
 
     # The narrow encoder loads at its width from the model_dir and from the export, to the same features.
-    from moco_tf import export
-    from moco_tf.pretrained import load_backbone
+    from moco_tf.interop import hub
+    from moco_tf.interop.pretrained import load_backbone
 
-    exported = export.read_config(export_dir)
+    exported = hub.read_config(export_dir)
     assert exported["width"] == 8 and exported["feature_dim"] == 64
     x = np.random.RandomState(0).rand(2, 32, 32, 3).astype(np.float32)
     features = {}
@@ -88,7 +88,7 @@ def test_short_run_writes_checkpoint_logs_export_and_resumes(tmp_path):
 
 
 def test_config_without_width_is_the_standard_width(tmp_path):
-    from moco_tf import checkpoint
+    from moco_tf.training import checkpoint
 
     old = {k: 1 for k in checkpoint.RECIPE_KEYS if k != "width"}  # as written before --width existed
     checkpoint.write_config(str(tmp_path), old)

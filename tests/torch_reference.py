@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moco_tf.resnet import feature_dim as feature_dim_of
+from moco_tf.models.resnet import feature_dim as feature_dim_of
 
 
 class SplitBatchNorm(nn.BatchNorm2d):

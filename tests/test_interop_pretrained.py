@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from moco_tf import export
-from moco_tf.model import projection_head
-from moco_tf.pretrained import FrozenBackbone, PretrainedError, load_backbone
-from moco_tf.resnet import resnet
+from moco_tf.interop import hub
+from moco_tf.interop.pretrained import FrozenBackbone, PretrainedError, load_backbone
+from moco_tf.models.moco import projection_head
+from moco_tf.models.resnet import resnet
 from tests import torch_reference
-from tests.test_export import randomize
+from tests.helpers import randomize
 
-MEAN = np.array(export.IMAGENET_MEAN, np.float32)
-STD = np.array(export.IMAGENET_STD, np.float32)
+MEAN = np.array(hub.IMAGENET_MEAN, np.float32)
+STD = np.array(hub.IMAGENET_STD, np.float32)
 
 
 def images(n=3, size=32, seed=1):
@@ -26,7 +26,7 @@ def test_export_is_rebuilt_exactly(tmp_path):
     randomize(backbone)  # BN statistics that differ from training mode's
     head = projection_head(512, 16, mlp=True)
     config = {"arch": "resnet18", "cifar_stem": True, "image_size": 32, "dataset": "digits"}
-    path = export.export_backbone(backbone, str(tmp_path / "r18"), config, head=head)
+    path = hub.export_backbone(backbone, str(tmp_path / "r18"), config, head=head)
     loaded, info = load_backbone(path)
     assert isinstance(loaded, FrozenBackbone)
     assert info["kind"] == "export" and info["arch"] == "resnet18" and info["cifar_stem"]
@@ -39,7 +39,7 @@ def test_export_is_rebuilt_exactly(tmp_path):
 
 def test_export_with_wrong_config_is_refused(tmp_path):
     backbone = resnet("resnet18", cifar_stem=True)
-    path = export.export_backbone(backbone, str(tmp_path / "r18"), {"arch": "resnet34", "cifar_stem": True})
+    path = hub.export_backbone(backbone, str(tmp_path / "r18"), {"arch": "resnet34", "cifar_stem": True})
     with pytest.raises(PretrainedError, match="do not fit a resnet34"):
         load_backbone(path)
 
@@ -115,8 +115,8 @@ def _saved_model(directory):
 def test_model_dir_and_checkpoint(tmp_path):
     import glob
 
-    from moco_tf.checkpoint import write_model_dir
-    from moco_tf.model import MoCo
+    from moco_tf.models.moco import MoCo
+    from moco_tf.training.checkpoint import write_model_dir
 
     model = MoCo(arch="resnet18", cifar_stem=True, dim=16, queue_size=32, bn_groups=2, image_size=32)
     randomize(model.backbone_q)

@@ -1,4 +1,4 @@
-"""moco_tf.augment: distributions over a few thousand draws on tiny images, and parity of the
+"""moco_tf.data.augment: distributions over a few thousand draws on tiny images, and parity of the
 deterministic pieces with the official pipeline.
 
 The official pipeline is torchvision on PIL images. torchvision is not installed here, so the
@@ -16,7 +16,7 @@ import tensorflow as tf
 import torch
 from PIL import Image
 
-from moco_tf import augment
+from moco_tf.data import augment
 
 MEAN = np.array(augment.IMAGENET_MEAN, np.float32)
 STD = np.array(augment.IMAGENET_STD, np.float32)

@@ -1,11 +1,12 @@
-"""absl flags of the training CLI (`python -m moco_tf.train`), grouped as the paper's recipe."""
+"""absl flags of every moco_tf command line: train (grouped as the paper's recipe), knn, lincls,
+export and convert. Each `define_*` defines its command line's flags once per process."""
 
 from __future__ import annotations
 
 from absl import flags
 
-from moco_tf.distribute import STRATEGIES
-from moco_tf.resnet import ARCHS
+from moco_tf.models.resnet import ARCHS
+from moco_tf.training.distribute import STRATEGIES
 
 
 def define_train_flags() -> None:
@@ -90,6 +91,8 @@ def define_train_flags() -> None:
 
 def define_evaluation_flags() -> None:
     """Flags of the CLIs that evaluate a pretrained encoder on a labelled dataset (knn, lincls)."""
+    if "pretrained" in flags.FLAGS:
+        return
     flags.DEFINE_string(
         "pretrained",
         None,
@@ -104,3 +107,56 @@ def define_evaluation_flags() -> None:
     flags.DEFINE_integer("limit_train", 0, "use only N train images, evenly spaced (quick checks); 0: all")
     flags.DEFINE_integer("limit_val", 0, "use only N val images, evenly spaced (quick checks); 0: all")
     flags.DEFINE_bool("strict_data", False, "stop at the first unreadable image instead of skipping it")
+
+
+def define_knn_flags() -> None:
+    """Every flag of `moco_tf.knn`."""
+    define_evaluation_flags()
+    if "k" in flags.FLAGS:
+        return
+    flags.DEFINE_integer("k", 200, "number of neighbours")
+    flags.DEFINE_float("t", 0.1, "temperature of the neighbour weights exp(similarity / t)")
+    flags.DEFINE_integer("batch_size", 256, "images per forward pass")
+    flags.DEFINE_string("retrieval_grid", None, "write a PNG of val images and their nearest train images here")
+    flags.DEFINE_integer("grid_queries", 8, "val images (rows) in the retrieval grid")
+    flags.DEFINE_integer("grid_neighbours", 8, "nearest train images per row of the retrieval grid")
+
+
+def define_lincls_flags() -> None:
+    """Every flag of `moco_tf.lincls`; defaults are the official linear protocol's."""
+    define_evaluation_flags()
+    if "precompute_features" in flags.FLAGS:
+        return
+    flags.DEFINE_string("model_dir", None, "checkpoints and results of this linear run; a rerun resumes from it")
+    flags.DEFINE_integer("batch_size", 256, "images per step (official: 256)")
+    flags.DEFINE_integer("epochs", 100, "training epochs (official: 100)")
+    flags.DEFINE_float("lr", 30.0, "SGD learning rate (official: 30)")
+    flags.DEFINE_float("momentum", 0.9, "SGD momentum (official: 0.9)")
+    flags.DEFINE_float("weight_decay", 0.0, "SGD weight decay, PyTorch style (official: 0)")
+    flags.DEFINE_list("schedule", ["60", "80"], "epochs at which the learning rate drops x0.1 (official: 60,80)")
+    flags.DEFINE_bool(
+        "precompute_features",
+        False,
+        "extract features once (eval transform, no augmentation) and train on them: fast on CPU, "
+        "but NOT the official protocol",
+    )
+    flags.DEFINE_integer("seed", None, "seed of the data order and augmentation")
+
+
+def define_export_flags() -> None:
+    """Every flag of `moco_tf.export`."""
+    if "export_dir" in flags.FLAGS:
+        return
+    flags.DEFINE_string("model_dir", None, "moco_tf model_dir to export (written by training)")
+    flags.DEFINE_string("export_dir", None, "folder to create, e.g. export/moco_v2_r50")
+    flags.DEFINE_bool("overwrite", False, "replace an existing export_dir")
+
+
+def define_convert_flags() -> None:
+    """Every flag of `moco_tf.convert`."""
+    if "torch_checkpoint" in flags.FLAGS:
+        return
+    flags.DEFINE_string("torch_checkpoint", None, "official MoCo .pth.tar, lincls or torchvision checkpoint")
+    flags.DEFINE_string("export_dir", None, "write a TF-Hub export here")
+    flags.DEFINE_string("model_dir", None, "write a moco_tf model_dir here (training / lincls resume)")
+    flags.DEFINE_bool("overwrite", False, "replace an existing export_dir / model_dir")

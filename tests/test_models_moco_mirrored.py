@@ -3,10 +3,10 @@
 import numpy as np
 import tensorflow as tf
 
-from moco_tf.distribute import mirrored
-from moco_tf.losses import info_nce
-from moco_tf.model import MoCo
-from moco_tf.optimizers import SGD
+from moco_tf.models.losses import info_nce
+from moco_tf.models.moco import MoCo
+from moco_tf.training.distribute import mirrored
+from moco_tf.training.optimizers import SGD
 
 GLOBAL_BATCH, QUEUE = 8, 32
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from moco_tf import resnet
-from moco_tf.model import MoCo
-from moco_tf.optimizers import SGD
+from moco_tf.models import resnet
+from moco_tf.models.moco import MoCo
+from moco_tf.training.optimizers import SGD
 
 
 @pytest.mark.parametrize("arch,count", [("resnet18", 11_689_512), ("resnet50", 25_557_032)])

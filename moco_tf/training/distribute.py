@@ -22,7 +22,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from moco_tf.cli import RunFailed, RunInterrupted
+from moco_tf.errors import RunFailed, RunInterrupted, UserError
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 # Jobs a MultiWorkerMirroredStrategy trains with; "ps" and "evaluator" would need other code.
@@ -35,7 +35,7 @@ DEFAULT_PEER_TIMEOUT_S = 300.0
 HEARTBEAT_TIMEOUT_S = 30.0
 
 
-class StrategyError(ValueError):
+class StrategyError(UserError):
     """The requested strategy cannot run here; the message says why in one line."""
 
 
@@ -285,7 +285,7 @@ def _wait_for_peers(cluster: dict[str, list[str]], task: dict[str, Any], timeout
 
 @contextlib.contextmanager
 def _signals_interrupt(doing: str) -> Iterator[None]:
-    """SIGTERM and SIGINT end the block with cli.RunInterrupted (one line, status 128 + signal)."""
+    """SIGTERM and SIGINT end the block with errors.RunInterrupted (one line, status 128 + signal)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

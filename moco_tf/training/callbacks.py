@@ -1,5 +1,5 @@
-"""Keras callbacks of the training CLI: checkpoints, clean stops (signals, divergence), throughput,
-learning rate, epoch summary."""
+"""Keras callbacks of a pretraining run: checkpoints, clean stops (signals, divergence), throughput,
+learning rate, the epoch summary."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from moco_tf.cli import RunFailed
+from moco_tf.errors import RunFailed
 
 
 class StopOnSignal(keras.callbacks.Callback):
@@ -60,7 +60,7 @@ class StopOnSignal(keras.callbacks.Callback):
         os._exit(128 + signum)
 
     def on_train_batch_end(self, batch, logs=None):
-        from moco_tf.distribute import any_worker
+        from moco_tf.training.distribute import any_worker
 
         # Every worker must stop at the same step: one stopping alone runs other collectives
         # (its save) than the rest, and all of them fail. A worker told by another adopts SIGTERM.
@@ -126,7 +126,7 @@ class CheckpointEvery(keras.callbacks.Callback):
         try:
             self.manager.save(checkpoint_number=step)
         except (OSError, tf.errors.OpError) as error:
-            from moco_tf.checkpoint import is_disk_full
+            from moco_tf.training.checkpoint import is_disk_full
 
             if not is_disk_full(error):
                 raise
@@ -177,3 +177,4 @@ class TrainingLogs(keras.callbacks.Callback):
                 if key in logs:
                     parts.append(f"{key} {float(logs[key]):.4g}")
             print(" | ".join(parts), flush=True)
+

@@ -1,4 +1,5 @@
-"""Weighted kNN: hand-computed votes, ties, blocks, the official demo's code, the monitor, the grid, the CLI."""
+"""Weighted kNN: hand-computed votes, ties, blocks, the official demo's code, the monitor, and the
+`moco_tf.knn` command line."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import pytest
 import tensorflow as tf
 import torch
 
-from moco_tf import data, export, knn
-from moco_tf.resnet import resnet
-from tests.test_export import randomize, run
+from moco_tf.data import pipelines, sources
+from moco_tf.evaluation import knn
+from moco_tf.interop import hub
+from moco_tf.models.resnet import resnet
+from tests.helpers import randomize, run
 
 S = 1.0 / math.sqrt(2.0)
 # A memory bank on the unit circle: angle 0 (class 0), 90 deg (class 1), 45 deg (class 1), 180 deg (class 2).
@@ -85,9 +88,9 @@ def test_matches_the_official_demo():
 
 @pytest.fixture(scope="module")
 def digits():
-    source = data.make_source("digits")
-    train = data.labelled_dataset(source, "train", 32, 32).take(3)  # 96 images
-    val = data.labelled_dataset(source, "test", 32, 16).take(2)  # 32 images
+    source = sources.make_source("digits")
+    train = pipelines.labelled_dataset(source, "train", 32, 32).take(3)  # 96 images
+    val = pipelines.labelled_dataset(source, "test", 32, 16).take(2)  # 32 images
     return source, train, val
 
 
@@ -141,27 +144,10 @@ def test_monitor_inside_fit(digits):
     assert len(history.history["knn_top1"]) == 2
 
 
-def test_retrieval_grid_marks_wrong_neighbours():
-    queries = np.full((2, 8, 8, 3), 128, np.uint8)
-    neighbours = np.zeros((2, 3, 8, 8, 3), np.uint8)
-    labels = np.array([[0, 1, 0], [1, 1, 2]])
-    grid = knn.retrieval_grid(
-        queries, [0, 1], neighbours, labels, predicted=[0, 1], class_names=["a", "b", "c"], cell=16
-    )
-    border, text_h, gap = 3, 14, 8
-    w, h = 16 + 2 * border, 16 + 2 * border + text_h
-    assert grid.shape == (2 * h, 4 * w + gap, 3) and grid.dtype == np.uint8
-    corner = lambda r, c: tuple(grid[r * h, (c + 1) * w + gap]) if c >= 0 else tuple(grid[r * h, 0])  # noqa: E731
-    assert [corner(0, c) for c in range(3)] == [knn._RIGHT, knn._WRONG, knn._RIGHT]
-    assert [corner(1, c) for c in range(3)] == [knn._RIGHT, knn._RIGHT, knn._WRONG]
-    assert corner(0, -1) == knn._QUERY
-    assert tuple(grid[border + 4, border + 4]) == (128, 128, 128)  # the query image itself
-
-
 def test_cli(tmp_path):
     backbone = resnet("resnet18", cifar_stem=True)
     config = {"arch": "resnet18", "cifar_stem": True, "image_size": 32}
-    path = export.export_backbone(backbone, str(tmp_path / "r18"), config)
+    path = hub.export_backbone(backbone, str(tmp_path / "r18"), config)
     grid = tmp_path / "grid.png"
     result = run(
         "-m",

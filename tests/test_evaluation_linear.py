@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from moco_tf import data, lincls
-from moco_tf.pretrained import load_backbone
-from moco_tf.resnet import resnet
-from tests.test_export import randomize, run
+from moco_tf.data import pipelines, sources
+from moco_tf.evaluation import linear
+from moco_tf.interop.pretrained import load_backbone
+from moco_tf.models.resnet import resnet
+from tests.helpers import randomize, run
 from tests.torch_reference import tf_encoder_state
 
 BATCH = 16
@@ -32,9 +33,9 @@ def pretrained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits():
-    source = data.make_source("digits")
-    train = data.labelled_dataset(source, "train", 32, BATCH, train_aug=True, shuffle=True, seed=0).take(2)
-    val = data.labelled_dataset(source, "test", 32, BATCH).take(1)
+    source = sources.make_source("digits")
+    train = pipelines.labelled_dataset(source, "train", 32, BATCH, train_aug=True, shuffle=True, seed=0).take(2)
+    val = pipelines.labelled_dataset(source, "test", 32, BATCH).take(1)
     return train, val
 
 
@@ -42,7 +43,7 @@ def test_only_the_classifier_learns(pretrained, digits):
     train, val = digits
     backbone, _ = load_backbone(pretrained)
     before = backbone.snapshot()
-    model, results = lincls.train_linear(backbone, train, val, 10, steps_per_epoch=2, epochs=1)
+    model, results = linear.train_linear(backbone, train, val, 10, steps_per_epoch=2, epochs=1)
     # The fresh classifier: N(0, 0.01) weights (now moved by two steps of lr 30), zero bias moved too.
     assert [v.path.split("/", 1)[1] for v in model.trainable_variables] == ["fc/kernel", "fc/bias"]
     assert np.abs(np.asarray(model.fc.bias)).max() > 0
@@ -53,21 +54,21 @@ def test_only_the_classifier_learns(pretrained, digits):
     assert any("moving_mean" in key for key in before)
     assert len(results) == 1 and results[0]["lr"] == pytest.approx(30.0)
     assert 0.0 <= results[0]["val_top1"] <= results[0]["val_top5"] <= 100.0
-    assert lincls.sanity_check(backbone, pretrained) == len(before)
+    assert linear.sanity_check(backbone, load_backbone(pretrained)[0], pretrained) == len(before)
     # Any change of the backbone, even a BN statistic, makes the check fail loudly.
     bn = backbone.model.get_layer("layer3.1.bn2")
     bn.moving_variance.assign(np.asarray(bn.moving_variance) * 1.001)
-    with pytest.raises(lincls.BackboneChangedError, match="layer3.1.bn2/moving_variance"):
-        lincls.sanity_check(backbone, pretrained)
+    with pytest.raises(linear.BackboneChangedError, match="layer3.1.bn2/moving_variance"):
+        linear.sanity_check(backbone, load_backbone(pretrained)[0], pretrained)
 
 
 def test_initialisation_and_schedule():
-    model = lincls.LinearClassifier(None, 1000)
+    model = linear.LinearClassifier(None, 1000)
     model(np.zeros((1, 2048), np.float32))
     kernel = np.asarray(model.fc.kernel)
     assert abs(kernel.std() - 0.01) < 5e-4 and abs(kernel.mean()) < 5e-4
     assert not np.asarray(model.fc.bias).any()
-    optimizer = lincls.make_optimizer(30.0, 0.9, 0.0, steps_per_epoch=10, epochs=100, milestones=(60, 80))
+    optimizer = linear.make_optimizer(30.0, 0.9, 0.0, steps_per_epoch=10, epochs=100, milestones=(60, 80))
     rates = [float(optimizer._learning_rate(step)) for step in (0, 599, 600, 799, 800, 999)]
     np.testing.assert_allclose(rates, [30, 30, 3, 3, 0.3, 0.3], rtol=1e-6)
     assert optimizer.coupled_weight_decay == 0.0 and optimizer.momentum == 0.9
@@ -76,13 +77,13 @@ def test_initialisation_and_schedule():
 def test_resume(pretrained, digits, tmp_path):
     train, val = digits
     backbone, _ = load_backbone(pretrained)
-    features = lincls.feature_dataset(backbone, train, BATCH, shuffle=False)[0]
-    val_features = lincls.feature_dataset(backbone, val, BATCH, shuffle=False)[0]
+    features = linear.feature_dataset(backbone, train, BATCH, shuffle=False)[0]
+    val_features = linear.feature_dataset(backbone, val, BATCH, shuffle=False)[0]
     model_dir = str(tmp_path / "lin")
     keras.utils.set_random_seed(1)
-    first, _ = lincls.train_linear(None, features, val_features, 10, 2, epochs=1, milestones=(1,), model_dir=model_dir)
+    first, _ = linear.train_linear(None, features, val_features, 10, 2, epochs=1, milestones=(1,), model_dir=model_dir)
     lines = []
-    resumed, results = lincls.train_linear(
+    resumed, results = linear.train_linear(
         None, features, val_features, 10, 2, epochs=2, milestones=(1,), model_dir=model_dir, log=lines.append
     )
     assert lines[0].startswith("resuming from") and "epoch 1 of 2" in lines[0]
@@ -90,20 +91,20 @@ def test_resume(pretrained, digits, tmp_path):
     assert [r["epoch"] for r in results] == [1, 2] and results[1]["lr"] == pytest.approx(3.0)
     # Resuming equals running both epochs in one go (same initial fc, same data order, momentum restored).
     keras.utils.set_random_seed(1)
-    straight, _ = lincls.train_linear(None, features, val_features, 10, 2, epochs=2, milestones=(1,))
+    straight, _ = linear.train_linear(None, features, val_features, 10, 2, epochs=2, milestones=(1,))
     for a, b in zip(resumed.fc.get_weights(), straight.fc.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     done = []
-    lincls.train_linear(None, features, val_features, 10, 2, epochs=2, model_dir=model_dir, log=done.append)
+    linear.train_linear(None, features, val_features, 10, 2, epochs=2, model_dir=model_dir, log=done.append)
     assert "epoch 2 of 2" in done[0] and len(done) == 1  # nothing left to train
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
-    config = {k: 1 for k in lincls._RESUME_KEYS}
-    lincls.check_resume_config(str(tmp_path), config)
-    lincls.check_resume_config(str(tmp_path), config)
+    config = {k: 1 for k in linear.RESUME_KEYS}
+    linear.check_resume_config(str(tmp_path), config)
+    linear.check_resume_config(str(tmp_path), config)
     with pytest.raises(ValueError, match="--lr=1 before, now 2"):
-        lincls.check_resume_config(str(tmp_path), {**config, "lr": 2})
+        linear.check_resume_config(str(tmp_path), {**config, "lr": 2})
 
 
 def test_cli(pretrained, tmp_path):

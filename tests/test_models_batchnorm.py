@@ -1,4 +1,4 @@
-"""moco_tf.batchnorm against PyTorch: the official CIFAR demo's SplitBatchNorm (and plain
+"""moco_tf.models.batchnorm against PyTorch: the official CIFAR demo's SplitBatchNorm (and plain
 BatchNorm1d/2d) forward, gradients, running statistics and inference, for the fused float32 path
 and the plain-op float64 path."""
 
@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import torch
 
-from moco_tf.batchnorm import BatchNorm
+from moco_tf.models.batchnorm import BatchNorm
 from tests import torch_reference as ref
 
 CASES = {"float32": (tf.float32, torch.float32, 2e-5), "float64": (tf.float64, torch.float64, 1e-12)}

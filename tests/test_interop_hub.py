@@ -1,7 +1,7 @@
 """TF-Hub export: layout, atomic writing, and every consumer, each in a fresh process.
 
 A ResNet-18 with random BatchNorm statistics on small images keeps this fast; the numerics
-of full-size ResNet-18/50 against PyTorch are in test_convert.py.
+of full-size ResNet-18/50 against PyTorch are in test_interop_torch.py.
 """
 
 from __future__ import annotations
@@ -11,40 +11,19 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from moco_tf import export
-from moco_tf.model import MoCo, projection_head
-from moco_tf.resnet import resnet
+from moco_tf.interop import hub
+from moco_tf.models.moco import MoCo, projection_head
+from moco_tf.models.resnet import resnet
+from tests.helpers import PYTHON, ROOT, randomize, run, tiny_backbone, tree
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
-if not os.path.exists(PYTHON):
-    PYTHON = sys.executable
-MEAN = np.array(export.IMAGENET_MEAN, np.float32)
-STD = np.array(export.IMAGENET_STD, np.float32)
+MEAN = np.array(hub.IMAGENET_MEAN, np.float32)
+STD = np.array(hub.IMAGENET_STD, np.float32)
 CONFIG = {"arch": "resnet18", "moco_version": "v2", "epochs": 3, "dataset": "digits"}
-
-
-def randomize(model, seed: int = 0) -> None:
-    """Random BN affine parameters and statistics, so inference and training modes differ."""
-    rng = np.random.RandomState(seed)
-    for weight in model.weights:
-        name = weight.path.rsplit("/", 1)[-1]
-        shape = tuple(weight.shape)
-        if name in ("gamma", "moving_variance"):
-            weight.assign(rng.uniform(0.5, 1.5, shape).astype(np.float32))
-        elif name in ("beta", "moving_mean"):
-            weight.assign(rng.normal(0.0, 0.1, shape).astype(np.float32))
-
-
-def run(*args, timeout=300):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0", PYTHONPATH=ROOT)
-    return subprocess.run([PYTHON, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +38,7 @@ def exported(tmp_path_factory):
     randomize(backbone)
     head = projection_head(512, 16, mlp=True)
     root = tmp_path_factory.mktemp("hub")
-    path = export.export_backbone(backbone, str(root / "exports" / "r18"), CONFIG, head=head)
+    path = hub.export_backbone(backbone, str(root / "exports" / "r18"), CONFIG, head=head)
     x = np.random.RandomState(1).rand(4, 40, 56, 3).astype(np.float32)
     features = backbone((x - MEAN) / STD, training=False).numpy()
     data = root / "data.npz"
@@ -71,32 +50,23 @@ def test_layout_and_config(exported):
     path, _ = exported
     assert sorted(os.listdir(path)) == ["assets", "fingerprint.pb", "saved_model.pb", "variables"]
     assert os.listdir(os.path.dirname(path)) == ["r18"], "staging folders left behind"
-    config = export.read_config(path)
+    config = hub.read_config(path)
     assert {k: config[k] for k in CONFIG} == CONFIG
     assert config["feature_dim"] == 512 and config["projection_dim"] == 16
-    assert config["preprocessing"]["mean"] == list(export.IMAGENET_MEAN)
-
-
-def tiny_backbone():
-    """Any images -> features Keras model exports; this one saves in a fraction of a second."""
-    import keras
-
-    inputs = keras.Input((None, None, 3))
-    features = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 1)(inputs))
-    return keras.Model(inputs, features)
+    assert config["preprocessing"]["mean"] == list(hub.IMAGENET_MEAN)
 
 
 def test_refuses_to_overwrite_then_replaces(tmp_path):
     backbone = tiny_backbone()
     target = str(tmp_path / "e")
-    export.export_backbone(backbone, target, {"arch": "resnet18", "tag": 1})
+    hub.export_backbone(backbone, target, {"arch": "resnet18", "tag": 1})
     with pytest.raises(FileExistsError, match="overwrite"):
-        export.export_backbone(backbone, target, {"arch": "resnet18", "tag": 2})
-    assert export.read_config(target)["tag"] == 1
+        hub.export_backbone(backbone, target, {"arch": "resnet18", "tag": 2})
+    assert hub.read_config(target)["tag"] == 1
     with pytest.raises(FileExistsError, match="pass --overwrite_export to replace it"):  # train's flag
-        export.check_export_target(target, overwrite_flag="--overwrite_export")
-    export.export_backbone(backbone, target, {"arch": "resnet18", "tag": 2}, overwrite=True)
-    assert export.read_config(target)["tag"] == 2
+        hub.check_export_target(target, overwrite_flag="--overwrite_export")
+    hub.export_backbone(backbone, target, {"arch": "resnet18", "tag": 2}, overwrite=True)
+    assert hub.read_config(target)["tag"] == 2
     assert os.listdir(tmp_path) == ["e"]
 
 
@@ -106,7 +76,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tf.saved_model, "save", fail)
     with pytest.raises(KeyboardInterrupt):
-        export.export_backbone(tiny_backbone(), str(tmp_path / "e"), {"arch": "resnet18"})
+        hub.export_backbone(tiny_backbone(), str(tmp_path / "e"), {"arch": "resnet18"})
     assert os.listdir(tmp_path) == []
 
 
@@ -211,7 +181,7 @@ def test_cli_refuses_to_overwrite_in_one_line(exported, tmp_path):
 
 def test_missing_model_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        export.export_model_dir(str(tmp_path / "absent"), str(tmp_path / "e"))
+        hub.export_model_dir(str(tmp_path / "absent"), str(tmp_path / "e"))
 
 
 def test_export_moco_frees_image_size_and_bn_groups(tmp_path):
@@ -219,8 +189,8 @@ def test_export_moco_frees_image_size_and_bn_groups(tmp_path):
         arch="resnet18", dim=16, queue_size=8, mlp=True, bn_groups=2, cifar_stem=True, image_size=32
     )
     randomize(model.backbone_q)
-    path = export.export_moco(model, str(tmp_path / "e"), {"epochs": 1})
-    config = export.read_config(path)
+    path = hub.export_moco(model, str(tmp_path / "e"), {"epochs": 1})
+    config = hub.read_config(path)
     assert config["arch"] == "resnet18" and config["cifar_stem"] and config["epochs"] == 1
     loaded = tf.saved_model.load(path)
     x = np.random.RandomState(2).rand(3, 32, 32, 3).astype(np.float32)
@@ -238,7 +208,7 @@ def test_export_moco_inside_a_distribution_strategy(tmp_path):
     with strategy.scope():
         model = MoCo(arch="resnet18", dim=16, queue_size=8, mlp=False)
         randomize(model.backbone_q)
-        path = export.export_moco(model, str(tmp_path / "e"))
+        path = hub.export_moco(model, str(tmp_path / "e"))
     loaded = tf.saved_model.load(path)
     x = np.random.RandomState(3).rand(2, 40, 40, 3).astype(np.float32)
     expected = model.backbone_q((x - MEAN) / STD, training=False).numpy()
@@ -247,20 +217,6 @@ def test_export_moco_inside_a_distribution_strategy(tmp_path):
 
 
 # ---------------------------------------------------------------- what an export may replace
-
-
-def tree(root) -> dict[str, bytes | None]:
-    """Every path under root (root included) -> its bytes (None for a folder): to check that
-    nothing was touched."""
-    root = str(root)
-    out = {".": None}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs:
-            out[os.path.relpath(os.path.join(folder, name), root)] = None
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                out[os.path.relpath(os.path.join(folder, name), root)] = f.read()
-    return out
 
 
 @pytest.fixture
@@ -290,8 +246,8 @@ def user_files(tmp_path):
 )
 def test_refuses_to_replace_what_is_no_export_even_with_overwrite(user_files, target, message):
     before = tree(user_files)
-    with pytest.raises(export.ExportTargetError, match=message) as error:
-        export.export_backbone(
+    with pytest.raises(hub.ExportTargetError, match=message) as error:
+        hub.export_backbone(
             tiny_backbone(), str(user_files / target), {"arch": "resnet18"}, overwrite=True,
             protected=[str(user_files / "runs" / "q")],
         )
@@ -301,29 +257,29 @@ def test_refuses_to_replace_what_is_no_export_even_with_overwrite(user_files, ta
 
 def test_refuses_an_export_holding_other_files_and_symlinks(tmp_path):
     target = str(tmp_path / "e")
-    export.export_backbone(tiny_backbone(), target, {"arch": "resnet18"})
+    hub.export_backbone(tiny_backbone(), target, {"arch": "resnet18"})
     (tmp_path / "e" / "my_results.csv").write_text("1,2,3")
     os.symlink(target, tmp_path / "link")
     before = tree(tmp_path)
-    with pytest.raises(export.ExportTargetError, match="besides a moco_tf export it holds my_results.csv"):
-        export.export_backbone(tiny_backbone(), target, {"arch": "resnet18"}, overwrite=True)
-    with pytest.raises(export.ExportTargetError, match="symbolic link"):
-        export.check_export_target(str(tmp_path / "link"), overwrite=True)
+    with pytest.raises(hub.ExportTargetError, match="besides a moco_tf export it holds my_results.csv"):
+        hub.export_backbone(tiny_backbone(), target, {"arch": "resnet18"}, overwrite=True)
+    with pytest.raises(hub.ExportTargetError, match="symbolic link"):
+        hub.check_export_target(str(tmp_path / "link"), overwrite=True)
     assert tree(tmp_path) == before
 
 
 def test_current_directory_and_empty_folder(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     monkeypatch.chdir(tmp_path / "empty")
-    with pytest.raises(export.ExportTargetError, match="current directory"):
-        export.check_export_target(".", overwrite=True)
-    with pytest.raises(export.ExportTargetError, match="current directory"):
-        export.check_export_target(str(tmp_path), overwrite=True)
+    with pytest.raises(hub.ExportTargetError, match="current directory"):
+        hub.check_export_target(".", overwrite=True)
+    with pytest.raises(hub.ExportTargetError, match="current directory"):
+        hub.check_export_target(str(tmp_path), overwrite=True)
     monkeypatch.chdir(tmp_path)
     # An empty folder holds nothing to lose: written without overwrite.
-    export.export_backbone(tiny_backbone(), "empty", {"arch": "resnet18", "tag": 1})
-    assert export.read_config("empty")["tag"] == 1
-    assert export.export_source("empty") is None and export.export_source("absent") is None
+    hub.export_backbone(tiny_backbone(), "empty", {"arch": "resnet18", "tag": 1})
+    assert hub.read_config("empty")["tag"] == 1
+    assert hub.export_source("empty") is None and hub.export_source("absent") is None
 
 
 def test_export_command_protects_its_model_dir(user_files):
@@ -332,8 +288,8 @@ def test_export_command_protects_its_model_dir(user_files):
     before = tree(user_files)
     run_dir = user_files / "runs" / "q"
     for target in (run_dir, user_files / "runs", run_dir / "checkpoints"):
-        with pytest.raises(export.ExportTargetError, match="must stay untouched"):
-            export.export_model_dir(str(run_dir), str(target), overwrite=True)
+        with pytest.raises(hub.ExportTargetError, match="must stay untouched"):
+            hub.export_model_dir(str(run_dir), str(target), overwrite=True)
     assert tree(user_files) == before
 
 
@@ -352,7 +308,7 @@ def _kill_leftover(tmp_path, target: str) -> str:
 
 def test_leftovers_of_a_killed_export_are_restored_or_removed(tmp_path):
     target = str(tmp_path / "e")
-    export.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 1})
+    hub.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 1})
     exported = tree(target)
     staging = _kill_leftover(tmp_path, target)
     assert not os.path.exists(target)
@@ -371,8 +327,8 @@ def test_leftovers_of_a_killed_export_are_restored_or_removed(tmp_path):
     other.mkdir()
     kept = tree(tmp_path / ".e.f0r31gn0.tmp"), tree(live), tree(other)
 
-    with pytest.raises(export.ExportTargetError, match="already exists"):
-        export.check_export_target(target)  # the previous export is back, so it exists
+    with pytest.raises(hub.ExportTargetError, match="already exists"):
+        hub.check_export_target(target)  # the previous export is back, so it exists
     assert tree(target) == exported
     assert not os.path.exists(staging) and not legacy.exists()
     assert (tree(foreign), tree(live), tree(other)) == kept
@@ -382,34 +338,34 @@ def test_kill_between_the_renames_then_rerun(tmp_path):
     """A real SIGKILL inside an overwrite (after the old export moved aside, before the new one
     is in place); the next export puts the old one back, then replaces it."""
     target = str(tmp_path / "e")
-    export.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 1})
+    hub.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 1})
     exported = tree(target)
     script = tmp_path / "killed.py"
     script.write_text(
         "import os, signal, sys\n"
-        "from moco_tf import export\n"
-        "from tests.test_export import tiny_backbone\n"
+        "from moco_tf.interop import hub\n"
+        "from tests.helpers import tiny_backbone\n"
         "rename = os.rename\n"
         "def killing_rename(src, dst):\n"
         "    rename(src, dst)\n"
         "    if src == sys.argv[1]:  # the old export was just moved aside\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "os.rename = killing_rename\n"
-        "export.export_backbone(tiny_backbone(), sys.argv[1], {'arch': 'resnet18', 'tag': 2}, overwrite=True)\n"
+        "hub.export_backbone(tiny_backbone(), sys.argv[1], {'arch': 'resnet18', 'tag': 2}, overwrite=True)\n"
     )
     result = run(str(script), target)
     assert result.returncode == -9, result.stderr[-2000:]
     assert not os.path.exists(target) and len(os.listdir(tmp_path)) == 2  # script + staging
-    export.check_export_target(target, overwrite=True)
+    hub.check_export_target(target, overwrite=True)
     assert tree(target) == exported and sorted(os.listdir(tmp_path)) == ["e", "killed.py"]
-    export.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 3}, overwrite=True)
-    assert export.read_config(target)["tag"] == 3
+    hub.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 3}, overwrite=True)
+    assert hub.read_config(target)["tag"] == 3
 
 
 @pytest.mark.parametrize("failing_call", [1, 2])
 def test_interrupted_rename_keeps_the_old_export(tmp_path, monkeypatch, failing_call):
     target = str(tmp_path / "e")
-    export.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 1})
+    hub.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 1})
     exported = tree(target)
     rename, calls = os.rename, []
 
@@ -421,7 +377,7 @@ def test_interrupted_rename_keeps_the_old_export(tmp_path, monkeypatch, failing_
 
     monkeypatch.setattr(os, "rename", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 2}, overwrite=True)
+        hub.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 2}, overwrite=True)
     assert tree(target) == exported and os.listdir(tmp_path) == ["e"]
 
 
@@ -434,27 +390,27 @@ def test_interrupted_rename_keeps_the_old_export(tmp_path, monkeypatch, failing_
 )
 def test_full_disk_keeps_the_previous_export(tmp_path, monkeypatch, error):
     target = str(tmp_path / "e")
-    export.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 1})
+    hub.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 1})
     exported = tree(target)
 
     def full(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(tf.saved_model, "save", full)
-    with pytest.raises(export.ExportSpaceError) as raised:
-        export.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 2}, overwrite=True)
+    with pytest.raises(hub.ExportSpaceError) as raised:
+        hub.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 2}, overwrite=True)
     assert str(raised.value) == (
         f"no space left on device while writing export {target}; the previous export is intact; "
         "free some space and rerun"
     )
     assert tree(target) == exported and os.listdir(tmp_path) == ["e"]
-    with pytest.raises(export.ExportSpaceError, match="no export was written"):
-        export.export_backbone(tiny_backbone(), str(tmp_path / "new"), {"arch": "resnet18"})
+    with pytest.raises(hub.ExportSpaceError, match="no export was written"):
+        hub.export_backbone(tiny_backbone(), str(tmp_path / "new"), {"arch": "resnet18"})
     assert os.listdir(tmp_path) == ["e"]
 
 
 def test_export_from_a_checkpoint_prefix(tmp_path):
-    from moco_tf import checkpoint
+    from moco_tf.training import checkpoint
 
     model = MoCo(arch="resnet18", width=8, dim=16, queue_size=8, cifar_stem=True)
     randomize(model.backbone_q)
@@ -462,14 +418,14 @@ def test_export_from_a_checkpoint_prefix(tmp_path):
     checkpoint.write_model_dir(run_dir, model, {"image_size": 32, "dataset": "digits"})
     prefix = os.path.join(run_dir, "checkpoints", "ckpt-0")
     for inside in (os.path.join(run_dir, "checkpoints"), run_dir):
-        with pytest.raises(export.ExportTargetError, match="must stay untouched"):
-            export.export_model_dir(prefix, inside, overwrite=True)
+        with pytest.raises(hub.ExportTargetError, match="must stay untouched"):
+            hub.export_model_dir(prefix, inside, overwrite=True)
     with pytest.raises(FileNotFoundError, match="neither a folder nor a checkpoint prefix"):
-        export.export_model_dir(os.path.join(run_dir, "checkpoints", "ckpt-7"), str(tmp_path / "e"))
-    path = export.export_model_dir(prefix, str(tmp_path / "e"))
-    config = export.read_config(path)
+        hub.export_model_dir(os.path.join(run_dir, "checkpoints", "ckpt-7"), str(tmp_path / "e"))
+    path = hub.export_model_dir(prefix, str(tmp_path / "e"))
+    config = hub.read_config(path)
     assert config["checkpoint"] == "ckpt-0" and config["source"] == f"moco_tf model_dir {os.path.abspath(run_dir)}"
-    assert export.export_source(path) == config["source"]
+    assert hub.export_source(path) == config["source"]
     x = np.random.RandomState(4).rand(2, 32, 32, 3).astype(np.float32)
     expected = model.backbone_q((x - MEAN) / STD, training=False).numpy()
     assert np.abs(tf.saved_model.load(path)(x).numpy() - expected).max() < 1e-5
@@ -491,7 +447,7 @@ def test_each_weight_is_saved_once(exported, tmp_path):
     head.build((None, 512))
     cases = [(path, backbone.weights + head.weights)]
     r50 = resnet("resnet50", width=16)
-    cases.append((export.export_backbone(r50, str(tmp_path / "r50"), {"arch": "resnet50"}), r50.weights))
+    cases.append((hub.export_backbone(r50, str(tmp_path / "r50"), {"arch": "resnet50"}), r50.weights))
     for where, weights in cases:
         live = sum(int(np.prod(w.shape)) for w in weights)
         ratio = variables_bytes(where) / (4 * live)
@@ -509,7 +465,7 @@ def test_tflite_matches_the_saved_model(tmp_path):
     backbone = resnet("resnet18", width=8)
     randomize(backbone, seed=5)
     head = projection_head(64, 16, mlp=True)
-    path = export.export_backbone(backbone, str(tmp_path / "e"), {"arch": "resnet18"}, head=head)
+    path = hub.export_backbone(backbone, str(tmp_path / "e"), {"arch": "resnet18"}, head=head)
     converter = tf.lite.TFLiteConverter.from_saved_model(path, signature_keys=["serving_default"])
     flatbuffer = converter.convert()
     with warnings.catch_warnings():

@@ -5,7 +5,7 @@ PATH may be
   (the prefix `.../ckpt-N`, as `tf.train.CheckpointManager` names them);
 - a TF-Hub export written by moco_tf (`moco_tf.export`, `moco_tf.convert --export_dir`);
 - a PyTorch checkpoint file: official MoCo v1/v2/v3, a lincls checkpoint or a torchvision
-  ResNet state_dict (converted on the fly by `moco_tf.convert`).
+  ResNet state_dict (converted on the fly by `moco_tf.interop.torch`).
 
 Every kind comes back as the same thing: a moco_tf Keras ResNet taking ImageNet-normalised
 images, called in inference mode. An export takes [0, 1] images and normalises inside; rather
@@ -18,21 +18,23 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from moco_tf import resnet
-
-if TYPE_CHECKING:
-    from moco_tf.data import Source
+from moco_tf.data import sources
+from moco_tf.errors import UserError
+from moco_tf.evaluation.frozen import FrozenBackbone
+from moco_tf.interop import torch as from_torch
+from moco_tf.models import resnet
+from moco_tf.training.checkpoint import restore_model
 
 KINDS = ("model_dir", "checkpoint", "export", "torch")
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError):
     """PATH is not something a backbone can be loaded from; the message says what it accepts."""
 
 
@@ -40,32 +42,6 @@ _ACCEPTED = (
     "a moco_tf model_dir or checkpoint (model_dir/ckpt-N), a TF-Hub export from moco_tf, "
     "or a PyTorch checkpoint (.pth / .pth.tar)"
 )
-
-
-class FrozenBackbone:
-    """images (ImageNet-normalised float [N, H, W, 3]) -> pooled features [N, D], always in
-    inference mode: BatchNorm uses, and never updates, its moving statistics.
-
-    `model` is the Keras backbone (for the linear protocol's weight check); it is marked
-    non-trainable, so no optimizer ever sees its variables.
-    """
-
-    def __init__(self, model: keras.Model):
-        self.model = model
-        model.trainable = False
-        self.feature_dim = int(model.output.shape[-1])
-        self._fn = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-
-    def __call__(self, images) -> tf.Tensor:
-        return self._fn(images)
-
-    @property
-    def variables(self) -> list:
-        return list(self.model.weights)  # BN moving statistics included
-
-    def snapshot(self) -> dict[str, np.ndarray]:
-        """A copy of every backbone variable by path, to check later that nothing changed."""
-        return {v.path: np.array(v) for v in self.model.weights}
 
 
 def load_backbone(path: str) -> tuple[FrozenBackbone, dict[str, Any]]:
@@ -105,24 +81,20 @@ def load_backbone(path: str) -> tuple[FrozenBackbone, dict[str, Any]]:
 
 def load_for_evaluation(
     path: str | None, dataset: str | None, data_dir: str | None, strict_data: bool = False
-) -> tuple[FrozenBackbone, dict[str, Any], Source]:
+) -> tuple[FrozenBackbone, dict[str, Any], sources.Source]:
     """What kNN and lincls start from: (backbone, info) as `load_backbone`, and the labelled
-    `moco_tf.data` source to evaluate on. A missing PATH or a source without a val/test split is
-    a ValueError (one line in the CLIs)."""
-    from moco_tf import data
-
+    `moco_tf.data.sources` source to evaluate on. A missing PATH or a source without a val/test
+    split is a ValueError (one line in the CLIs)."""
     if not path:
         raise ValueError("--pretrained=PATH is required (model_dir, checkpoint, TF-Hub export or .pth)")
-    source = data.make_source(dataset, data_dir, strict_data)
+    source = sources.make_source(dataset, data_dir, strict_data)
     if not source.eval_split:
-        raise data.DataError(f"{source.name} has no val/test split to evaluate on")
+        raise sources.DataError(f"{source.name} has no val/test split to evaluate on")
     backbone, info = load_backbone(path)
     return backbone, info, source
 
 
 def _from_model_dir(model_dir: str, checkpoint: str | None) -> tuple[keras.Model, dict[str, Any]]:
-    from moco_tf.checkpoint import restore_model
-
     try:
         model, config = restore_model(checkpoint or model_dir)  # a checkpoint prefix or the latest
     except (FileNotFoundError, ValueError) as e:
@@ -187,18 +159,16 @@ def _check_same_as_export(backbone: keras.Model, loaded, config: dict, export_di
 
 
 def _from_torch(path: str) -> tuple[keras.Model, dict[str, Any]]:
-    from moco_tf import convert
-
     try:
-        state = convert.state_dict_of(convert.read_torch_checkpoint(path))
-        info = convert.describe_state_dict(state)
-    except (convert.CheckpointError, ImportError):  # already one clear line
+        state = from_torch.state_dict_of(from_torch.read_torch_checkpoint(path))
+        info = from_torch.describe_state_dict(state)
+    except (from_torch.CheckpointError, ImportError):  # already one clear line
         raise
     except Exception as e:  # torch's own errors for files that are no checkpoint at all
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PretrainedError(f"--pretrained={path} is not a checkpoint ({first}): give {_ACCEPTED}") from None
     backbone = resnet.resnet(info["arch"], cifar_stem=info["cifar_stem"], width=info["width"])
-    convert.load_torch_state_dict(backbone, state)
+    from_torch.load_torch_state_dict(backbone, state)
     return backbone, {
         "arch": info["arch"],
         "cifar_stem": info["cifar_stem"],

@@ -15,10 +15,12 @@ import os
 import socket
 import time
 
+from moco_tf.errors import UserError
+
 LOCK_FILE = "run.lock"
 
 
-class RunLockedError(ValueError):
+class RunLockedError(UserError):
     """Another live process is training in this model_dir."""
 
 

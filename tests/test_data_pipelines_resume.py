@@ -1,4 +1,4 @@
-"""moco_tf.data resume: `pretrain_dataset(..., start_step=s)` continues the seeded stream exactly
+"""moco_tf.data.pipelines resume: `pretrain_dataset(..., start_step=s)` continues the seeded stream exactly
 (digits, image folders; across epoch boundaries, per input pipeline) without reading the skipped
 files; and the data mistakes of issue 10 (digits + --data_dir, a truncated JPEG in strict mode)."""
 
@@ -13,12 +13,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from moco_tf import data
+from moco_tf.data import pipelines, sources
 
 
 def _stream(source, batch, start_step, count, seed=7, input_context=None):
     # v1 at 16 px: the cheapest augmentation; its random ops take their seeds as v2's do.
-    ds = data.pretrain_dataset(
+    ds = pipelines.pretrain_dataset(
         source, "train", 16, "v1", batch, seed=seed, input_context=input_context, start_step=start_step
     )
     return [b.numpy() for b in ds.take(count)]
@@ -27,7 +27,7 @@ def _stream(source, batch, start_step, count, seed=7, input_context=None):
 @pytest.fixture(scope="module")
 def small_digits():
     """90 of the digits ("arrays" source): with batch 20 an epoch is 4.5 steps."""
-    source = data.make_source("digits")
+    source = sources.make_source("digits")
     images, labels = source.splits["train"]
     return dataclasses.replace(source, splits={"train": (images[:90], labels[:90])})
 
@@ -73,18 +73,18 @@ def test_epoch_orders_are_permutations_of_the_shard_and_differ():
         ctx = tf.distribute.InputContext(num_input_pipelines=n_shards, input_pipeline_id=shard)
         mine = np.arange(shard, 50, n_shards)
         m = len(mine)
-        full = np.array(list(data._epoch_indices(50, ctx, base, 0).take(3 * m).as_numpy_iterator()))
+        full = np.array(list(pipelines._epoch_indices(50, ctx, base, 0).take(3 * m).as_numpy_iterator()))
         epochs = full.reshape(3, m)
         for e in epochs:
             np.testing.assert_array_equal(np.sort(e), mine)  # each epoch: the whole shard once
         assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
         for start in (1, m - 1, m, m + 5, 2 * m + 3):
-            part = list(data._epoch_indices(50, ctx, base, start).take(8).as_numpy_iterator())
+            part = list(pipelines._epoch_indices(50, ctx, base, start).take(8).as_numpy_iterator())
             np.testing.assert_array_equal(part, full[start : start + 8])
 
 
 def test_folder_resume_is_exact_and_reads_no_skipped_file(jpeg_dir, tmp_path):
-    source = data.make_source("folder", jpeg_dir)
+    source = sources.make_source("folder", jpeg_dir)
     full = _stream(source, 4, 0, 6)  # 24 elements: 2.4 epochs of 10 files
     resumed = _stream(source, 4, 2, 4)  # step 2 holds the end of epoch 1 and the start of epoch 2
     for step, batch in enumerate(resumed, start=2):
@@ -95,10 +95,10 @@ def test_folder_resume_is_exact_and_reads_no_skipped_file(jpeg_dir, tmp_path):
     # that the first batch at step 10**6 does not need is deleted: skipping must not open them.
     copy = tmp_path / "copy"
     shutil.copytree(jpeg_dir, copy)
-    strict = data.make_source("folder", str(copy), strict=True)
+    strict = sources.make_source("folder", str(copy), strict=True)
     paths = strict.splits["train"][0]
     start_step = 10**6
-    needed = data._epoch_indices(len(paths), None, data._base_seed(7, None), start_step * 4).take(4)
+    needed = pipelines._epoch_indices(len(paths), None, pipelines._base_seed(7, None), start_step * 4).take(4)
     needed = {paths[i] for i in needed.as_numpy_iterator()}
     assert 1 <= len(needed) <= 4
     for path in set(paths) - needed:
@@ -110,13 +110,13 @@ def test_folder_resume_is_exact_and_reads_no_skipped_file(jpeg_dir, tmp_path):
 
 
 def test_bad_start_step_and_record_seed():
-    source = data.make_source("digits")
-    with pytest.raises(data.DataError, match="start_step=-1"):
-        data.pretrain_dataset(source, "train", 16, "v2", 8, seed=0, start_step=-1)
+    source = sources.make_source("digits")
+    with pytest.raises(sources.DataError, match="start_step=-1"):
+        pipelines.pretrain_dataset(source, "train", 16, "v2", 8, seed=0, start_step=-1)
     # TFDS sources: a resumed run reshuffles with a seed of (seed, step): a new, reproducible order
-    assert data._record_shuffle_seed(3, 0) == 3 and data._record_shuffle_seed(None, 5) is None
-    seeds = {data._record_shuffle_seed(3, s) for s in (1, 2, 1000)}
-    assert len(seeds) == 3 and data._record_shuffle_seed(3, 2) in seeds and 3 not in seeds
+    assert pipelines._record_shuffle_seed(3, 0) == 3 and pipelines._record_shuffle_seed(None, 5) is None
+    seeds = {pipelines._record_shuffle_seed(3, s) for s in (1, 2, 1000)}
+    assert len(seeds) == 3 and pipelines._record_shuffle_seed(3, 2) in seeds and 3 not in seeds
     assert all(0 <= s < 2**63 for s in seeds)
 
 
@@ -125,10 +125,10 @@ def test_bad_start_step_and_record_seed():
 
 
 def test_digits_refuses_a_data_dir(tmp_path):
-    with pytest.raises(data.DataError, match="--data_dir is not used with --dataset=digits") as err:
-        data.make_source("digits", str(tmp_path))
+    with pytest.raises(sources.DataError, match="--data_dir is not used with --dataset=digits") as err:
+        sources.make_source("digits", str(tmp_path))
     assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
-    assert data.make_source("digits", "").num_examples("train") == 1438  # an empty flag is no data_dir
+    assert sources.make_source("digits", "").num_examples("train") == 1438  # an empty flag is no data_dir
 
 
 def _write(folder, name, payload):
@@ -149,13 +149,13 @@ def test_strict_data_decodes_a_truncated_jpeg_with_an_end_marker(tmp_path):
     _write(root / "a", "0.jpg", good)
     _write(root / "a", "1.jpg", _jpeg(_photo(rng, 32)))
     _write(root / "a", "2.jpg", good[: len(good) // 2] + b"\xff\xd9")  # cut, end marker re-appended
-    assert data._check_file(str(root / "a" / "2.jpg")) is None  # passes the header check...
-    assert data.make_source("folder", str(root)).num_examples("train") == 3  # ...so kept when not strict
-    with pytest.raises(data.DataError, match="2.jpg") as err:
-        data.make_source("folder", str(root), strict=True)
+    assert sources._check_file(str(root / "a" / "2.jpg")) is None  # passes the header check...
+    assert sources.make_source("folder", str(root)).num_examples("train") == 3  # ...so kept when not strict
+    with pytest.raises(sources.DataError, match="2.jpg") as err:
+        sources.make_source("folder", str(root), strict=True)
     assert "\n" not in str(err.value) and "--strict_data" in str(err.value)
     os.remove(root / "a" / "2.jpg")
-    assert data.make_source("folder", str(root), strict=True).num_examples("train") == 2
+    assert sources.make_source("folder", str(root), strict=True).num_examples("train") == 2
 
 
 def test_strict_data_finds_a_grey_filled_jpeg(tmp_path):
@@ -166,13 +166,13 @@ def test_strict_data_finds_a_grey_filled_jpeg(tmp_path):
     whole = _jpeg(_photo(rng, 160), quality=95)
     cut = whole[: int(len(whole) * 0.9)] + b"\xff\xd9"
     tf.io.decode_image(cut, channels=3)  # what the pipeline would have trained on
-    assert data._decode_problem(whole) is None
-    assert "premature end" in data._decode_problem(cut)
+    assert sources._decode_problem(whole) is None
+    assert "premature end" in sources._decode_problem(cut)
     root = tmp_path / "grey"
     _write(root, "whole.jpg", whole)
     _write(root, "cut.jpg", cut)
-    with pytest.raises(data.DataError, match="cut.jpg.*premature end"):
-        data.make_source("folder", str(root), strict=True)
+    with pytest.raises(sources.DataError, match="cut.jpg.*premature end"):
+        sources.make_source("folder", str(root), strict=True)
     progressive = _jpeg(_photo(rng, 160), quality=95, progressive=True)
-    assert data._decode_problem(progressive) is None
-    assert data._decode_problem(progressive[: int(len(progressive) * 0.7)] + b"\xff\xd9") is not None
+    assert sources._decode_problem(progressive) is None
+    assert sources._decode_problem(progressive[: int(len(progressive) * 0.7)] + b"\xff\xd9") is not None

@@ -17,9 +17,9 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from moco_tf import convert  # noqa: E402
-from moco_tf.model import MoCo, projection_head  # noqa: E402
-from moco_tf.resnet import resnet  # noqa: E402
+from moco_tf.interop import torch as from_torch  # noqa: E402
+from moco_tf.models.moco import MoCo, projection_head  # noqa: E402
+from moco_tf.models.resnet import resnet  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
@@ -201,10 +201,10 @@ def run(*args, timeout=300):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_backbone_features_match_torch(reference, arch):
     path, outputs, mlp = reference(arch)
-    state = convert.state_dict_of(convert.read_torch_checkpoint(path))
-    assert convert.detect_arch(state) == arch
+    state = from_torch.state_dict_of(from_torch.read_torch_checkpoint(path))
+    assert from_torch.detect_arch(state) == arch
     backbone = resnet(arch)
-    report = convert.load_torch_state_dict(backbone, state)
+    report = from_torch.load_torch_state_dict(backbone, state)
     assert report.layout == "moco" and report.head == ("v2" if mlp else "v1")
     assert "queue" in report.ignored and any(k.startswith("encoder_k.") for k in report.ignored)
     assert any(k.startswith("fc.") for k in report.ignored)
@@ -244,7 +244,7 @@ def test_exports_match_torch_through_hub(reference, tmp_path):
             result = run(*args)
             assert result.returncode == 0, result.stderr[-3000:]
         else:
-            convert.convert_to_export(path, str(export_dir))
+            from_torch.convert_to_export(path, str(export_dir))
         data = {}
         for (h, w), (features, projection) in outputs.items():
             data.update({f"x_{h}x{w}": images(h, w), f"f_{h}x{w}": features, f"p_{h}x{w}": projection})
@@ -281,7 +281,7 @@ def test_prefixes(r18, prefix):
     if prefix == "module.base_encoder.":  # MoCo v3 also saves these; they are not v1/v2 parts
         state["module.momentum_encoder.conv1.weight"] = state["module.base_encoder.conv1.weight"]
         state["module.predictor.0.weight"] = np.zeros((4096, 256), np.float32)
-    report = convert.load_torch_state_dict(backbone, state)
+    report = from_torch.load_torch_state_dict(backbone, state)
     assert report.arch == "resnet18" and not report.cifar_stem
     if prefix == "module.base_encoder.":
         assert {"momentum_encoder.conv1.weight", "predictor.0.weight"} <= set(report.ignored)
@@ -308,15 +308,15 @@ def _synthetic_keys(kind: str, blocks: tuple[int, ...]) -> dict[str, np.ndarray]
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
 def test_detect_arch(arch):
-    from moco_tf.resnet import SPECS
+    from moco_tf.models.resnet import SPECS
 
     keys = _synthetic_keys(*SPECS[int(arch[6:])])
-    assert convert.detect_arch({f"module.encoder_q.{k}": v for k, v in keys.items()}) == arch
+    assert from_torch.detect_arch({f"module.encoder_q.{k}": v for k, v in keys.items()}) == arch
 
 
 def test_detect_arch_rejects_other_networks():
-    with pytest.raises(convert.CheckpointError, match="not a torchvision ResNet"):
-        convert.detect_arch(_synthetic_keys("bottleneck", (3, 4, 5, 3)))
+    with pytest.raises(from_torch.CheckpointError, match="not a torchvision ResNet"):
+        from_torch.detect_arch(_synthetic_keys("bottleneck", (3, 4, 5, 3)))
 
 
 def test_mismatches_are_listed_and_nothing_is_written(r18):
@@ -326,8 +326,8 @@ def test_mismatches_are_listed_and_nothing_is_written(r18):
     state["module.encoder_q.layer1.0.conv1.weight"] = np.zeros((64, 64, 1, 1), np.float32)
     backbone = resnet("resnet18")
     before = backbone.get_layer("conv1").kernel.numpy().copy()
-    with pytest.raises(convert.CheckpointError) as error:
-        convert.load_torch_state_dict(backbone, state)
+    with pytest.raises(from_torch.CheckpointError) as error:
+        from_torch.load_torch_state_dict(backbone, state)
     message = str(error.value)
     assert "layer2.1.bn1.running_mean" in message and "missing" in message
     assert "layer5.0.conv1.weight" in message and "unexpected" in message
@@ -336,8 +336,8 @@ def test_mismatches_are_listed_and_nothing_is_written(r18):
 
 
 def test_wrong_arch_is_a_clear_error(r18):
-    with pytest.raises(convert.CheckpointError, match="missing"):
-        convert.load_torch_state_dict(resnet("resnet34"), _numpy_state(r18))
+    with pytest.raises(from_torch.CheckpointError, match="missing"):
+        from_torch.load_torch_state_dict(resnet("resnet34"), _numpy_state(r18))
 
 
 def test_lincls_checkpoint_fc_is_a_classifier(r18):
@@ -347,14 +347,14 @@ def test_lincls_checkpoint_fc_is_a_classifier(r18):
     state["module.fc.bias"] = classifier.bias.detach().numpy()
     head = projection_head(512, 128, mlp=False)
     before = head.get_layer("fc").kernel.numpy().copy()
-    report = convert.load_torch_state_dict(resnet("resnet18"), state, head=head)
+    report = from_torch.load_torch_state_dict(resnet("resnet18"), state, head=head)
     assert report.head == "classifier" and "fc.weight" in report.ignored
     np.testing.assert_array_equal(head.get_layer("fc").kernel.numpy(), before)
 
 
 def test_head_into_bare_backbone_head(r18):
     head = projection_head(512, 128, mlp=False)
-    convert.load_torch_state_dict(resnet("resnet18"), _numpy_state(r18, "module.encoder_q."), head=head)
+    from_torch.load_torch_state_dict(resnet("resnet18"), _numpy_state(r18, "module.encoder_q."), head=head)
     np.testing.assert_array_equal(head.get_layer("fc").kernel.numpy(), r18.fc.weight.detach().numpy().T)
 
 
@@ -375,8 +375,8 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path, r18):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth.tar"
     torch.save({"state_dict": r18.state_dict(), "payload": RunsCode(marker)}, path)
-    with pytest.raises(convert.CheckpointError, match="refusing"):
-        convert.read_torch_checkpoint(str(path))
+    with pytest.raises(from_torch.CheckpointError, match="refusing"):
+        from_torch.read_torch_checkpoint(str(path))
     assert not marker.exists()
 
 
@@ -385,7 +385,7 @@ def test_missing_torch_says_how_to_install(monkeypatch, tmp_path):
     path.write_bytes(b"")
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(ImportError, match="pip install torch"):
-        convert.read_torch_checkpoint(str(path))
+        from_torch.read_torch_checkpoint(str(path))
 
 
 def test_cli_user_errors_are_one_line(tmp_path, r18):
@@ -404,13 +404,13 @@ def test_cli_user_errors_are_one_line(tmp_path, r18):
 def test_not_a_checkpoint(tmp_path, content):
     path = tmp_path / "x.pth"
     path.write_bytes(content)
-    with pytest.raises(convert.NotACheckpointError, match="is not a checkpoint torch.load can read"):
-        convert.read_torch_checkpoint(str(path))
+    with pytest.raises(from_torch.NotACheckpointError, match="is not a checkpoint torch.load can read"):
+        from_torch.read_torch_checkpoint(str(path))
 
 
 def test_missing_checkpoint_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        convert.convert_to_export(str(tmp_path / "absent.pth"), str(tmp_path / "e"))
+        from_torch.convert_to_export(str(tmp_path / "absent.pth"), str(tmp_path / "e"))
 
 
 # ---------------------------------------------------------------- into a MoCo model
@@ -423,7 +423,7 @@ def test_official_checkpoint_into_moco_resumes_a_step(reference):
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint["state_dict"]
     model = MoCo(arch="resnet18", dim=128, queue_size=QUEUE, mlp=mlp)
-    report = convert.load_torch_state_dict(model, state)
+    report = from_torch.load_torch_state_dict(model, state)
     assert report.head == "v2" and not report.ignored
 
     x = (images(*SIZES[1]) - MEAN) / STD
@@ -449,7 +449,7 @@ def test_official_checkpoint_into_moco_resumes_a_step(reference):
 def test_checkpoint_without_moco_head_leaves_the_moco_head(r18):
     model = MoCo(arch="resnet18", dim=128, queue_size=QUEUE, mlp=False)
     before = model.encoder_q.head.get_layer("fc").kernel.numpy().copy()
-    report = convert.load_torch_state_dict(model, _numpy_state(r18, "module."))  # lincls-like
+    report = from_torch.load_torch_state_dict(model, _numpy_state(r18, "module."))  # lincls-like
     assert report.head == "classifier" and "encoder_q.fc.weight" in report.ignored
     np.testing.assert_array_equal(model.encoder_q.head.get_layer("fc").kernel.numpy(), before)
     # No key encoder in the checkpoint: it starts as a copy of the query encoder.
@@ -460,15 +460,15 @@ def test_checkpoint_without_moco_head_leaves_the_moco_head(r18):
 def test_v1_checkpoint_into_v2_model_is_a_clear_error(reference):
     path, _, _ = reference("resnet18")  # a v2 checkpoint
     model = MoCo(arch="resnet18", dim=128, queue_size=QUEUE, mlp=False)
-    with pytest.raises(convert.CheckpointError, match="fc.0.weight"):
-        convert.load_torch_state_dict(model, torch.load(path, weights_only=True)["state_dict"])
+    with pytest.raises(from_torch.CheckpointError, match="fc.0.weight"):
+        from_torch.load_torch_state_dict(model, torch.load(path, weights_only=True)["state_dict"])
 
 
 def test_official_checkpoint_to_model_dir_resumes_and_exports(reference, tmp_path):
-    checkpoint_module = pytest.importorskip("moco_tf.checkpoint")
+    checkpoint_module = pytest.importorskip("moco_tf.training.checkpoint")
     import keras
 
-    from moco_tf.export import export_model_dir, read_config
+    from moco_tf.interop.hub import export_model_dir, read_config
 
     path, outputs, _ = reference("resnet18")  # MoCo v2
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
@@ -498,7 +498,7 @@ def test_official_checkpoint_to_model_dir_resumes_and_exports(reference, tmp_pat
 
 
 def _tree(root) -> dict[str, bytes | None]:
-    from tests.test_export import tree
+    from tests.helpers import tree
 
     return tree(root)
 
@@ -520,8 +520,8 @@ def tiny_official(tmp_path):
 
 
 def test_a_directory_as_torch_checkpoint_asks_for_the_file(tmp_path):
-    with pytest.raises(convert.CheckpointError, match="is a directory; give the checkpoint file"):
-        convert.convert_to_export(str(tmp_path), str(tmp_path / "e"))
+    with pytest.raises(from_torch.CheckpointError, match="is a directory; give the checkpoint file"):
+        from_torch.convert_to_export(str(tmp_path), str(tmp_path / "e"))
 
 
 def test_convert_never_replaces_what_it_did_not_write(tmp_path, tiny_official):
@@ -534,11 +534,11 @@ def test_convert_never_replaces_what_it_did_not_write(tmp_path, tiny_official):
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"\xff\xd8")
     before = _tree(tmp_path)
     cases = [
-        (convert.convert_to_export, tmp_path / "photos", "not a moco_tf export"),
-        (convert.convert_to_export, tmp_path, "contains .*checkpoint_0001.pth.tar"),
-        (convert.convert_to_model_dir, run_dir, "not a model_dir written by moco_tf.convert"),
-        (convert.convert_to_model_dir, tmp_path / "photos", "not a model_dir written by moco_tf.convert"),
-        (convert.convert_to_model_dir, tmp_path, "contains .*checkpoint_0001.pth.tar"),
+        (from_torch.convert_to_export, tmp_path / "photos", "not a moco_tf export"),
+        (from_torch.convert_to_export, tmp_path, "contains .*checkpoint_0001.pth.tar"),
+        (from_torch.convert_to_model_dir, run_dir, "not a model_dir written by moco_tf.convert"),
+        (from_torch.convert_to_model_dir, tmp_path / "photos", "not a model_dir written by moco_tf.convert"),
+        (from_torch.convert_to_model_dir, tmp_path, "contains .*checkpoint_0001.pth.tar"),
     ]
     for function, target, message in cases:
         with pytest.raises(FileExistsError, match=message):
@@ -548,16 +548,16 @@ def test_convert_never_replaces_what_it_did_not_write(tmp_path, tiny_official):
 
 def test_converted_model_dir_is_replaced_only_with_overwrite(tmp_path, tiny_official):
     model_dir = str(tmp_path / "from_torch")
-    convert.convert_to_model_dir(tiny_official, model_dir)
-    assert convert.is_converted_model_dir(model_dir)
+    from_torch.convert_to_model_dir(tiny_official, model_dir)
+    assert from_torch.is_converted_model_dir(model_dir)
     written = _tree(model_dir)
     with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
-        convert.convert_to_model_dir(tiny_official, model_dir)
+        from_torch.convert_to_model_dir(tiny_official, model_dir)
     assert _tree(model_dir) == written
-    convert.convert_to_model_dir(tiny_official, model_dir, overwrite=True)
-    assert convert.is_converted_model_dir(model_dir) and sorted(os.listdir(tmp_path)) == [
+    from_torch.convert_to_model_dir(tiny_official, model_dir, overwrite=True)
+    assert from_torch.is_converted_model_dir(model_dir) and sorted(os.listdir(tmp_path)) == [
         "checkpoint_0001.pth.tar", "from_torch"
     ]
     os.mkdir(os.path.join(model_dir, "logs"))  # trained in since: a run of its own now
     with pytest.raises(FileExistsError, match="not a model_dir written by moco_tf.convert"):
-        convert.convert_to_model_dir(tiny_official, model_dir, overwrite=True)
+        from_torch.convert_to_model_dir(tiny_official, model_dir, overwrite=True)

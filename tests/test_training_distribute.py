@@ -13,7 +13,8 @@ import time
 import pytest
 import tensorflow as tf
 
-from moco_tf import cli, distribute
+from moco_tf import cli
+from moco_tf.training import distribute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0", "PYTHONPATH": ROOT}
@@ -187,7 +188,8 @@ def test_signal_ends_the_wait_at_once(sig):
 # One process of a 2-worker cluster, reported as the CLIs report it.
 _ALONE = """
 import sys, time
-from moco_tf import cli, distribute
+from moco_tf import cli
+from moco_tf.training import distribute
 def main(argv):
     start = time.monotonic()
     try:
@@ -239,7 +241,8 @@ def test_peer_that_never_registers_with_tf_fails_within_the_timeout():
 
 _AGREE = """
 import sys
-from moco_tf import cli, distribute
+from moco_tf import cli
+from moco_tf.training import distribute
 def main(argv):
     strategy = distribute.make_strategy("multi_worker", peer_timeout_s=120)
     distribute.check_same_on_all_workers(strategy, 6, "the restored step")

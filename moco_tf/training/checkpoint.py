@@ -20,10 +20,10 @@ from typing import Any
 
 import tensorflow as tf
 
-from moco_tf.cli import RunFailed
-from moco_tf.model import MoCo
-from moco_tf.optimizers import SGD
-from moco_tf.resnet import STANDARD_WIDTH
+from moco_tf.errors import RunFailed, UserError
+from moco_tf.models.moco import MoCo
+from moco_tf.models.resnet import STANDARD_WIDTH
+from moco_tf.training.optimizers import SGD
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -44,11 +44,11 @@ MODEL_KEYS = (
 DEFAULTS = {"width": STANDARD_WIDTH}
 
 
-class RunMismatchError(ValueError):
+class RunMismatchError(UserError):
     """model_dir holds a run of another recipe."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A model_dir's config or checkpoints cannot be used or written; the message says which file."""
 
 

@@ -12,8 +12,8 @@ import math
 import keras
 import tensorflow as tf
 
-from moco_tf import resnet
-from moco_tf.losses import info_nce
+from moco_tf.models import resnet
+from moco_tf.models.losses import info_nce
 
 
 class Encoder(keras.Model):

@@ -1,0 +1,60 @@
+"""What every moco_tf command line shares: a user mistake ends in one line on stderr and exit
+status 2, a run that cannot go on (divergence, full disk) in one line and status 1, a stop on a
+signal in one line and 128 + the signal's number, as shells report it.
+
+The command lines (`python -m moco_tf.train`, knn, lincls, export, convert) parse their flags
+(`moco_tf.cli.flags`), call the library and print; the library never imports this package.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from moco_tf.errors import RunFailed, RunInterrupted, UserError
+
+__all__ = ["USER_ERRORS", "RunFailed", "RunInterrupted", "UsageError", "reject_extra_arguments", "run"]
+
+
+class UsageError(UserError):
+    """A bad flag value or combination; the message says what to change."""
+
+
+# User mistakes reported in one line instead of a traceback. ValueError: the library's argument
+# checks (a bad value reaches it only from a flag); the OS errors: paths the user gave.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError,
+)
+
+
+def reject_extra_arguments(argv: Sequence[str]) -> None:
+    """absl leaves positional arguments in argv; moco_tf CLIs take flags only."""
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
+def run(
+    main: Callable[[list[str]], None],
+    user_errors: tuple[type[BaseException], ...] = (),
+    argv: list[str] | None = None,
+) -> None:
+    """absl's app.run(main), reporting USER_ERRORS and `user_errors` in one line (status 2),
+    RunFailed in one line (status 1) and RunInterrupted in one line (status 128 + signal)."""
+    from absl import app
+
+    caught = USER_ERRORS + tuple(user_errors)
+
+    def wrapped(args):
+        try:
+            main(args)
+        except RunInterrupted as stop:
+            print(str(stop), file=sys.stderr, flush=True)
+            sys.exit(128 + stop.signum)
+        except RunFailed as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        except caught as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    app.run(wrapped, argv=argv)

@@ -1,0 +1,51 @@
+"""A backbone as evaluation runs it: frozen, in inference mode, compiled.
+
+BatchNorm uses, and never updates, its moving statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def inference_fn(backbone: keras.Model | Callable) -> Callable[[tf.Tensor], tf.Tensor]:
+    """A compiled images -> features function of `backbone`; a Keras model runs in inference mode
+    (BN moving statistics, never updated)."""
+    return _compile(backbone)
+
+
+def _compile(backbone: keras.Model | Callable) -> Callable[[tf.Tensor], tf.Tensor]:
+    if isinstance(backbone, keras.Model):
+        model = backbone
+        return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+    return tf.function(backbone, reduce_retracing=True)
+
+
+class FrozenBackbone:
+    """images (ImageNet-normalised float [N, H, W, 3]) -> pooled features [N, D], always in
+    inference mode: BatchNorm uses, and never updates, its moving statistics.
+
+    `model` is the Keras backbone (for the linear protocol's weight check); it is marked
+    non-trainable, so no optimizer ever sees its variables.
+    """
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+        model.trainable = False
+        self.feature_dim = int(model.output.shape[-1])
+        self._fn = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+
+    def __call__(self, images) -> tf.Tensor:
+        return self._fn(images)
+
+    @property
+    def variables(self) -> list:
+        return list(self.model.weights)  # BN moving statistics included
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """A copy of every backbone variable by path, to check later that nothing changed."""
+        return {v.path: np.array(v) for v in self.model.weights}

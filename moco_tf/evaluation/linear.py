@@ -1,0 +1,248 @@
+"""The linear classification protocol of MoCo (main_lincls.py): a linear classifier on a frozen encoder.
+
+The official protocol, and the defaults here: the backbone is frozen and always runs in inference
+mode (BatchNorm uses, and never updates, its moving statistics); a fresh Dense classifier,
+weights N(0, 0.01) and zero bias, is trained by SGD (PyTorch semantics) with lr 30, momentum
+0.9, weight decay 0, batch 256, for 100 epochs, the rate x0.1 at epochs 60 and 80; training
+images get RandomResizedCrop + flip, validation images resize (256/224 of the crop) + centre
+crop. Top-1 and top-5 on the val split after every epoch. The classifier, optimizer and epoch
+are checkpointed in --model_dir each epoch, and a rerun resumes. At the end the backbone is
+loaded again from PATH and compared variable by variable with the one that was used: the
+official sanity check that the frozen weights (BN statistics included) did not move.
+
+--precompute_features trains on features extracted once, without augmentation: much faster on
+a CPU, but not the official protocol (no random crops), so its numbers are labelled as such.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from moco_tf.evaluation.frozen import FrozenBackbone
+from moco_tf.evaluation.knn import extract_features
+from moco_tf.training.optimizers import SGD
+from moco_tf.training.schedules import EpochSchedule
+
+CONFIG_FILE = "lincls_config.json"
+RESULTS_FILE = "lincls_results.json"
+# Settings that must not change between a run and its resumption.
+RESUME_KEYS = ("pretrained", "dataset", "image_size", "precompute_features", "batch_size", "lr", "epochs")
+
+
+class BackboneChangedError(RuntimeError):
+    """The frozen backbone differs from the pretrained one after training: a bug, never expected."""
+
+
+class LinearClassifier(keras.Model):
+    """images -> frozen backbone (inference mode) -> Dense logits; or features -> logits when
+    `backbone` is None (precomputed features). Only `fc` is trainable: the backbone is a plain
+    attribute holder, not a tracked layer, so no optimizer or checkpoint ever sees it."""
+
+    def __init__(self, backbone: FrozenBackbone | None, num_classes: int, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone  # not a Layer: Keras tracks none of its variables
+        self.fc = keras.layers.Dense(
+            num_classes,
+            kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01),  # main_lincls.py
+            bias_initializer="zeros",
+            name="fc",
+        )
+
+    def call(self, inputs):
+        features = inputs if self.backbone is None else self.backbone(inputs)
+        return self.fc(features)
+
+
+@contextlib.contextmanager
+def _finite_datasets():
+    """Datasets of unknown length (ignore_errors) end each pass by running out: Keras learns the
+    length then and warns that the input "ran out of data", which here is expected, not a problem."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        yield
+
+
+def make_optimizer(
+    lr: float, momentum: float, weight_decay: float, steps_per_epoch: int, epochs: int, milestones: Sequence[int]
+) -> SGD:
+    """PyTorch SGD with the official step schedule (lr x0.1 at each milestone epoch)."""
+    schedule = EpochSchedule(lr, steps_per_epoch, epochs, schedule="step", milestones=tuple(milestones))
+    return SGD(schedule, momentum=momentum, weight_decay=weight_decay)
+
+
+class _Checkpointer(keras.callbacks.Callback):
+    """Saves classifier + optimizer + epoch after every epoch; appends the epoch's numbers."""
+
+    def __init__(self, manager: tf.train.CheckpointManager | None, epoch: tf.Variable, results: list, log):
+        super().__init__()
+        self.manager, self.epoch, self.results, self.log = manager, epoch, results, log
+        self.lr = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.lr = float(self.model.optimizer.learning_rate)  # this epoch's rate (the schedule's at its first step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        row = {
+            "epoch": epoch + 1,
+            "lr": self.lr,
+            "loss": float(logs.get("loss", float("nan"))),
+            "train_top1": 100.0 * float(logs.get("top1", float("nan"))),
+            "val_top1": 100.0 * float(logs.get("val_top1", float("nan"))),
+            "val_top5": 100.0 * float(logs.get("val_top5", float("nan"))),
+        }
+        self.results.append(row)
+        self.epoch.assign(epoch + 1)
+        if self.manager is not None:
+            self.manager.save(checkpoint_number=epoch + 1)
+            write_json(os.path.join(self.manager.directory, RESULTS_FILE), self.results)
+        self.log(
+            f"epoch {epoch + 1}/{self.params['epochs']}  lr {row['lr']:.4g}  loss {row['loss']:.4f}  "
+            f"train top-1 {row['train_top1']:.2f}%  val top-1 {row['val_top1']:.2f}%  top-5 {row['val_top5']:.2f}%"
+        )
+
+
+def train_linear(
+    backbone: FrozenBackbone | None,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset,
+    num_classes: int,
+    steps_per_epoch: int,
+    epochs: int = 100,
+    lr: float = 30.0,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    milestones: Sequence[int] = (60, 80),
+    model_dir: str | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[LinearClassifier, list[dict]]:
+    """Train a linear classifier on `backbone` (None: the datasets hold features); resumes from
+    the latest checkpoint in `model_dir`. Returns the classifier and one results row per epoch.
+
+    train_ds / val_ds: finite (inputs, labels) batches; train_ds is iterated once per epoch.
+    steps_per_epoch: batches in one pass of train_ds (the schedule counts epochs in steps).
+    """
+    model = LinearClassifier(backbone, num_classes)
+    sample = next(iter(val_ds.take(1)))[0][:1]
+    model(sample)  # builds fc
+    optimizer = make_optimizer(lr, momentum, weight_decay, steps_per_epoch, epochs, milestones)
+    optimizer.build(model.trainable_variables)  # before a restore, so every slot has its value
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    manager, results = None, []
+    if model_dir:
+        checkpoint = tf.train.Checkpoint(fc=model.fc, optimizer=optimizer, epoch=epoch)
+        manager = tf.train.CheckpointManager(checkpoint, model_dir, max_to_keep=2)
+        if manager.latest_checkpoint:
+            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+            results = _read_results(model_dir)[: int(epoch.numpy())]
+            log(f"resuming from {manager.latest_checkpoint} (epoch {int(epoch.numpy())} of {epochs} done)")
+    k = min(5, num_classes)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[
+            keras.metrics.SparseCategoricalAccuracy(name="top1"),
+            keras.metrics.SparseTopKCategoricalAccuracy(k=k, name="top5"),
+        ],
+    )
+    if int(epoch.numpy()) < epochs:
+        with _finite_datasets():
+            model.fit(
+                train_ds,
+                epochs=epochs,
+                initial_epoch=int(epoch.numpy()),
+                validation_data=val_ds,
+                callbacks=[_Checkpointer(manager, epoch, results, log)],
+                shuffle=False,  # the dataset shuffles itself each epoch
+                verbose=0,
+            )
+    return model, results
+
+
+def evaluate(model: LinearClassifier, val_ds: tf.data.Dataset) -> dict[str, float]:
+    """Top-1 / top-5 (percent) of the classifier on `val_ds`."""
+    with _finite_datasets():
+        logs = model.evaluate(val_ds, verbose=0, return_dict=True)
+    return {"top1": 100.0 * logs["top1"], "top5": 100.0 * logs["top5"]}
+
+
+def sanity_check(backbone: FrozenBackbone, reference: FrozenBackbone, pretrained: str) -> int:
+    """Compare every backbone variable (BN statistics included) with `reference`, the same
+    pretrained encoder loaded again from `pretrained` (its PATH, named in the message); returns
+    how many were compared, raises BackboneChangedError if any moved."""
+    used, expected = backbone.model.weights, reference.model.weights
+    if len(used) != len(expected):
+        raise BackboneChangedError(f"the backbone has {len(used)} variables, {pretrained} has {len(expected)}")
+    changed = [
+        w.path
+        for w, r in zip(used, expected, strict=True)
+        if w.shape != r.shape or not np.array_equal(np.asarray(w), np.asarray(r))
+    ]
+    if changed:
+        raise BackboneChangedError(
+            f"sanity check FAILED: {len(changed)} backbone variable(s) differ from {pretrained}: "
+            + ", ".join(changed[:10])
+            + (" ..." if len(changed) > 10 else "")
+        )
+    return len(used)
+
+
+def feature_dataset(
+    backbone: FrozenBackbone, ds: tf.data.Dataset, batch_size: int, shuffle: bool, seed: int | None = None
+) -> tuple[tf.data.Dataset, int]:
+    """Precompute features of `ds` once; (batched (features, labels) dataset, number of examples)."""
+    features, labels = extract_features(backbone, ds)
+    return batched_features(features, labels, batch_size, shuffle, seed), len(labels)
+
+
+def batched_features(
+    features: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int | None = None
+) -> tf.data.Dataset:
+    """Features already extracted as a batched (features, labels) dataset, reshuffled each epoch if asked."""
+    out = tf.data.Dataset.from_tensor_slices((features, np.asarray(labels).astype(np.int32)))
+    if shuffle:
+        out = out.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    return out.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def write_json(path: str, value: Any) -> None:
+    """`value` as indented JSON at `path` (any tf.io.gfile path, e.g. gs://)."""
+    with tf.io.gfile.GFile(path, "w") as f:
+        json.dump(value, f, indent=2)
+
+
+def _read_results(model_dir: str) -> list:
+    path = os.path.join(model_dir, RESULTS_FILE)
+    if not tf.io.gfile.exists(path):
+        return []
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+def check_resume_config(model_dir: str, config: dict) -> None:
+    """Write the run's settings to model_dir, or refuse to resume a run made with other ones."""
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            old = json.load(f)
+        differ = [
+            f"--{k}={old.get(k)} before, now {config.get(k)}" for k in RESUME_KEYS if old.get(k) != config.get(k)
+        ]
+        if differ:
+            raise ValueError(
+                f"--model_dir={model_dir} holds a linear classifier trained with other settings ("
+                + "; ".join(differ)
+                + "): use a new --model_dir"
+            )
+        return
+    tf.io.gfile.makedirs(model_dir)
+    write_json(path, config)

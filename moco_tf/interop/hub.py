@@ -1,0 +1,548 @@
+"""Export a MoCo backbone as a reusable TF-Hub SavedModel (`python -m moco_tf.export`).
+
+Keras 3's `model.export()` alone cannot be fine-tuned through `hub.KerasLayer(trainable=True)`:
+it has no `__call__` with a `training` argument and no `regularization_losses`. The export is
+therefore a `tf.Module` following the TF-Hub reusable SavedModel convention:
+
+- `__call__(images, training=False)`, traced for both values of `training` (BatchNorm uses batch
+  statistics and updates its moving statistics when `training=True`);
+- `variables`, `trainable_variables`, `regularization_losses` (empty: weight decay is the
+  optimizer's job, as in PyTorch);
+- a `serving_default` signature returning `{"feature_vector": [batch, 512 or 2048]}` (at the
+  standard width 64; 8 or 32 x `width` for a narrower ResNet) (and
+  `"projection"` when the MoCo head is exported too);
+- a `feature_maps` signature returning each stage's last block output `{"layer1", ..., "layer4"}`
+  (strides 4, 8, 16, 32; 1, 2, 4, 8 with the CIFAR stem) for detection-style backbones;
+- `assets/moco_config.json` describing the architecture, the MoCo run and the preprocessing.
+
+Inputs follow the TF-Hub image convention: float32 RGB in [0, 1], shape [batch, height, width, 3],
+any height and width. The ImageNet mean/std normalisation happens inside. Each weight is saved
+once (the variables file is 4 bytes per value).
+
+Writing never destroys what moco_tf did not write: an existing export_dir is replaced only when
+it is a moco_tf export and overwrite was asked, never when it is, contains or lies inside the
+model_dir (`check_export_target`), and the replacement is atomic (`write_replacing`).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from moco_tf.errors import RunFailed, UserError
+from moco_tf.models.resnet import resnet
+from moco_tf.training.checkpoint import restore_model
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CONFIG_ASSET = "moco_config.json"
+
+# Paths an export must keep clear of: plain paths are model_dirs; a mapping gives each path's
+# description for the messages ({"ckpt.pth": "the torch checkpoint"}).
+Protected = Sequence[str] | Mapping[str, str]
+
+_IMAGES = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
+
+
+class HubModule(tf.Module):
+    """The exported object: normalisation + backbone (+ optional projection head).
+
+    `variables` and `trainable_variables` are read-only properties on `tf.Module` that collect
+    variables by walking attributes; Keras 3 variables are not `tf.Variable`s, so the walk would
+    miss them. Shadowing the properties with class attributes lets us assign explicit lists of the
+    underlying `tf.Variable`s, which is what `hub.KerasLayer` reads after loading.
+
+    The Keras models are kept out of the SavedModel's object graph (`_Untracked`): tracked, each
+    Keras variable is saved as an object of its own beside the `tf.Variable` it wraps, and the
+    variables file held every weight twice. The traced functions capture the `tf.Variable`s,
+    which the `variables` list tracks: each is saved once.
+    """
+
+    variables = None
+    trainable_variables = None
+    regularization_losses = None
+
+    def __init__(
+        self,
+        backbone: keras.Model,
+        head: keras.Model | None = None,
+        config_file: str | None = None,
+    ):
+        super().__init__(name="moco_encoder")
+        self._keras = _Untracked(backbone=backbone, head=head, maps=None)
+        layers = [backbone] + ([head] if head is not None else [])
+        # Order is part of the format: the backbone's weights first, in `backbone.weights` order,
+        # then the head's (moco_tf.interop.pretrained rebuilds a Keras backbone from an export this way).
+        self.variables = [v.value for layer in layers for v in layer.weights]
+        # The projection head is exported for inspection; fine-tuning touches the backbone only.
+        self.trainable_variables = [v.value for v in backbone.trainable_weights]
+        self.regularization_losses = []
+        self._mean = tf.constant(IMAGENET_MEAN, tf.float32)
+        self._std = tf.constant(IMAGENET_STD, tf.float32)
+        if config_file is not None:
+            self.config_file = tf.saved_model.Asset(config_file)
+        stages = stage_outputs(backbone)
+        self.feature_maps = None
+        if stages:
+            # One Keras model over the same layers: one forward pass gives every stage's map.
+            self._keras.maps = keras.Model(backbone.inputs, stages, name="feature_maps")
+            self.feature_maps = tf.function(self._feature_maps, input_signature=[_IMAGES])
+
+    def _features(self, images, training):
+        x = (tf.convert_to_tensor(images, tf.float32) - self._mean) / self._std
+        return self._keras.backbone(x, training=training)
+
+    @tf.function
+    def __call__(self, images, training=False):
+        """images float32 [batch, h, w, 3] in [0, 1] -> pooled features [batch, 512 or 2048]."""
+        return self._features(images, training)
+
+    def _feature_maps(self, images):
+        """The last block's output of each stage, for detection / segmentation backbones."""
+        x = (images - self._mean) / self._std
+        return self._keras.maps(x, training=False)
+
+    @tf.function(input_signature=[_IMAGES])
+    def serve(self, images):
+        features = self._features(images, training=False)
+        outputs = {"feature_vector": features}
+        if self._keras.head is not None:
+            outputs["projection"] = self._keras.head(features, training=False)
+        return outputs
+
+
+class _Untracked:
+    """A plain holder: tf.Module does not track what is inside it (see HubModule)."""
+
+    def __init__(self, **members: Any):
+        self.__dict__.update(members)
+
+
+def export_backbone(
+    backbone: keras.Model,
+    export_dir: str,
+    config: Mapping[str, Any],
+    head: keras.Model | None = None,
+    overwrite: bool = False,
+    protected: Protected = (),
+    overwrite_flag: str = "--overwrite",
+) -> str:
+    """Write `backbone` (images -> pooled features) as a TF-Hub reusable SavedModel.
+
+    backbone: a `moco_tf.resnet` model taking ImageNet-normalised images, built without a fixed
+        image size (`export_moco` rebuilds a training-time MoCo backbone so for you).
+    export_dir: the folder to create. It is written in a staging folder next to it and renamed
+        at the end, so an interrupted export leaves nothing half-written under export_dir.
+    config: what the export should say about itself in `assets/moco_config.json` (arch, MoCo
+        version, epochs, dataset, ...); the preprocessing contract is added here, and `width`
+        (the ResNet's base channels, read off the backbone) when config does not give it.
+    head: the MoCo projection head (`MoCo.encoder_q.head`); when given, `serving_default` also
+        returns its output under "projection".
+    overwrite: replace an existing moco_tf export at `export_dir`. Nothing else is ever replaced:
+        not a folder that is no export, not an export holding other files, not `protected`.
+    protected: paths the export must not be, contain or lie inside (the run's model_dir).
+    overwrite_flag: the caller's flag that sets overwrite, named when an export exists.
+
+    Returns export_dir. Raises ExportTargetError (a FileExistsError) when export_dir may not be
+    written (see `check_export_target`), ExportSpaceError when the disk fills up (the previous
+    export, if any, stays as it was).
+    """
+    export_dir = os.path.normpath(export_dir)
+    check_export_target(export_dir, overwrite, protected, overwrite_flag)
+
+    def write(saved: str) -> None:
+        staging = os.path.dirname(saved)
+        config_path = os.path.join(staging, CONFIG_ASSET)
+        with open(config_path, "w") as f:
+            json.dump(_full_config(backbone, config, head), f, indent=2, sort_keys=True)
+        module = HubModule(backbone, head, config_path)
+        # Trace both training values so hub.KerasLayer finds a function for each.
+        module.__call__.get_concrete_function(_IMAGES, training=False)
+        module.__call__.get_concrete_function(_IMAGES, training=True)
+        signatures = {"serving_default": module.serve}
+        if module.feature_maps is not None:
+            signatures["feature_maps"] = module.feature_maps
+        tf.saved_model.save(module, saved, signatures=signatures)
+
+    write_replacing(export_dir, write, lambda: _check_existing(export_dir, overwrite, overwrite_flag), what="export")
+    return export_dir
+
+
+def stage_outputs(backbone: keras.Model) -> dict[str, Any]:
+    """{"layer1": ..., "layer4": ...}: the Keras tensors ending each ResNet stage (the last
+    block's "layerS.N.out"); empty for a backbone without moco_tf.resnet's names."""
+    last: dict[int, tuple[int, Any]] = {}
+    for layer in backbone.layers:
+        parts = layer.name.split(".")
+        if len(parts) == 3 and parts[0].startswith("layer") and parts[2] == "out":
+            stage, index = int(parts[0][5:]), int(parts[1])
+            if index >= last.get(stage, (-1, None))[0]:
+                last[stage] = (index, layer.output)
+    return {f"layer{stage}": tensor for stage, (_, tensor) in sorted(last.items())}
+
+
+def _full_config(backbone: keras.Model, config: Mapping[str, Any], head) -> dict[str, Any]:
+    full = dict(config)
+    full.setdefault("feature_dim", int(backbone.output.shape[-1]))
+    width = _backbone_width(backbone)
+    if width is not None:
+        full.setdefault("width", width)
+    if head is not None:
+        full.setdefault("projection_dim", int(head.layers[-1].units))
+    full["preprocessing"] = {
+        "input": "float32 RGB in [0, 1], shape [batch, height, width, 3], any height and width",
+        "normalization": "inside the model: (x - mean) / std",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "eval_transform": "resize shorter side to 256, center crop 224 (the linear protocol's)",
+    }
+    full["signatures"] = {"serving_default": ["feature_vector"] + (["projection"] if head else [])}
+    stages = stage_outputs(backbone)
+    if stages:
+        full["signatures"]["feature_maps"] = sorted(stages)
+    return full
+
+
+def _backbone_width(backbone: keras.Model) -> int | None:
+    """A moco_tf.resnet's base channels: the output channels of its first conv ("conv1")."""
+    try:
+        return int(backbone.get_layer("conv1").filters)
+    except (ValueError, AttributeError):  # not a moco_tf.resnet
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# where an export may be written, and replacing one safely
+#
+# An existing export_dir is replaced only when it is recognisably a moco_tf export and the caller
+# asked for it. The new export is written in a staging folder `.NAME.XXXXXXXX.tmp` beside
+# export_dir; then the old export is moved into the staging folder (as `old`), the new one is
+# renamed to export_dir, and the staging folder with the old export is removed. A kill at any
+# point leaves a complete export under export_dir, or (between the two renames) a complete old one
+# in the staging folder, which the next check_export_target puts back.
+
+# What a SavedModel folder holds; an export with anything else in it is not replaced.
+SAVED_MODEL_ENTRIES = frozenset({"saved_model.pb", "fingerprint.pb", "variables", "assets", "assets.extra"})
+_NEW, _OLD, _OWNER = "new", "old", "owner.json"
+# What our staging folders hold: these names, and those of moco_tf versions before this one.
+_STAGING_ENTRIES = frozenset({_NEW, _OLD, _OWNER, CONFIG_ASSET, "saved_model", "saved_model.old"})
+_OLD_ENTRIES = (_OLD, "saved_model.old")
+
+
+class ExportTargetError(FileExistsError, UserError):
+    """export_dir may not be written or replaced; the message says why, in one line."""
+
+
+class ExportSpaceError(RunFailed):
+    """The disk filled up while writing; whatever was at the target before is intact. A
+    `RunFailed`: the CLIs report it in one line with exit status 1."""
+
+
+def is_export(path: str) -> bool:
+    """Whether `path` is a folder written by moco_tf.export: a SavedModel with assets/moco_config.json
+    (what every moco_tf export, older ones included, holds)."""
+    return (
+        os.path.isdir(path)
+        and os.path.isfile(os.path.join(path, "saved_model.pb"))
+        and os.path.isfile(os.path.join(path, "assets", CONFIG_ASSET))
+    )
+
+
+def _is_complete_export(path: str) -> bool:
+    return is_export(path) and os.path.isfile(os.path.join(path, "variables", "variables.index"))
+
+
+def export_source(export_dir: str) -> str | None:
+    """The "source" an existing moco_tf export records in its moco_config.json (e.g.
+    "moco_tf model_dir /abs/run"); None when export_dir is no export or records none."""
+    if not is_export(export_dir):
+        return None
+    try:
+        source = read_config(export_dir).get("source")
+    except (OSError, ValueError, AttributeError):  # unreadable or not a JSON object
+        return None
+    return source if isinstance(source, str) else None
+
+
+def check_export_target(
+    export_dir: str, overwrite: bool = False, protected: Protected = (), overwrite_flag: str = "--overwrite"
+) -> None:
+    """Raise ExportTargetError (one line) unless an export may be written at `export_dir`.
+
+    Allowed: a path that does not exist or an empty folder; an existing moco_tf export when
+    `overwrite`. Refused whatever `overwrite` says: export_dir being, containing or lying inside
+    one of `protected` (e.g. the run's model_dir), containing the current directory, a file, a
+    symbolic link, a folder that is not a moco_tf export, an export holding other files too.
+
+    Cheap; call it before a long run (training) and it is called again by export_backbone. It also
+    tidies up after an export that was killed: a leftover staging folder of ours beside export_dir
+    is removed, and if export_dir is missing because the kill came in the middle of a replacement,
+    the previous export is put back first.
+    """
+    if not export_dir:
+        raise ExportTargetError("no export_dir given")
+    refuse_overlap(export_dir, protected, "export_dir")
+    recover_leftovers(export_dir, _is_complete_export)
+    _check_existing(export_dir, overwrite, overwrite_flag)
+
+
+def _check_existing(export_dir: str, overwrite: bool, overwrite_flag: str = "--overwrite") -> None:
+    refusing = f"refusing to replace {export_dir}:"
+    if os.path.islink(export_dir):
+        raise ExportTargetError(f"{refusing} it is a symbolic link; give the folder it points to")
+    if not os.path.exists(export_dir):
+        return
+    if not os.path.isdir(export_dir):
+        raise ExportTargetError(f"{refusing} it is a file, not an export; choose another export_dir")
+    entries = os.listdir(export_dir)
+    if not entries:
+        return  # an empty folder: nothing to lose
+    if not is_export(export_dir):
+        raise ExportTargetError(
+            f"{refusing} it is not a moco_tf export (no saved_model.pb and assets/{CONFIG_ASSET}); "
+            "choose another export_dir"
+        )
+    foreign = sorted(set(entries) - SAVED_MODEL_ENTRIES)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ExportTargetError(
+            f"{refusing} besides a moco_tf export it holds {shown}; move them out or choose another export_dir"
+        )
+    if not overwrite:
+        raise ExportTargetError(f"export {export_dir} already exists; pass {overwrite_flag} to replace it")
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def _within(path: str, folder: str) -> bool:
+    """path is folder or lies inside it (both real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def refuse_overlap(target: str, protected: Protected, flag: str) -> None:
+    """A target that is, contains or lies inside a protected path (or contains the current
+    directory) would put the protected files at risk when it is replaced: ExportTargetError."""
+    real = _real(target)
+    described = protected.items() if isinstance(protected, Mapping) else ((p, "the model_dir") for p in protected)
+    for path, what in described:
+        if not path or "://" in path:
+            continue  # remote paths (gs://) never meet a local target
+        other = _real(path)
+        if real == other:
+            how = "is"
+        elif _within(other, real):
+            how = "contains"
+        elif _within(real, other):
+            how = "is inside"
+        else:
+            continue
+        raise ExportTargetError(
+            f"refusing --{flag}={target}: it {how} {what} {path}, which must stay untouched; "
+            f"give --{flag} a folder of its own"
+        )
+    if _within(_real(os.getcwd()), real):
+        raise ExportTargetError(
+            f"refusing --{flag}={target}: it is or contains the current directory; give --{flag} a folder of its own"
+        )
+
+
+def write_replacing(
+    target: str, write: Callable[[str], None], recheck: Callable[[], None] | None = None, what: str = "export"
+) -> None:
+    """Call write(path) to build the new content at a fresh `path` in a staging folder beside
+    `target`, then put it at `target`; an existing target (already checked by the caller) is
+    removed only after the new content is in place, and a failure at any point leaves the old one.
+
+    recheck: called just before the swap, to refuse a target that changed in the meantime.
+    A full disk while writing raises ExportSpaceError; the staging folder is removed in any case.
+    """
+    target = os.path.abspath(target)
+    parent, name = os.path.split(target)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        # Same parent folder, so the renames stay on one filesystem and are atomic.
+        staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    except OSError as error:
+        _raise_if_disk_full(error, what, target)
+        raise
+    try:
+        with open(os.path.join(staging, _OWNER), "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+        new = os.path.join(staging, _NEW)
+        write(new)
+        if recheck is not None:
+            recheck()
+        old = os.path.join(staging, _OLD)
+        if os.path.lexists(target):
+            os.rename(target, old)
+        os.rename(new, target)
+    except (OSError, tf.errors.OpError) as error:
+        _raise_if_disk_full(error, what, target)
+        raise
+    finally:
+        _remove_staging(staging, target)
+
+
+def _remove_staging(staging: str, target: str) -> None:
+    """Remove a staging folder; an old target inside it is put back first when the target is
+    missing (the swap was interrupted), never deleted."""
+    if not os.path.lexists(target):
+        for entry in _OLD_ENTRIES:
+            old = os.path.join(staging, entry)
+            if os.path.isdir(old):
+                os.rename(old, target)
+                break
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _raise_if_disk_full(error: BaseException, what: str, target: str) -> None:
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if full or "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+        previous = f"the previous {what} is intact" if os.path.lexists(target) else f"no {what} was written"
+        raise ExportSpaceError(
+            f"no space left on device while writing {what} {target}; {previous}; free some space and rerun"
+        ) from None
+
+
+def _staging_folders(target: str) -> list[str]:
+    """Staging folders of ours beside target whose process is gone: our name pattern, and nothing
+    inside but what moco_tf puts there."""
+    parent, name = os.path.split(os.path.abspath(target))
+    pattern = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp\Z")
+    try:
+        entries = os.listdir(parent)
+    except OSError:  # no parent yet (or unreadable): nothing of ours there
+        return []
+    found = []
+    for entry in sorted(entries):
+        path = os.path.join(parent, entry)
+        if not pattern.match(entry) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        try:
+            if set(os.listdir(path)) <= _STAGING_ENTRIES and not _owner_alive(path):
+                found.append(path)
+        except OSError:
+            continue
+    return found
+
+
+def _owner_alive(staging: str) -> bool:
+    """Whether the process that made a staging folder may still be writing it. Folders of older
+    moco_tf versions, or of a process killed before it wrote owner.json, have no owner."""
+    try:
+        with open(os.path.join(staging, _OWNER)) as f:
+            owner = json.load(f)
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname() or pid == os.getpid():
+        return True  # another machine's (cannot tell), or this process's own: leave it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def recover_leftovers(target: str, is_complete: Callable[[str], bool]) -> list[str]:
+    """Tidy up after a killed write of `target`: when target is missing and a staging folder holds
+    a complete previous version (is_complete), put it back; then remove our staging folders.
+    Returns a line for each thing done (also printed on stderr)."""
+    done = []
+    leftovers = _staging_folders(target)
+    if not os.path.lexists(target):
+        olds = [os.path.join(s, e) for s in leftovers for e in _OLD_ENTRIES if is_complete(os.path.join(s, e))]
+        if olds:
+            newest = max(olds, key=os.path.getmtime)
+            os.rename(newest, target)
+            done.append(f"restored {target}, which an interrupted replacement had moved to {newest}")
+    for staging in leftovers:
+        if not os.path.lexists(target) and any(os.path.isdir(os.path.join(staging, e)) for e in _OLD_ENTRIES):
+            continue  # an old version we could not verify, and nothing in its place: keep it
+        shutil.rmtree(staging, ignore_errors=True)
+        done.append(f"removed {staging}, left by an interrupted write of {target}")
+    for line in done:
+        print(line, file=sys.stderr)
+    return done
+
+
+def read_config(export_dir: str) -> dict[str, Any]:
+    """The `assets/moco_config.json` of an export."""
+    with open(os.path.join(export_dir, "assets", CONFIG_ASSET)) as f:
+        return json.load(f)
+
+
+def export_moco(
+    model: keras.Model,
+    export_dir: str,
+    config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    protected: Protected = (),
+    overwrite_flag: str = "--overwrite",
+) -> str:
+    """Export a `moco_tf.MoCo` model's query backbone and projection head (e.g. after training).
+
+    The backbone is rebuilt with any input size and plain BatchNorm (bn_groups=1) and given the
+    trained weights: a training-time backbone may fix its image size (static shapes) and split
+    BN into groups, neither of which suits a consumer fine-tuning at its own size and batch.
+    config: extra entries for moco_config.json (MoCo version, epochs, dataset, ...).
+    overwrite, protected, overwrite_flag: as in `export_backbone` (protected: the run's model_dir).
+    """
+    check_export_target(export_dir, overwrite, protected, overwrite_flag)  # before rebuilding the backbone
+    backbone = resnet(model.arch, cifar_stem=model.cifar_stem, width=model.width)
+    backbone.set_weights(model.backbone_q.get_weights())
+    # export_backbone records the width (and feature_dim) read off the backbone itself.
+    full = {"arch": model.arch, "cifar_stem": model.cifar_stem, "mlp": model.mlp, "dim": model.dim}
+    full.update(config or {})
+    return export_backbone(
+        backbone, export_dir, full, head=model.encoder_q.head, overwrite=overwrite, protected=protected,
+        overwrite_flag=overwrite_flag,
+    )
+
+
+def export_model_dir(model_dir: str, export_dir: str, overwrite: bool = False) -> str:
+    """Export the query backbone (and head) of the MoCo model saved in `model_dir`: a moco_tf
+    model_dir (its newest checkpoint) or one checkpoint prefix in it (`DIR/checkpoints/ckpt-12`).
+
+    export_dir may not be, contain or lie inside the model_dir (see `check_export_target`).
+    """
+    model_dir = os.path.normpath(model_dir)
+    prefix = not os.path.isdir(model_dir) and os.path.isfile(model_dir + ".index")
+    if prefix:
+        # The checkpoint's folder and the run's model_dir (restore_model reads its config.json).
+        protected = {
+            os.path.dirname(model_dir) or ".": "the checkpoints folder",
+            os.path.dirname(os.path.dirname(model_dir)) or ".": "the model_dir",
+        }
+    else:
+        protected = {model_dir: "the model_dir"}
+    check_export_target(export_dir, overwrite, protected)  # before the slow restore
+    if not prefix and not os.path.isdir(model_dir):
+        if os.path.exists(model_dir):
+            raise NotADirectoryError(
+                f"model_dir {model_dir} is a file: give a moco_tf model_dir or a checkpoint prefix (DIR/ckpt-N)"
+            )
+        raise FileNotFoundError(
+            f"model_dir {model_dir} does not exist (neither a folder nor a checkpoint prefix with a .index file)"
+        )
+    model, config = restore_model(model_dir)
+    run_dir = list(protected)[-1]
+    config = {**config, "source": f"moco_tf model_dir {os.path.abspath(run_dir)}"}
+    if prefix:
+        config["checkpoint"] = os.path.basename(model_dir)
+    return export_moco(model, export_dir, config, overwrite=overwrite, protected=protected)

@@ -1,0 +1,55 @@
+"""Helpers shared by the test modules: running a command in a fresh interpreter, random BatchNorm
+statistics, a tiny exportable Keras model, and a snapshot of a folder tree."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
+if not os.path.exists(PYTHON):
+    PYTHON = sys.executable
+
+
+def randomize(model, seed: int = 0) -> None:
+    """Random BN affine parameters and statistics, so inference and training modes differ."""
+    rng = np.random.RandomState(seed)
+    for weight in model.weights:
+        name = weight.path.rsplit("/", 1)[-1]
+        shape = tuple(weight.shape)
+        if name in ("gamma", "moving_variance"):
+            weight.assign(rng.uniform(0.5, 1.5, shape).astype(np.float32))
+        elif name in ("beta", "moving_mean"):
+            weight.assign(rng.normal(0.0, 0.1, shape).astype(np.float32))
+
+
+def run(*args, timeout=300):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0", PYTHONPATH=ROOT)
+    return subprocess.run([PYTHON, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_backbone():
+    """Any images -> features Keras model exports; this one saves in a fraction of a second."""
+    import keras
+
+    inputs = keras.Input((None, None, 3))
+    features = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 1)(inputs))
+    return keras.Model(inputs, features)
+
+
+def tree(root) -> dict[str, bytes | None]:
+    """Every path under root (root included) -> its bytes (None for a folder): to check that
+    nothing was touched."""
+    root = str(root)
+    out = {".": None}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(folder, name), root)] = None
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                out[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return out
