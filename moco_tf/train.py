@@ -2,12 +2,14 @@
 
 The command line: flags (`moco_tf.cli.flags`) into `moco_tf.training.pretrain`, then the TF-Hub
 export of --export_dir. Rerunning the same command with the same --model_dir resumes where the
-run stopped.
+run stopped. When stdout is not a terminal (a log file), progress is one plain line every
+--log_every steps instead of Keras's interactive bar.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import types
 
 import keras
@@ -59,7 +61,11 @@ def train_from_flags() -> keras.Model:
         export_overwrite.append(_check_export_dir(model_dir))
 
     settings = settings_from_flags()
-    result = pretrain(settings, before_training=check_export if FLAGS.export_dir else None)
+    result = pretrain(
+        settings,
+        progress="bar" if sys.stdout.isatty() else "lines",
+        before_training=check_export if FLAGS.export_dir else None,
+    )
     if FLAGS.export_dir and result.chief:
         extra = {"epochs": result.epochs_done, "dataset": FLAGS.dataset, "aug": FLAGS.aug,
                  "moco_version": recipe(settings)["moco_version"],

@@ -1,9 +1,11 @@
-"""Weighted kNN: hand-computed votes, ties, blocks, the official demo's code, the monitor, and the
-`moco_tf.knn` command line."""
+"""Weighted kNN: hand-computed votes, ties, blocks, the official demo's code, the monitor (one
+traced function per backbone, no retracing warning), and the `moco_tf.knn` command line."""
 
 from __future__ import annotations
 
+import gc
 import glob
+import logging
 import math
 import os
 
@@ -14,7 +16,7 @@ import tensorflow as tf
 import torch
 
 from moco_tf.data import pipelines, sources
-from moco_tf.evaluation import knn
+from moco_tf.evaluation import frozen, knn
 from moco_tf.interop import hub
 from moco_tf.models.resnet import resnet
 from tests.helpers import randomize, run
@@ -142,6 +144,35 @@ def test_monitor_inside_fit(digits):
     x, y = np.zeros((4, 32, 32, 3), np.float32), np.zeros((4, 1), np.float32)
     history = model.fit(x, y, epochs=2, verbose=0, callbacks=[knn.KNNMonitor(train, val, every_n_epochs=1)])
     assert len(history.history["knn_top1"]) == 2
+
+
+def test_repeated_evaluations_trace_once_and_never_warn(digits):
+    """Evaluating the same backbone every epoch reuses one traced function: TensorFlow's retracing
+    warning ("N out of the last M calls ... triggered tf.function retracing"), which a new function
+    per evaluation printed from the fifth on, never appears."""
+    source, train, val = digits
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    tf_logger = logging.getLogger("tensorflow")
+    tf_logger.addHandler(handler)
+    try:
+        backbone = resnet("resnet18", cifar_stem=True, width=8)
+        monitor = knn.KNNMonitor(train, val, every_n_epochs=1, num_classes=source.num_classes)
+        monitor.set_model(Holder(backbone))
+        for epoch in range(6):
+            monitor.on_epoch_end(epoch, {})
+    finally:
+        tf_logger.removeHandler(handler)
+    assert not [m for m in messages if "retracing" in m], messages
+    fn = frozen.inference_fn(backbone)
+    assert fn is frozen.inference_fn(backbone)  # one function per backbone
+    assert fn.experimental_get_tracing_count() <= 2  # full batches, then the last partial one
+    # The cache does not keep a backbone alive.
+    cached = len(frozen._compiled)
+    del backbone, monitor, fn
+    gc.collect()
+    assert len(frozen._compiled) < cached
 
 
 def test_cli(tmp_path):

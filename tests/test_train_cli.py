@@ -41,10 +41,22 @@ def _saved(model_dir):
     }
 
 
+def _step_lines(stdout: str) -> list[str]:
+    """The progress lines' "step N/TOTAL" parts."""
+    return [line.split(" | ")[0] for line in stdout.splitlines() if line.startswith("step ")]
+
+
 def test_short_run_writes_checkpoint_logs_export_and_resumes(tmp_path):
     model_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "export")
-    first = _train(*TINY, f"--model_dir={model_dir}", "--max_steps=3", f"--export_dir={export_dir}")
+    first = _train(*TINY, f"--model_dir={model_dir}", "--max_steps=3", f"--export_dir={export_dir}", "--log_every=2")
     assert first.returncode == 0, first.stderr[-3000:]
+    # stdout is a pipe, not a terminal: one plain line per --log_every steps, no progress bar
+    # (its carriage returns and colours), and the epoch summaries.
+    assert "\r" not in first.stdout and "\x1b[" not in first.stdout
+    assert _step_lines(first.stdout) == ["step 2/3"], first.stdout
+    line = next(line for line in first.stdout.splitlines() if line.startswith("step 2/3"))
+    for key in ("loss", "acc", "logit_pos", "logit_neg", "lr", "img_per_s"):
+        assert f"| {key} " in line, line
     state = _saved(model_dir)
     assert state["step"] == 3 and state["ptr"] == (3 * 32) % 64
     config = json.load(open(os.path.join(model_dir, "config.json")))
@@ -71,8 +83,9 @@ def test_short_run_writes_checkpoint_logs_export_and_resumes(tmp_path):
     np.testing.assert_allclose(features["model_dir"], features["export"], rtol=1e-5, atol=1e-5)
 
     # Rerunning the same command resumes: the step count and the queue continue from the checkpoint.
-    second = _train(*TINY, f"--model_dir={model_dir}", "--max_steps=5")
+    second = _train(*TINY, f"--model_dir={model_dir}", "--max_steps=5", "--log_every=2")
     assert second.returncode == 0, second.stderr[-3000:]
+    assert _step_lines(second.stdout) == ["step 4/5"], second.stdout  # steps 4 and 5: one line, at 4
     assert "resuming" in second.stdout and "from step 3" in second.stdout
     resumed = _saved(model_dir)
     assert resumed["step"] == 5 and resumed["epoch"] == 2 and resumed["ptr"] == (5 * 32) % 64

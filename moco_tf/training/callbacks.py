@@ -1,5 +1,5 @@
 """Keras callbacks of a pretraining run: checkpoints, clean stops (signals, divergence), throughput,
-learning rate, the epoch summary."""
+learning rate, the epoch summary, and plain progress lines for logs that are files."""
 
 from __future__ import annotations
 
@@ -178,3 +178,36 @@ class TrainingLogs(keras.callbacks.Callback):
                     parts.append(f"{key} {float(logs[key]):.4g}")
             print(" | ".join(parts), flush=True)
 
+
+class StepLines(keras.callbacks.Callback):
+    """One plain line every `every` steps (step, loss, acc, logits, lr, images per second), for
+    output that is a file: Keras's progress bar redraws itself with carriage returns and colours,
+    which a log file keeps as one unreadable line per epoch. Use with `fit(verbose=0)`."""
+
+    KEYS = ("loss", "acc", "logit_pos", "logit_neg")
+
+    def __init__(self, schedule, global_batch_size: int, every: int, total_steps: int):
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.schedule, self.batch, self.every, self.total = schedule, global_batch_size, every, total_steps
+        self._start, self._steps = None, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._start is None:  # throughput over the steps since the last line
+            self._start, self._steps = time.perf_counter(), 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        step = int(self.model.optimizer.iterations.numpy())
+        if step % self.every:
+            return
+        logs = logs or {}
+        parts = [f"step {step}/{self.total}"]
+        for key in self.KEYS:
+            if key in logs:
+                parts.append(f"{key} {float(np.asarray(logs[key]).reshape(-1)[0]):.4g}")
+        parts.append(f"lr {float(self.schedule(step - 1)):.4g}")  # the rate of the step just taken
+        parts.append(f"img_per_s {self._steps * self.batch / max(time.perf_counter() - self._start, 1e-9):.4g}")
+        print(" | ".join(parts), flush=True)
+        self._start = None

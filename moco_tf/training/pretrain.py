@@ -27,7 +27,7 @@ from moco_tf.evaluation import knn
 from moco_tf.models.moco import check_queue_fits
 from moco_tf.models.resnet import STANDARD_WIDTH
 from moco_tf.training import checkpoint, distribute, runlock
-from moco_tf.training.callbacks import CheckpointEvery, StopOnNonFiniteLoss, StopOnSignal, TrainingLogs
+from moco_tf.training.callbacks import CheckpointEvery, StepLines, StopOnNonFiniteLoss, StopOnSignal, TrainingLogs
 from moco_tf.training.optimizers import SGD
 from moco_tf.training.schedules import EpochSchedule, scaled_lr
 
@@ -37,6 +37,9 @@ _RECIPE_NAMES = (
     "arch cifar_stem width dim mlp queue_size momentum temperature symmetric shuffle_bn bn_groups dataset "
     "image_size aug epochs batch_size lr schedule warmup_epochs weight_decay sgd_momentum seed"
 ).split()
+# Progress while fit runs: Keras's interactive bar (a terminal), one plain line per log_every
+# steps (a log file: no carriage returns, no colours), or nothing (a non-chief worker).
+PROGRESS = ("bar", "lines", "none")
 
 
 @dataclasses.dataclass
@@ -160,15 +163,23 @@ def _segments(step: int, total: int, steps_per_epoch: int) -> list[tuple[int, in
     return out
 
 
-def pretrain(settings: Any, before_training: Callable[[str], None] | None = None) -> PretrainResult:
+def pretrain(
+    settings: Any,
+    progress: str = "bar",
+    before_training: Callable[[str], None] | None = None,
+) -> PretrainResult:
     """The whole run: validate, build, resume if model_dir holds a checkpoint, train, save.
 
+    progress: "bar" (Keras's interactive progress bar), "lines" (one plain line every
+        `settings.log_every` steps, for logs that are files) or "none"; only the chief prints.
     before_training: called on the chief with the model_dir once the run lock is held, before
         anything is built (the training command line checks --export_dir there).
 
     Raises UserError (and its kinds: DataError, StrategyError, ...) for a mistake in the
     settings, RunFailed when the run cannot go on, RunInterrupted after a stop on a signal.
     """
+    if progress not in PROGRESS:
+        raise ValueError(f"progress must be one of {', '.join(PROGRESS)}, got {progress!r}")
     validate(settings)
     config = recipe(settings)
     model_dir = settings.model_dir or default_model_dir(settings)
@@ -201,7 +212,8 @@ def pretrain(settings: Any, before_training: Callable[[str], None] | None = None
     try:
         if chief and before_training is not None:
             before_training(model_dir)
-        return _train(settings, config, saved, model_dir, strategy, chief, source, steps_per_epoch)
+        return _train(settings, config, saved, model_dir, strategy, chief, source, steps_per_epoch,
+                      progress if chief else "none")
     finally:
         if lock is not None:
             lock.release()
@@ -209,7 +221,7 @@ def pretrain(settings: Any, before_training: Callable[[str], None] | None = None
 
 def _train(
     settings: Any, config: dict, saved: dict | None, model_dir: str, strategy, chief: bool,
-    source: sources.Source, steps_per_epoch: int,
+    source: sources.Source, steps_per_epoch: int, progress: str,
 ) -> PretrainResult:
     run_ckpt_dir = os.path.join(model_dir, checkpoint.CHECKPOINT_DIR)
     if chief:
@@ -278,6 +290,8 @@ def _train(
             )
             print(f"kNN top-1 before training: {before.top1:.2f}%")
     callbacks.append(TrainingLogs(schedule, settings.batch_size, settings.epochs, print_summary=chief))
+    if progress == "lines":
+        callbacks.append(StepLines(schedule, settings.batch_size, settings.log_every, total))
     callbacks.append(CheckpointEvery(manager, epoch, settings.checkpoint_every, steps_per_epoch, stop))
     if chief:
         callbacks.append(keras.callbacks.TensorBoard(log_dir, update_freq=settings.log_every, write_graph=False))
@@ -298,7 +312,7 @@ def _train(
             )
             result = model.fit(
                 dataset, initial_epoch=initial_epoch, epochs=epochs, steps_per_epoch=steps,
-                callbacks=callbacks, verbose=1 if chief else 0, shuffle=False,
+                callbacks=callbacks, verbose=1 if progress == "bar" else 0, shuffle=False,
             )
             history = result.history
             step = int(optimizer.iterations.numpy())
