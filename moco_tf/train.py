@@ -16,7 +16,7 @@ import keras
 from absl import flags, logging
 
 from moco_tf import cli
-from moco_tf.cli.flags import define_train_flags
+from moco_tf.cli import flags as cli_flags
 from moco_tf.data.sources import DataError
 from moco_tf.interop import hub
 from moco_tf.training import distribute
@@ -84,7 +84,8 @@ def main(argv: list[str]) -> None:
 
 def run(argv: list[str] | None = None) -> None:
     """The command line: flags from argv (default sys.argv), user mistakes reported in one line."""
-    define_train_flags()
+    cli_flags.define_train_flags()
+    flags.adopt_module_key_flags(cli_flags)  # listed by --help as this command line's own
     logging.set_verbosity(logging.WARNING)
     cli.run(main, user_errors=USER_ERRORS, argv=argv)
 
