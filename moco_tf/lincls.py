@@ -3,19 +3,22 @@
     python -m moco_tf.lincls --flagfile=configs/lincls.flags --pretrained=PATH --model_dir=DIR
 
 PATH: a moco_tf model_dir or checkpoint, a TF-Hub export from moco_tf, or a PyTorch checkpoint
-(`moco_tf.interop.pretrained`). The protocol (frozen backbone in inference mode, SGD on a fresh
-Dense layer, checkpoints per epoch, the final check that the backbone did not move) is
-`moco_tf.evaluation.linear`'s; see there. A rerun with the same --model_dir resumes.
+(`moco_tf.interop.pretrained`). --lr is per 256 images (scaled linearly with --batch_size, as in
+pretraining): at the official batch 256 it is main_lincls.py's --lr. The protocol (frozen
+backbone in inference mode, SGD on a fresh Dense layer, checkpoints per epoch, the final check
+that the backbone did not move) is `moco_tf.evaluation.linear`'s; see there. A rerun with the same --model_dir resumes.
 --precompute_features trains on features extracted once, without augmentation: much faster on
 a CPU, but not the official protocol, so its numbers are labelled as such.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
 
+import tensorflow as tf
 from absl import flags
 
 from moco_tf import cli
@@ -23,26 +26,35 @@ from moco_tf.cli import flags as cli_flags
 from moco_tf.data.pipelines import labelled_dataset
 from moco_tf.evaluation import linear
 from moco_tf.interop.pretrained import load_backbone, load_for_evaluation
+from moco_tf.training.config import LinearConfig, check_same_run
+from moco_tf.training.schedules import scaled_lr
 
 FLAGS = flags.FLAGS
 
 
+def check_model_dir(config: LinearConfig) -> None:
+    """Records the run's config in --model_dir, or refuses to resume a run of another recipe."""
+    path = os.path.join(config.model_dir, linear.CONFIG_FILE)
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            check_same_run(LinearConfig.from_json(f.read()), config, config.model_dir)
+        return
+    tf.io.gfile.makedirs(config.model_dir)
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(config.to_json())
+
+
 def main(argv: list[str]) -> None:
     cli.reject_extra_arguments(argv)
-    if FLAGS.epochs < 1 or FLAGS.lr <= 0:
-        raise cli.UsageError(f"--epochs must be >= 1 and --lr > 0 (got {FLAGS.epochs}, {FLAGS.lr})")
-    try:
-        milestones = sorted(int(m) for m in FLAGS.schedule)
-    except ValueError:
-        raise cli.UsageError(
-            f"--schedule must be a list of epochs, e.g. 60,80 (got {','.join(FLAGS.schedule)})"
-        ) from None
+    cli_flags.refuse_renamed_lincls_flags()
+    config = LinearConfig.from_flags(FLAGS)
+    config.validate()
+    milestones = sorted(config.milestones)
     backbone, info, source = load_for_evaluation(FLAGS.pretrained, FLAGS.dataset, FLAGS.data_dir, FLAGS.strict_data)
     image_size = FLAGS.image_size or info["image_size"]
-    if FLAGS.model_dir:
-        config = {k: getattr(FLAGS, k) for k in linear.RESUME_KEYS if k != "image_size"}
-        config.update(image_size=image_size, pretrained=os.path.abspath(FLAGS.pretrained))
-        linear.check_resume_config(FLAGS.model_dir, config)
+    config = dataclasses.replace(config, image_size=image_size, pretrained=os.path.abspath(FLAGS.pretrained))
+    if config.model_dir:
+        check_model_dir(config)
     else:
         print("no --model_dir: nothing is checkpointed, a rerun starts over")
     batch = FLAGS.batch_size
@@ -62,11 +74,12 @@ def main(argv: list[str]) -> None:
         train_ds, n_train = linear.feature_dataset(backbone, train_ds, batch, shuffle=True, seed=FLAGS.seed)
         val_ds, _ = linear.feature_dataset(backbone, val_ds, batch, shuffle=False)
         classifier_backbone = None
+    lr = scaled_lr(FLAGS.lr, batch)  # --lr is per 256 images, as in pretraining
     protocol = "precomputed features, no augmentation" if FLAGS.precompute_features else "official protocol"
     print(
         f"linear classification ({protocol}) of {info['description']} on {source.name}: "
         f"{n_train} train images, {source.num_classes} classes, image size {image_size}, batch {batch}, "
-        f"{FLAGS.epochs} epochs, lr {FLAGS.lr} x0.1 at {milestones}"
+        f"{FLAGS.epochs} epochs, lr {lr:.4g} ({FLAGS.lr} per 256 images) x0.1 at epochs {milestones}"
     )
     model, _ = linear.train_linear(
         classifier_backbone,
@@ -75,8 +88,8 @@ def main(argv: list[str]) -> None:
         source.num_classes,
         steps_per_epoch=math.ceil(n_train / batch),
         epochs=FLAGS.epochs,
-        lr=FLAGS.lr,
-        momentum=FLAGS.momentum,
+        lr=lr,
+        momentum=FLAGS.sgd_momentum,
         weight_decay=FLAGS.weight_decay,
         milestones=milestones,
         model_dir=FLAGS.model_dir,

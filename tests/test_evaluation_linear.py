@@ -3,6 +3,7 @@ check fires, runs resume, and the CLI reports user mistakes in one line."""
 
 from __future__ import annotations
 
+import json
 import types
 
 import keras
@@ -99,14 +100,6 @@ def test_resume(pretrained, digits, tmp_path):
     assert "epoch 2 of 2" in done[0] and len(done) == 1  # nothing left to train
 
 
-def test_resume_with_other_settings_is_refused(tmp_path):
-    config = {k: 1 for k in linear.RESUME_KEYS}
-    linear.check_resume_config(str(tmp_path), config)
-    linear.check_resume_config(str(tmp_path), config)
-    with pytest.raises(ValueError, match="--lr=1 before, now 2"):
-        linear.check_resume_config(str(tmp_path), {**config, "lr": 2})
-
-
 def test_cli(pretrained, tmp_path):
     model_dir = tmp_path / "lin"
     args = ["-m", "moco_tf.lincls", "--flagfile=configs/cifar10_lincls.flags", f"--pretrained={pretrained}",
@@ -115,16 +108,37 @@ def test_cli(pretrained, tmp_path):
     result = run(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert "lr 30.0 x0.1 at [60, 80]" in out  # from the flagfile
+    # From the flagfile: 30 per 256 images, used at batch 16 as 30 x 16 / 256.
+    assert "lr 1.875 (30.0 per 256 images) x0.1 at epochs [60, 80]" in out
     assert "official protocol" in out and "epoch 1/1" in out and "final: val top-1" in out
     assert "sanity check passed: all 100 backbone variables" in out
     assert (model_dir / "ckpt-1.index").exists()
-    bad = run(*args[:-1], f"--model_dir={model_dir}", "--lr=3")
+    assert json.loads((model_dir / "lincls_config.json").read_text())["sgd_momentum"] == 0.9
+    bad = run(*args[:-1], f"--model_dir={model_dir}", "--lr=3", "--milestones=5")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: --model_dir=")
+    assert bad.stderr.strip().splitlines()[-1] == (
+        f"error: model_dir {model_dir} holds another linear classifier run: --lr=30.0 (now 3.0), "
+        "--milestones=60,80 (now 5); rerun with its values or use a new --model_dir"
+    )
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--momentum=0.9", "error: --momentum is not a lincls flag: use --sgd_momentum"),
+        ("--schedule=60,80", "error: --schedule is not a lincls flag: use --milestones=60,80"),
+    ],
+)
+def test_flags_of_other_meaning_are_refused(flag, message):
+    result = run("-m", "moco_tf.lincls", "--pretrained=nowhere", "--dataset=digits", flag)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(message), result.stderr
 
 
 def test_helpfull_documents_every_flag():
     result = run("-m", "moco_tf.lincls", "--helpfull")
-    for flag in ("pretrained", "dataset", "model_dir", "lr", "schedule", "precompute_features", "image_size"):
+    for flag in ("pretrained", "dataset", "model_dir", "lr", "sgd_momentum", "milestones", "precompute_features",
+                 "image_size"):  # fmt: skip
         assert f"--{flag}" in result.stdout
+    assert "per 256 images" in result.stdout

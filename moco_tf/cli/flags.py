@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from moco_tf.errors import UserError
 from moco_tf.models.resnet import ARCHS
 from moco_tf.training.distribute import STRATEGIES
 
@@ -128,12 +129,18 @@ def define_lincls_flags() -> None:
     if "precompute_features" in flags.FLAGS:
         return
     flags.DEFINE_string("model_dir", None, "checkpoints and results of this linear run; a rerun resumes from it")
-    flags.DEFINE_integer("batch_size", 256, "images per step (official: 256)")
+    flags.DEFINE_integer("batch_size", 256, "global batch size, over all replicas and workers (official: 256)")
     flags.DEFINE_integer("epochs", 100, "training epochs (official: 100)")
-    flags.DEFINE_float("lr", 30.0, "SGD learning rate (official: 30)")
-    flags.DEFINE_float("momentum", 0.9, "SGD momentum (official: 0.9)")
+    flags.DEFINE_float(
+        "lr", 30.0,
+        "SGD learning rate per 256 images, scaled linearly with --batch_size (used: lr x batch_size / 256); "
+        "at batch 256 the official --lr (30)",
+    )
+    flags.DEFINE_float("sgd_momentum", 0.9, "SGD momentum (official --momentum: 0.9)")
     flags.DEFINE_float("weight_decay", 0.0, "SGD weight decay, PyTorch style (official: 0)")
-    flags.DEFINE_list("schedule", ["60", "80"], "epochs at which the learning rate drops x0.1 (official: 60,80)")
+    flags.DEFINE_list(
+        "milestones", ["60", "80"], "epochs at which the learning rate drops x0.1 (official --schedule: 60,80)"
+    )
     flags.DEFINE_bool(
         "precompute_features",
         False,
@@ -141,6 +148,24 @@ def define_lincls_flags() -> None:
         "but NOT the official protocol",
     )
     flags.DEFINE_integer("seed", None, "seed of the data order and augmentation")
+    # Names that mean something else in `moco_tf.train`: defined only to be refused in one line.
+    for name, use in _LINCLS_REFUSED.items():
+        if name not in flags.FLAGS:
+            flags.DEFINE_string(name, None, f"not accepted: {use}")
+
+
+# lincls flag names whose meaning differs in another command line -> what to use instead.
+_LINCLS_REFUSED = {
+    "momentum": "use --sgd_momentum (the official --momentum; train's key encoder m is --moco_momentum)",
+    "schedule": "use --milestones=60,80 (the official --schedule; train's --schedule is step|cosine)",
+}
+
+
+def refuse_renamed_lincls_flags() -> None:
+    """A UserError when `moco_tf.lincls` got --momentum or --schedule (ported from main_lincls.py?)."""
+    for name, use in _LINCLS_REFUSED.items():
+        if flags.FLAGS[name].present:
+            raise UserError(f"--{name} is not a lincls flag: {use}")
 
 
 def define_export_flags() -> None:

@@ -2,7 +2,7 @@
 
 The official protocol, and the defaults here: the backbone is frozen and always runs in inference
 mode (BatchNorm uses, and never updates, its moving statistics); a fresh Dense classifier,
-weights N(0, 0.01) and zero bias, is trained by SGD (PyTorch semantics) with lr 30, momentum
+weights N(0, 0.01) and zero bias, is trained by SGD (PyTorch semantics) with lr 30 (at batch 256), momentum
 0.9, weight decay 0, batch 256, for 100 epochs, the rate x0.1 at epochs 60 and 80; training
 images get RandomResizedCrop + flip, validation images resize (256/224 of the crop) + centre
 crop. Top-1 and top-5 on the val split after every epoch. The classifier, optimizer and epoch
@@ -34,8 +34,6 @@ from moco_tf.training.schedules import EpochSchedule
 
 CONFIG_FILE = "lincls_config.json"
 RESULTS_FILE = "lincls_results.json"
-# Settings that must not change between a run and its resumption.
-RESUME_KEYS = ("pretrained", "dataset", "image_size", "precompute_features", "batch_size", "lr", "epochs")
 
 
 class BackboneChangedError(RuntimeError):
@@ -130,6 +128,7 @@ def train_linear(
 
     train_ds / val_ds: finite (inputs, labels) batches; train_ds is iterated once per epoch.
     steps_per_epoch: batches in one pass of train_ds (the schedule counts epochs in steps).
+    lr: the rate used, not scaled here (`python -m moco_tf.lincls` scales its per-256 --lr by the batch size).
     """
     model = LinearClassifier(backbone, num_classes)
     sample = next(iter(val_ds.take(1)))[0][:1]
@@ -226,23 +225,3 @@ def _read_results(model_dir: str) -> list:
         return []
     with tf.io.gfile.GFile(path) as f:
         return json.load(f)
-
-
-def check_resume_config(model_dir: str, config: dict) -> None:
-    """Write the run's settings to model_dir, or refuse to resume a run made with other ones."""
-    path = os.path.join(model_dir, CONFIG_FILE)
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            old = json.load(f)
-        differ = [
-            f"--{k}={old.get(k)} before, now {config.get(k)}" for k in RESUME_KEYS if old.get(k) != config.get(k)
-        ]
-        if differ:
-            raise ValueError(
-                f"--model_dir={model_dir} holds a linear classifier trained with other settings ("
-                + "; ".join(differ)
-                + "): use a new --model_dir"
-            )
-        return
-    tf.io.gfile.makedirs(model_dir)
-    write_json(path, config)
