@@ -2,6 +2,9 @@
 
     python -m moco_tf.knn --pretrained=PATH --dataset=cifar10 [--k=200 --t=0.1] [--retrieval_grid=FILE.png]
 
+--strategy spreads the feature extraction over GPUs, hosts (multi_worker, TF_CONFIG) or a TPU as
+for training; --mixed_precision runs the backbone in bfloat16 / float16, the vote in float32.
+
 PATH: a moco_tf model_dir or checkpoint, a TF-Hub export from moco_tf, or a PyTorch checkpoint
 (`moco_tf.interop.pretrained`). The classifier is `moco_tf.evaluation.knn`'s; `knn_predict`
 is re-exported here, where earlier versions had it.
@@ -12,11 +15,12 @@ from __future__ import annotations
 from absl import flags
 
 from moco_tf import cli
+from moco_tf.cli import evaluation as cli_evaluation
 from moco_tf.cli import flags as cli_flags
 from moco_tf.data.pipelines import labelled_dataset
 from moco_tf.evaluation.knn import evaluate, knn_predict
 from moco_tf.evaluation.pictures import write_png
-from moco_tf.interop.pretrained import load_for_evaluation
+from moco_tf.training import distribute
 
 __all__ = ["knn_predict", "main", "run"]
 
@@ -25,7 +29,14 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
     cli.reject_extra_arguments(argv)
-    backbone, info, source = load_for_evaluation(FLAGS.pretrained, FLAGS.dataset, FLAGS.data_dir, FLAGS.strict_data)
+    with distribute.peer_failures():  # a lost worker of a multi-worker run: one line, not a traceback
+        evaluate_from_flags()
+
+
+def evaluate_from_flags() -> None:
+    """Every worker extracts its shard of the features and prints the result; the chief writes the grid."""
+    setup = cli_evaluation.setup(FLAGS)
+    backbone, info, source = setup.backbone, setup.info, setup.source
     image_size = FLAGS.image_size or info["image_size"]
 
     def split(name, limit):
@@ -41,13 +52,14 @@ def main(argv: list[str]) -> None:
         grid_queries=FLAGS.grid_queries if FLAGS.retrieval_grid else 0,
         grid_neighbours=FLAGS.grid_neighbours,
         class_names=source.class_names,
+        strategy=setup.strategy,
     )
     print(
         f"kNN (k={FLAGS.k}, t={FLAGS.t}) of {info['description']} on {source.name}: "
         f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
         f"({result.num_val} {source.eval_split} images, bank of {result.num_train} {source.train_split} images)"
     )
-    if result.grid is not None:
+    if result.grid is not None and setup.chief:
         print(f"retrieval grid written to {write_png(result.grid, FLAGS.retrieval_grid)}")
 
 

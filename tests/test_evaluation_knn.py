@@ -200,3 +200,81 @@ def test_cli(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --pretrained=")
     assert "Traceback" not in bad.stderr
+
+
+def test_mirrored_extraction_gives_the_one_device_result(digits):
+    """Two replicas (2 logical CPUs) each embed half of every batch; the gathered features, in
+    the original order, give the one-device top-1 and top-5, and no retracing warning."""
+    from moco_tf.training.distribute import mirrored
+
+    source, train, val = digits
+    backbone = resnet("resnet18", cifar_stem=True, width=8)
+    randomize(backbone)
+    one = knn.evaluate(backbone, train, val, k=20, num_classes=source.num_classes)
+    strategy = mirrored()
+    assert strategy.num_replicas_in_sync == 2
+    features, labels = knn.extract_features(backbone, val, strategy=strategy)
+    local_features, local_labels = knn.extract_features(backbone, val)
+    np.testing.assert_array_equal(labels, local_labels)  # same order
+    np.testing.assert_allclose(features, local_features, rtol=1e-5, atol=1e-6)
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("tensorflow").addHandler(handler)
+    try:
+        for _ in range(6):
+            two = knn.evaluate(backbone, train, val, k=20, num_classes=source.num_classes, strategy=strategy)
+    finally:
+        logging.getLogger("tensorflow").removeHandler(handler)
+    assert (two.top1, two.top5, two.num_train, two.num_val) == (one.top1, one.top5, 96, 32)
+    assert not [m for m in messages if "retracing" in m], messages
+
+
+def _top(stdout: str) -> str:
+    """The "top-1 X%  top-5 Y%" of the result line."""
+    line = [x for x in stdout.splitlines() if x.startswith("kNN (k=")][-1]
+    return line[line.index("top-1") : line.index("(", line.index("top-1"))].strip()
+
+
+def test_cli_multi_worker_reports_the_one_device_result(tmp_path):
+    """Two local workers (TF_CONFIG on 127.0.0.1, one replica each) extract half of the features
+    each; both print the one-device top-1 and top-5; only the chief writes the grid."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+    from tests.test_multiworker_resume import _free_ports
+
+    backbone = resnet("resnet18", cifar_stem=True, width=8)
+    randomize(backbone)
+    path = hub.export_backbone(backbone, str(tmp_path / "r18"), {"arch": "resnet18", "cifar_stem": True,
+                                                                   "image_size": 32, "width": 8})  # fmt: skip
+    args = [f"--pretrained={path}", "--dataset=digits", "--limit_train=96", "--limit_val=40", "--batch_size=16",
+            "--k=20", "--mixed_precision=none"]  # fmt: skip
+    source = sources.make_source("digits")
+    one = knn.evaluate(backbone, pipelines.labelled_dataset(source, "train", 32, 16, subset=96),
+                       pipelines.labelled_dataset(source, "test", 32, 16, subset=40), k=20, num_classes=10)  # fmt: skip
+    expected = f"top-1 {one.top1:.2f}%  top-5 {one.top5:.2f}%"
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0", PYTHONPATH=ROOT)
+    procs = []
+    for i in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "moco_tf.knn", *args, "--strategy=multi_worker", "--peer_timeout=60",
+             f"--retrieval_grid={tmp_path / f'grid{i}.png'}", "--grid_queries=2", "--grid_neighbours=2"],
+            cwd=ROOT, env={**env, "TF_CONFIG": json.dumps(tf_config)}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        ))  # fmt: skip
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert _top(out) == expected, out
+        assert "40 test images, bank of 96 train images" in out
+    assert (tmp_path / "grid0.png").exists() and not (tmp_path / "grid1.png").exists()

@@ -108,6 +108,17 @@ def define_evaluation_flags() -> None:
     flags.DEFINE_integer("limit_train", 0, "use only N train images, evenly spaced (quick checks); 0: all")
     flags.DEFINE_integer("limit_val", 0, "use only N val images, evenly spaced (quick checks); 0: all")
     flags.DEFINE_bool("strict_data", False, "stop at the first unreadable image instead of skipping it")
+    # Hardware: as train's flags of the same names.
+    flags.DEFINE_enum(
+        "strategy", "auto", list(STRATEGIES),
+        "tf.distribute strategy; auto picks from the hardware (multi_worker: TF_CONFIG, as for train)",
+    )  # fmt: skip
+    flags.DEFINE_float("peer_timeout", 300.0, "multi-worker: seconds to wait for every host of TF_CONFIG to start")
+    flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM)")
+    flags.DEFINE_enum(
+        "mixed_precision", "none", ["none", "bf16", "fp16"],
+        "backbone computes in bfloat16 / float16 (bf16 on TPU); features and logits stay float32",
+    )  # fmt: skip
 
 
 def define_knn_flags() -> None:
@@ -117,7 +128,7 @@ def define_knn_flags() -> None:
         return
     flags.DEFINE_integer("k", 200, "number of neighbours")
     flags.DEFINE_float("t", 0.1, "temperature of the neighbour weights exp(similarity / t)")
-    flags.DEFINE_integer("batch_size", 256, "images per forward pass")
+    flags.DEFINE_integer("batch_size", 256, "images per forward pass, over all replicas and workers")
     flags.DEFINE_string("retrieval_grid", None, "write a PNG of val images and their nearest train images here")
     flags.DEFINE_integer("grid_queries", 8, "val images (rows) in the retrieval grid")
     flags.DEFINE_integer("grid_neighbours", 8, "nearest train images per row of the retrieval grid")

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from moco_tf.evaluation.frozen import inference_fn
+from moco_tf.evaluation.frozen import distributed_fn, inference_fn, is_distributed
 from moco_tf.evaluation.pictures import retrieval_grid, summary_image, summary_scalar
 
 # Similarity matrix entries per query block: 2**25 float32 = 128 MiB.
@@ -153,20 +153,43 @@ class _NeighbourTracker:
         self.labels = np.take_along_axis(all_labels, keep, 1)
 
 
+def _local_batches(backbone_fn, dataset: tf.data.Dataset):
+    fn = inference_fn(backbone_fn)
+    for images, labels in dataset:
+        yield fn(images), labels, images
+
+
+def _distributed_batches(backbone_fn, dataset: tf.data.Dataset, strategy: tf.distribute.Strategy, with_images: bool):
+    # DATA: every worker reads the whole input and keeps its batches, so each image counts once
+    # (FILE sharding by input file would give workers unequal, file-sized parts).
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    step = distributed_fn(backbone_fn, strategy, with_images)
+    for batch in strategy.experimental_distribute_dataset(dataset.with_options(options)):
+        out = step(batch)
+        yield out[0], out[1], (out[2] if with_images else None)
+
+
 def extract_features(
     backbone_fn: keras.Model | Callable,
     dataset: tf.data.Dataset,
     keep_images: int = 0,
     tracker: _NeighbourTracker | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features [N, D], labels [N]) of a finite (images, labels) dataset, in inference mode.
+    """(features [N, D] float32, labels [N]) of a finite (images, labels) dataset, in inference mode.
 
     keep_images: also return the first `keep_images` images (normalised float), for a grid.
+    strategy: with several replicas or workers, each embeds its shard of every batch (the dataset
+    holds global batches) and every worker gets all features and labels.
     """
-    fn = inference_fn(backbone_fn)
+    if is_distributed(strategy):
+        batches = _distributed_batches(backbone_fn, dataset, strategy, bool(keep_images or tracker))
+    else:
+        batches = _local_batches(backbone_fn, dataset)
     features, labels, kept = [], [], []
-    for images, batch_labels in dataset:
-        batch = fn(images).numpy()
+    for batch_features, batch_labels, images in batches:
+        batch = batch_features.numpy()
         features.append(batch)
         labels.append(batch_labels.numpy())
         if keep_images and sum(len(x) for x in kept) < keep_images:
@@ -200,16 +223,22 @@ def evaluate(
     grid_queries: int = 0,
     grid_neighbours: int = 8,
     class_names: Sequence[str] = (),
+    strategy: tf.distribute.Strategy | None = None,
 ) -> KNNResult:
     """kNN accuracy of `backbone_fn` (train split = memory bank), optionally with a retrieval grid
-    of the first `grid_queries` val images and their `grid_neighbours` nearest train images."""
+    of the first `grid_queries` val images and their `grid_neighbours` nearest train images.
+
+    strategy: features are extracted over its replicas and workers (see `extract_features`); the
+    vote runs on each worker's default device, on the gathered features."""
     tracker = None
     if grid_queries:
-        val_features, val_labels, query_images = extract_features(backbone_fn, val_ds, keep_images=grid_queries)
+        val_features, val_labels, query_images = extract_features(
+            backbone_fn, val_ds, keep_images=grid_queries, strategy=strategy
+        )
         tracker = _NeighbourTracker(val_features[:grid_queries], grid_neighbours)
     else:
-        val_features, val_labels = extract_features(backbone_fn, val_ds)
-    train_features, train_labels = extract_features(backbone_fn, train_ds, tracker=tracker)
+        val_features, val_labels = extract_features(backbone_fn, val_ds, strategy=strategy)
+    train_features, train_labels = extract_features(backbone_fn, train_ds, tracker=tracker, strategy=strategy)
     if num_classes is None:
         num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     scores = knn_scores(train_features, train_labels, val_features, k, t, num_classes)
