@@ -8,7 +8,10 @@ pretraining): at the official batch 256 it is main_lincls.py's --lr. The protoco
 backbone in inference mode, SGD on a fresh Dense layer, checkpoints per epoch, the final check
 that the backbone did not move) is `moco_tf.evaluation.linear`'s; see there. A rerun with the same --model_dir resumes.
 --precompute_features trains on features extracted once, without augmentation: much faster on
-a CPU, but not the official protocol, so its numbers are labelled as such.
+a CPU, but not the official protocol, so its numbers are labelled as such. --strategy trains
+over GPUs, hosts (multi_worker, TF_CONFIG) or a TPU as for pretraining, --batch_size being the
+global batch; --mixed_precision runs the frozen backbone in bfloat16 / float16, the classifier in
+float32.
 """
 
 from __future__ import annotations
@@ -22,22 +25,26 @@ import tensorflow as tf
 from absl import flags
 
 from moco_tf import cli
+from moco_tf.cli import evaluation as cli_evaluation
 from moco_tf.cli import flags as cli_flags
 from moco_tf.data.pipelines import labelled_dataset
 from moco_tf.evaluation import linear
-from moco_tf.interop.pretrained import load_backbone, load_for_evaluation
+from moco_tf.interop.pretrained import load_backbone
+from moco_tf.training import distribute
 from moco_tf.training.config import LinearConfig, check_same_run
 from moco_tf.training.schedules import scaled_lr
 
 FLAGS = flags.FLAGS
 
 
-def check_model_dir(config: LinearConfig) -> None:
-    """Records the run's config in --model_dir, or refuses to resume a run of another recipe."""
+def check_model_dir(config: LinearConfig, chief: bool) -> None:
+    """Refuses to resume a run of another recipe (on every worker); the chief records a new run's config."""
     path = os.path.join(config.model_dir, linear.CONFIG_FILE)
     if tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path) as f:
             check_same_run(LinearConfig.from_json(f.read()), config, config.model_dir)
+        return
+    if not chief:
         return
     tf.io.gfile.makedirs(config.model_dir)
     with tf.io.gfile.GFile(path, "w") as f:
@@ -48,13 +55,20 @@ def main(argv: list[str]) -> None:
     cli.reject_extra_arguments(argv)
     cli_flags.refuse_renamed_lincls_flags()
     config = LinearConfig.from_flags(FLAGS)
-    config.validate()
+    config.validate()  # before the strategy: a worker with bad flags must not look like a lost peer
+    with distribute.peer_failures():  # a lost worker of a multi-worker run: one line, not a traceback
+        train_from_flags(config)
+
+
+def train_from_flags(config: LinearConfig) -> None:
+    """Every worker trains its shard of each batch; the chief writes the config, checkpoints and results."""
+    setup = cli_evaluation.setup(FLAGS)
+    backbone, info, source, strategy = setup.backbone, setup.info, setup.source, setup.strategy
     milestones = sorted(config.milestones)
-    backbone, info, source = load_for_evaluation(FLAGS.pretrained, FLAGS.dataset, FLAGS.data_dir, FLAGS.strict_data)
     image_size = FLAGS.image_size or info["image_size"]
     config = dataclasses.replace(config, image_size=image_size, pretrained=os.path.abspath(FLAGS.pretrained))
     if config.model_dir:
-        check_model_dir(config)
+        check_model_dir(config, setup.chief)
     else:
         print("no --model_dir: nothing is checkpointed, a rerun starts over")
     batch = FLAGS.batch_size
@@ -71,8 +85,10 @@ def main(argv: list[str]) -> None:
     classifier_backbone = backbone
     if FLAGS.precompute_features:
         print("precomputing features (no augmentation: not the official protocol)")
-        train_ds, n_train = linear.feature_dataset(backbone, train_ds, batch, shuffle=True, seed=FLAGS.seed)
-        val_ds, _ = linear.feature_dataset(backbone, val_ds, batch, shuffle=False)
+        train_ds, n_train = linear.feature_dataset(
+            backbone, train_ds, batch, shuffle=True, seed=FLAGS.seed, strategy=strategy
+        )
+        val_ds, _ = linear.feature_dataset(backbone, val_ds, batch, shuffle=False, strategy=strategy)
         classifier_backbone = None
     lr = scaled_lr(FLAGS.lr, batch)  # --lr is per 256 images, as in pretraining
     protocol = "precomputed features, no augmentation" if FLAGS.precompute_features else "official protocol"
@@ -93,6 +109,8 @@ def main(argv: list[str]) -> None:
         weight_decay=FLAGS.weight_decay,
         milestones=milestones,
         model_dir=FLAGS.model_dir,
+        strategy=strategy,
+        chief=setup.chief,
     )
     final = linear.evaluate(model, val_ds)
     print(f"final: val top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%  ({protocol})")
@@ -102,7 +120,7 @@ def main(argv: list[str]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
     print(f"sanity check passed: all {count} backbone variables (BN statistics included) equal {FLAGS.pretrained}")
-    if FLAGS.model_dir:
+    if FLAGS.model_dir and setup.chief:
         linear.write_json(os.path.join(FLAGS.model_dir, "lincls_final.json"), {**final, "protocol": protocol})
 
 

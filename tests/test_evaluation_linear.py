@@ -142,3 +142,28 @@ def test_helpfull_documents_every_flag():
                  "image_size"):  # fmt: skip
         assert f"--{flag}" in result.stdout
     assert "per 256 images" in result.stdout
+
+
+def test_mirrored_training_matches_one_device(pretrained, digits):
+    """2 replicas (2 logical CPUs), the backbone rebuilt in the strategy's scope: each replica
+    embeds and classifies half of every batch; the classifier after 3 steps, its loss and its
+    top-1 equal the one-device run's up to float rounding (the gradient is summed in another order)."""
+    from moco_tf.evaluation.frozen import replicate
+    from moco_tf.training.distribute import mirrored
+
+    _, val = digits
+    data = val.repeat(3)  # 3 batches of 16, no augmentation: the same inputs for both runs
+    backbone, info = load_backbone(pretrained)
+    keras.utils.set_random_seed(2)
+    one, one_rows = linear.train_linear(backbone, data, val, 10, steps_per_epoch=3, epochs=1, lr=3.0, log=print)
+    strategy = mirrored()
+    replicated = replicate(backbone, lambda: resnet("resnet18", cifar_stem=True), strategy)
+    keras.utils.set_random_seed(2)  # the same initial classifier
+    two, two_rows = linear.train_linear(replicated, data, val, 10, steps_per_epoch=3, epochs=1, lr=3.0,
+                                        strategy=strategy, log=print)  # fmt: skip
+    assert two.distribute_strategy is strategy and int(two.optimizer.iterations.numpy()) == 3
+    for a, b in zip(one.fc.get_weights(), two.fc.get_weights(), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    assert two_rows[0]["loss"] == pytest.approx(one_rows[0]["loss"], rel=1e-4)
+    assert two_rows[0]["val_top1"] == one_rows[0]["val_top1"]
+    assert linear.evaluate(two, val) == pytest.approx(linear.evaluate(one, val))

@@ -46,18 +46,21 @@ class LinearClassifier(keras.Model):
     attribute holder, not a tracked layer, so no optimizer or checkpoint ever sees it."""
 
     def __init__(self, backbone: FrozenBackbone | None, num_classes: int, **kwargs):
-        super().__init__(**kwargs)
+        # float32 whatever the global policy: under mixed precision only the frozen backbone computes
+        # in float16 / bfloat16 (no loss scaling needed, no fp16 logits).
+        super().__init__(dtype="float32", **kwargs)
         self.backbone = backbone  # not a Layer: Keras tracks none of its variables
         self.fc = keras.layers.Dense(
             num_classes,
             kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01),  # main_lincls.py
             bias_initializer="zeros",
+            dtype="float32",
             name="fc",
         )
 
     def call(self, inputs):
         features = inputs if self.backbone is None else self.backbone(inputs)
-        return self.fc(features)
+        return self.fc(tf.cast(features, tf.float32))
 
 
 @contextlib.contextmanager
@@ -122,6 +125,8 @@ def train_linear(
     milestones: Sequence[int] = (60, 80),
     model_dir: str | None = None,
     log: Callable[[str], None] = print,
+    strategy: tf.distribute.Strategy | None = None,
+    chief: bool = True,
 ) -> tuple[LinearClassifier, list[dict]]:
     """Train a linear classifier on `backbone` (None: the datasets hold features); resumes from
     the latest checkpoint in `model_dir`. Returns the classifier and one results row per epoch.
@@ -129,13 +134,17 @@ def train_linear(
     train_ds / val_ds: finite (inputs, labels) batches; train_ds is iterated once per epoch.
     steps_per_epoch: batches in one pass of train_ds (the schedule counts epochs in steps).
     lr: the rate used, not scaled here (`python -m moco_tf.lincls` scales its per-256 --lr by the batch size).
+    strategy: the classifier and its optimizer are made in its scope, and `fit` splits every
+        (global) batch over its replicas and workers; `chief`: whether this process writes files.
     """
-    model = LinearClassifier(backbone, num_classes)
+    strategy = strategy or tf.distribute.get_strategy()
     sample = next(iter(val_ds.take(1)))[0][:1]
-    model(sample)  # builds fc
-    optimizer = make_optimizer(lr, momentum, weight_decay, steps_per_epoch, epochs, milestones)
-    optimizer.build(model.trainable_variables)  # before a restore, so every slot has its value
-    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    with strategy.scope():
+        model = LinearClassifier(backbone, num_classes)
+        model(sample)  # builds fc
+        optimizer = make_optimizer(lr, momentum, weight_decay, steps_per_epoch, epochs, milestones)
+        optimizer.build(model.trainable_variables)  # before a restore, so every slot has its value
+        epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     manager, results = None, []
     if model_dir:
         checkpoint = tf.train.Checkpoint(fc=model.fc, optimizer=optimizer, epoch=epoch)
@@ -145,14 +154,15 @@ def train_linear(
             results = _read_results(model_dir)[: int(epoch.numpy())]
             log(f"resuming from {manager.latest_checkpoint} (epoch {int(epoch.numpy())} of {epochs} done)")
     k = min(5, num_classes)
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[
-            keras.metrics.SparseCategoricalAccuracy(name="top1"),
-            keras.metrics.SparseTopKCategoricalAccuracy(k=k, name="top5"),
-        ],
-    )
+    with strategy.scope():
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[
+                keras.metrics.SparseCategoricalAccuracy(name="top1"),
+                keras.metrics.SparseTopKCategoricalAccuracy(k=k, name="top5"),
+            ],
+        )
     if int(epoch.numpy()) < epochs:
         with _finite_datasets():
             model.fit(
@@ -160,7 +170,7 @@ def train_linear(
                 epochs=epochs,
                 initial_epoch=int(epoch.numpy()),
                 validation_data=val_ds,
-                callbacks=[_Checkpointer(manager, epoch, results, log)],
+                callbacks=[_Checkpointer(manager if chief else None, epoch, results, log)],
                 shuffle=False,  # the dataset shuffles itself each epoch
                 verbose=0,
             )
@@ -196,10 +206,16 @@ def sanity_check(backbone: FrozenBackbone, reference: FrozenBackbone, pretrained
 
 
 def feature_dataset(
-    backbone: FrozenBackbone, ds: tf.data.Dataset, batch_size: int, shuffle: bool, seed: int | None = None
+    backbone: FrozenBackbone,
+    ds: tf.data.Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> tuple[tf.data.Dataset, int]:
-    """Precompute features of `ds` once; (batched (features, labels) dataset, number of examples)."""
-    features, labels = extract_features(backbone, ds)
+    """Precompute features of `ds` once (over `strategy`'s replicas, see `extract_features`);
+    (batched (features, labels) dataset, number of examples)."""
+    features, labels = extract_features(backbone, ds, strategy=strategy)
     return batched_features(features, labels, batch_size, shuffle, seed), len(labels)
 
 
