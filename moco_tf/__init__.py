@@ -16,4 +16,12 @@ def __getattr__(name):
         from moco_tf.models.moco import MoCo
 
         return MoCo
+    if name == "PretrainConfig":
+        from moco_tf.training.config import PretrainConfig
+
+        return PretrainConfig
+    if name == "pretrain":
+        from moco_tf.training.pretrain import pretrain
+
+        return pretrain
     raise AttributeError(f"module 'moco_tf' has no attribute {name!r}")

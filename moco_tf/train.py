@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import types
 
 import keras
 from absl import flags, logging
@@ -20,19 +19,21 @@ from moco_tf.cli import flags as cli_flags
 from moco_tf.data.sources import DataError
 from moco_tf.interop import hub
 from moco_tf.training import distribute
-from moco_tf.training.checkpoint import RunMismatchError
+from moco_tf.training.config import PretrainConfig
 from moco_tf.training.distribute import StrategyError
-from moco_tf.training.pretrain import pretrain, recipe
+from moco_tf.training.pretrain import pretrain
 from moco_tf.training.runlock import RunLockedError
 
 FLAGS = flags.FLAGS
 
-USER_ERRORS = (DataError, StrategyError, RunMismatchError, RunLockedError, ValueError)
+USER_ERRORS = (DataError, StrategyError, RunLockedError, ValueError)  # ConfigError is a cli.USER_ERRORS UserError
 
 
-def settings_from_flags() -> types.SimpleNamespace:
-    """The parsed flags by name: what `pretrain` reads."""
-    return types.SimpleNamespace(**FLAGS.flag_values_dict())
+def config_from_flags() -> PretrainConfig:
+    """The run config of the parsed flags (the refusal-only --momentum left out when not given)."""
+    values = FLAGS.flag_values_dict()
+    values.pop(cli_flags.AMBIGUOUS_MOMENTUM, None)
+    return PretrainConfig.from_flags(values)
 
 
 def _export_source(model_dir: str) -> str:
@@ -60,16 +61,15 @@ def train_from_flags() -> keras.Model:
     def check_export(model_dir: str) -> None:
         export_overwrite.append(_check_export_dir(model_dir))
 
-    settings = settings_from_flags()
+    config = config_from_flags()
     result = pretrain(
-        settings,
+        config,
         progress="bar" if sys.stdout.isatty() else "lines",
         before_training=check_export if FLAGS.export_dir else None,
     )
     if FLAGS.export_dir and result.chief:
-        extra = {"epochs": result.epochs_done, "dataset": FLAGS.dataset, "aug": FLAGS.aug,
-                 "moco_version": recipe(settings)["moco_version"],
-                 "source": _export_source(result.model_dir)}
+        extra = {"epochs": result.epochs_done, "dataset": config.data.dataset, "aug": config.data.aug,
+                 "moco_version": config.moco_version, "source": _export_source(result.model_dir)}
         path = hub.export_moco(result.model, FLAGS.export_dir, extra, overwrite=export_overwrite[0],
                                protected=(result.model_dir,), overwrite_flag="--overwrite_export")
         print(f"exported the query backbone to {path} (load it with hub.KerasLayer)")
@@ -78,6 +78,7 @@ def train_from_flags() -> keras.Model:
 
 def main(argv: list[str]) -> None:
     cli.reject_extra_arguments(argv)
+    cli_flags.refuse_ambiguous_momentum()
     with distribute.peer_failures():  # a lost worker of a multi-worker run: one line, not a traceback
         train_from_flags()
 

@@ -74,12 +74,17 @@ def world(tmp_path_factory):
         os.makedirs(base / name)
         (base / name / "config.json").write_text(content)
     os.makedirs(base / "garbage_ckpt" / "checkpoints")
-    (base / "garbage_ckpt" / "config.json").write_text(json.dumps({"width": 8}))
+    tiny_backbone = {"arch": "resnet18", "width": 8, "cifar_stem": True}  # a config.json always records it
+    (base / "garbage_ckpt" / "config.json").write_text(json.dumps(tiny_backbone))
     (base / "garbage_ckpt" / "checkpoints" / "checkpoint").write_text("garbage record\n")
     (base / "garbage_ckpt" / "checkpoints" / "ckpt-5.index").write_bytes(b"not an index")
     (base / "garbage_ckpt" / "checkpoints" / "ckpt-5.data-00000-of-00001").write_bytes(b"\0" * 100)
     os.makedirs(base / "other_recipe")
-    (base / "other_recipe" / "config.json").write_text(json.dumps({"temperature": 0.2, "shuffle_bn": False}))
+    (base / "other_recipe" / "config.json").write_text(
+        json.dumps({**tiny_backbone, "temperature": 0.2, "shuffle_bn": False})
+    )
+    os.makedirs(base / "no_arch")
+    (base / "no_arch" / "config.json").write_text(json.dumps({"temperature": 0.2}))
     w["a_file"] = str(base / "a_file")
     open(w["a_file"], "w").write("x")
     (base / "bad_line.flags").write_text("--lr=abc\n")
@@ -107,8 +112,11 @@ def _train_cases(w):
         (run("--lr=inf"), "--lr must be a finite number > 0, got inf"),
         (run("--temperature=0"), "--temperature must be a finite number > 0"),
         (run("--temperature=nan"), "--temperature must be a finite number > 0"),
-        (run("--momentum=1.0"), "--momentum must be a finite number in [0, 1)"),
-        (run("--momentum=-0.5"), "--momentum must be a finite number in [0, 1)"),
+        (run("--moco_momentum=1.0"), "--moco_momentum must be a finite number in [0, 1)"),
+        (run("--moco_momentum=-0.5"), "--moco_momentum must be a finite number in [0, 1)"),
+        # main_moco.py's --momentum is SGD's: which one was meant is not guessed
+        (run("--momentum=0.9"), "--momentum is ambiguous here: use --sgd_momentum (SGD, the official --momentum) "
+                                "or --moco_momentum (the key encoder's m, the official --moco-m)"),
         (run("--sgd_momentum=1.5"), "--sgd_momentum must be a finite number in [0, 1)"),
         (run("--weight_decay=-1e-4"), "--weight_decay must be a finite number >= 0"),
         (run("--knn_t=0"), "--knn_t must be a finite number > 0"),
@@ -150,6 +158,7 @@ def _train_cases(w):
         ([*TINY, f"--model_dir={b}/list_json"], f"{b}/list_json/config.json does not hold a moco_tf config"),
         ([*TINY, f"--model_dir={b}/garbage_ckpt"], "none is readable; refusing to start over at step 0"),
         ([*TINY, f"--model_dir={b}/other_recipe"], "--temperature=0.2 (now 0.1), --shuffle_bn=False (now True)"),
+        ([*TINY, f"--model_dir={b}/no_arch"], f"{b}/no_arch/config.json: the config records no arch"),
         # exports named at the start of training
         (run(f"--export_dir={b}/fresh"), "model_dir"),
         (run(f"--export_dir={b}"), "model_dir"),

@@ -475,9 +475,11 @@ def test_official_checkpoint_to_model_dir_resumes_and_exports(reference, tmp_pat
     model_dir = str(tmp_path / "model_dir")
     result = run("-m", "moco_tf.convert", f"--torch_checkpoint={path}", f"--model_dir={model_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
-    model, config = checkpoint_module.restore_model(model_dir)
+    model, run_config = checkpoint_module.restore_model(model_dir)
+    config = run_config.flat()
     assert (config["arch"], config["mlp"], config["dim"]) == ("resnet18", True, 128)
     assert (config["temperature"], config["schedule"], config["epochs"]) == (0.2, "cosine", 200)
+    assert run_config.source.startswith("PyTorch checkpoint")
     assert model.temperature == 0.2
     np.testing.assert_array_equal(model.queue.numpy(), state["module.queue"].numpy().T)
     np.testing.assert_array_equal(
@@ -485,7 +487,7 @@ def test_official_checkpoint_to_model_dir_resumes_and_exports(reference, tmp_pat
     )
     if getattr(model, "optimizer", None) is None:
         model.compile(optimizer=keras.optimizers.SGD(0.03, momentum=0.9))
-    size = config.get("image_size") or 32  # the official runs' 224: the model's input is fixed to it
+    size = config["image_size"]  # the official runs' 224: the model's input is fixed to it
     views = np.random.RandomState(5).normal(size=(2, 2, size, size, 3)).astype(np.float32)
     assert np.isfinite(float(model.train_step((views[0], views[1]))["loss"]))
     assert int(model.queue_ptr.numpy()) == 10

@@ -60,7 +60,8 @@ def test_short_run_writes_checkpoint_logs_export_and_resumes(tmp_path):
     state = _saved(model_dir)
     assert state["step"] == 3 and state["ptr"] == (3 * 32) % 64
     config = json.load(open(os.path.join(model_dir, "config.json")))
-    assert config["arch"] == "resnet18" and config["width"] == 8
+    assert config["model"]["backbone"] == {"arch": "resnet18", "width": 8, "cifar_stem": True}
+    assert config["model"]["moco_momentum"] == 0.99 and config["optim"]["sgd_momentum"] == 0.9
     events = [f for _, _, files in os.walk(os.path.join(model_dir, "logs")) for f in files if "tfevents" in f]
     assert events, "no TensorBoard event files"
     assert os.path.exists(os.path.join(export_dir, "saved_model.pb"))
@@ -102,13 +103,17 @@ def test_short_run_writes_checkpoint_logs_export_and_resumes(tmp_path):
 
 def test_config_without_width_is_the_standard_width(tmp_path):
     from moco_tf.training import checkpoint
+    from moco_tf.training.config import PretrainConfig, RunMismatchError
 
-    old = {k: 1 for k in checkpoint.RECIPE_KEYS if k != "width"}  # as written before --width existed
-    checkpoint.write_config(str(tmp_path), old)
-    assert checkpoint.read_config(str(tmp_path))["width"] == 64
-    checkpoint.check_same_run(old, {**old, "width": 64}, str(tmp_path))
-    with pytest.raises(checkpoint.RunMismatchError, match=r"width=64 \(now 16\)"):
-        checkpoint.check_same_run(old, {**old, "width": 16}, str(tmp_path))
+    # config.json as moco_tf wrote it before --width existed: flat, `momentum` for the key encoder's m.
+    old = {"arch": "resnet18", "cifar_stem": True, "dim": 16, "queue_size": 64, "momentum": 0.99, "lr": 0.06}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    saved = checkpoint.read_config(str(tmp_path))
+    assert saved.model.backbone.width == 64 and saved.model.moco_momentum == 0.99
+    flags = {**{k: v for k, v in old.items() if k != "momentum"}, "moco_momentum": 0.99}
+    checkpoint.check_same_run(saved, PretrainConfig.from_flags({**flags, "width": 64}), str(tmp_path))
+    with pytest.raises(RunMismatchError, match=r"width=64 \(now 16\)"):
+        checkpoint.check_same_run(saved, PretrainConfig.from_flags({**flags, "width": 16}), str(tmp_path))
 
 
 def _free_ports(n):

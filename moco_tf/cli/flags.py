@@ -6,8 +6,15 @@ from __future__ import annotations
 from absl import flags
 
 from moco_tf.errors import UserError
-from moco_tf.models.resnet import ARCHS
+from moco_tf.models.backbones import CIFAR_IMAGE_SIZE, IMAGENET_IMAGE_SIZE, backbone_names
 from moco_tf.training.distribute import STRATEGIES
+
+# main_moco.py's --momentum is SGD's; MoCo's own m is another momentum. Defined only to refuse it.
+AMBIGUOUS_MOMENTUM = "momentum"
+AMBIGUOUS_MOMENTUM_MESSAGE = (
+    "--momentum is ambiguous here: use --sgd_momentum (SGD, the official --momentum) or --moco_momentum "
+    "(the key encoder's m, the official --moco-m)"
+)
 
 
 def define_train_flags() -> None:
@@ -15,7 +22,9 @@ def define_train_flags() -> None:
     if "arch" in flags.FLAGS:
         return
     # Model
-    flags.DEFINE_enum("arch", "resnet50", list(ARCHS), "Backbone architecture (torchvision ResNet v1.5 layout).")
+    flags.DEFINE_enum(
+        "arch", "resnet50", list(backbone_names()), "Backbone architecture (torchvision ResNet v1.5 layout)."
+    )
     flags.DEFINE_bool("cifar_stem", False, "3x3 stride-1 first conv and no max-pool (small images, CIFAR demo).")
     flags.DEFINE_integer(
         "width", 64,
@@ -26,7 +35,10 @@ def define_train_flags() -> None:
     flags.DEFINE_integer("dim", 128, "Projection dimension of queries and keys.")
     flags.DEFINE_bool("mlp", False, "MoCo v2 projection head: Dense(feature dim) -> ReLU -> Dense(dim).")
     flags.DEFINE_integer("queue_size", 65536, "K, negative keys in the queue; a multiple of the keys per step.")
-    flags.DEFINE_float("momentum", 0.999, "m, moving-average momentum of the key encoder, in [0, 1).")
+    flags.DEFINE_float(
+        "moco_momentum", 0.999, "m, moving-average momentum of the key encoder, in [0, 1) (official --moco-m)."
+    )
+    flags.DEFINE_float(AMBIGUOUS_MOMENTUM, None, f"Not accepted: {AMBIGUOUS_MOMENTUM_MESSAGE}.")
     flags.DEFINE_float("temperature", 0.07, "T, softmax temperature of InfoNCE (> 0); v2 uses 0.2.")
     flags.DEFINE_bool("symmetric", False, "Loss on both view orders (official CIFAR demo); enqueues 2 x batch keys.")
     flags.DEFINE_bool("shuffle_bn", True, "Shuffle the key batch across replicas / BN groups before the key encoder.")
@@ -34,18 +46,26 @@ def define_train_flags() -> None:
     # Data
     flags.DEFINE_string("dataset", "digits", "digits (embedded), folder, or a TFDS name (imagenet2012, cifar10, ...).")
     flags.DEFINE_string("data_dir", None, "Image folder for --dataset=folder, or the TFDS data_dir (gs:// on TPU).")
-    flags.DEFINE_integer("image_size", 224, "Side of the square crops fed to the encoders.")
+    flags.DEFINE_integer(
+        "image_size", None,
+        f"Side of the square crops fed to the encoders; default: the backbone's ({CIFAR_IMAGE_SIZE} with "
+        f"--cifar_stem, else {IMAGENET_IMAGE_SIZE}).",
+    )
     flags.DEFINE_enum("aug", "v1", ["v1", "v2"], "Augmentation recipe of MoCo v1 or v2.")
     flags.DEFINE_bool("strict_data", False, "Stop at the first unreadable image instead of skipping it.")
     # Optimization
     flags.DEFINE_integer("epochs", 200, "Training epochs.")
     flags.DEFINE_integer("batch_size", 256, "Global batch size, over all replicas and workers.")
-    flags.DEFINE_float("lr", 0.03, "Base learning rate per 256 images; scaled linearly with --batch_size.")
+    flags.DEFINE_float(
+        "lr", 0.03,
+        "Learning rate per 256 images, scaled linearly with --batch_size (used: lr x batch_size / 256); "
+        "at batch 256 the official --lr.",
+    )
     flags.DEFINE_enum("schedule", "step", ["step", "cosine"], "Learning-rate schedule, set per epoch.")
     flags.DEFINE_list("milestones", ["120", "160"], "Epochs where the step schedule multiplies the rate by 0.1.")
     flags.DEFINE_integer("warmup_epochs", 0, "Linear warm-up epochs (not in the official recipes).")
     flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay, PyTorch style (added to the gradient).")
-    flags.DEFINE_float("sgd_momentum", 0.9, "SGD momentum.")
+    flags.DEFINE_float("sgd_momentum", 0.9, "SGD momentum (official --momentum).")
     # Hardware
     flags.DEFINE_enum("strategy", "auto", list(STRATEGIES), "tf.distribute strategy; auto picks from the hardware.")
     flags.DEFINE_float(
@@ -88,6 +108,12 @@ def define_train_flags() -> None:
         "On SIGTERM / SIGINT: seconds allowed to finish the current step and save it before exiting without "
         "(preemptible VMs give about 30 s).",
     )
+
+
+def refuse_ambiguous_momentum() -> None:
+    """A UserError when the train command line got --momentum (ported from main_moco.py?)."""
+    if flags.FLAGS[AMBIGUOUS_MOMENTUM].present:
+        raise UserError(AMBIGUOUS_MOMENTUM_MESSAGE)
 
 
 def define_evaluation_flags() -> None:

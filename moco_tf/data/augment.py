@@ -28,8 +28,8 @@ import math
 
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from moco_tf.models.backbones import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (also imported from here)
+
 # ITU-R 601-2 luma, the weights of PIL's convert("L") that the official (PIL-based) pipeline uses.
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 

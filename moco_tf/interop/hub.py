@@ -41,11 +41,9 @@ import keras
 import tensorflow as tf
 
 from moco_tf.errors import RunFailed, UserError
-from moco_tf.models.resnet import resnet
-from moco_tf.training.checkpoint import restore_model
+from moco_tf.models.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec
+from moco_tf.training.checkpoint import config_values, restore_model
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CONFIG_ASSET = "moco_config.json"
 
 # Paths an export must keep clear of: plain paths are model_dirs; a mapping gives each path's
@@ -200,6 +198,8 @@ def _full_config(backbone: keras.Model, config: Mapping[str, Any], head) -> dict
         full.setdefault("width", width)
     if head is not None:
         full.setdefault("projection_dim", int(head.layers[-1].units))
+    full.setdefault("mean", list(IMAGENET_MEAN))  # what HubModule normalises with
+    full.setdefault("std", list(IMAGENET_STD))
     full["preprocessing"] = {
         "input": "float32 RGB in [0, 1], shape [batch, height, width, 3], any height and width",
         "normalization": "inside the model: (x - mean) / std",
@@ -504,10 +504,11 @@ def export_moco(
     overwrite, protected, overwrite_flag: as in `export_backbone` (protected: the run's model_dir).
     """
     check_export_target(export_dir, overwrite, protected, overwrite_flag)  # before rebuilding the backbone
-    backbone = resnet(model.arch, cifar_stem=model.cifar_stem, width=model.width)
+    spec = BackboneSpec(model.arch, model.width, model.cifar_stem)
+    backbone = spec.build()
     backbone.set_weights(model.backbone_q.get_weights())
-    # export_backbone records the width (and feature_dim) read off the backbone itself.
-    full = {"arch": model.arch, "cifar_stem": model.cifar_stem, "mlp": model.mlp, "dim": model.dim}
+    full = {**spec.to_dict(), "feature_dim": spec.feature_dim, "mean": list(spec.mean), "std": list(spec.std),
+            "mlp": model.mlp, "dim": model.dim}
     full.update(config or {})
     return export_backbone(
         backbone, export_dir, full, head=model.encoder_q.head, overwrite=overwrite, protected=protected,
@@ -542,7 +543,7 @@ def export_model_dir(model_dir: str, export_dir: str, overwrite: bool = False) -
         )
     model, config = restore_model(model_dir)
     run_dir = list(protected)[-1]
-    config = {**config, "source": f"moco_tf model_dir {os.path.abspath(run_dir)}"}
+    config = {**config_values(config), "source": f"moco_tf model_dir {os.path.abspath(run_dir)}"}
     if prefix:
         config["checkpoint"] = os.path.basename(model_dir)
     return export_moco(model, export_dir, config, overwrite=overwrite, protected=protected)

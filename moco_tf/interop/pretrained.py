@@ -28,8 +28,8 @@ from moco_tf.data import sources
 from moco_tf.errors import UserError
 from moco_tf.evaluation.frozen import FrozenBackbone
 from moco_tf.interop import torch as from_torch
-from moco_tf.models import resnet
-from moco_tf.training.checkpoint import restore_model
+from moco_tf.models.backbones import BackboneSpec, official_dataset
+from moco_tf.training.checkpoint import config_values, restore_model
 
 KINDS = ("model_dir", "checkpoint", "export", "torch")
 
@@ -65,13 +65,12 @@ def load_backbone(path: str) -> tuple[FrozenBackbone, dict[str, Any]]:
         model, info = _from_torch(path)
     else:
         raise PretrainedError(f"--pretrained={path} does not exist: give {_ACCEPTED}")
-    info.setdefault("cifar_stem", False)
-    info.setdefault("width", resnet.STANDARD_WIDTH)
-    info.setdefault("image_size", 32 if info["cifar_stem"] else 224)
+    spec = BackboneSpec.from_dict(info)
+    info.update(spec.to_dict())
+    info.setdefault("image_size", spec.default_image_size)
     info["feature_dim"] = int(model.output.shape[-1])
     info["path"] = path
-    arch = info["arch"] if info["width"] == resnet.STANDARD_WIDTH else f"{info['arch']} width {info['width']}"
-    info["description"] = f"{arch} from {info['kind']} {path}"
+    info["description"] = f"{spec.label} from {info['kind']} {path}"
     return FrozenBackbone(model), info
 
 
@@ -99,12 +98,12 @@ def _from_model_dir(model_dir: str, checkpoint: str | None) -> tuple[keras.Model
         model, config = restore_model(checkpoint or model_dir)  # a checkpoint prefix or the latest
     except (FileNotFoundError, ValueError) as e:
         raise PretrainedError(f"--pretrained={checkpoint or model_dir}: {e}; give {_ACCEPTED}") from None
-    keys = ("arch", "cifar_stem", "width", "image_size", "dataset")
-    info = {k: config.get(k) for k in keys if config.get(k) is not None}
-    info["kind"] = "checkpoint" if checkpoint else "model_dir"
+    recorded = config_values(config)
+    info = {k: recorded[k] for k in ("image_size", "dataset") if recorded.get(k) is not None}
+    info.update(config.model.backbone.to_dict(), kind="checkpoint" if checkpoint else "model_dir")
     # Rebuilt as an export is: the training backbone may fix its input size and split BN into
     # groups; evaluation runs at any size and batch (in inference mode the groups never matter).
-    backbone = resnet.resnet(model.arch, cifar_stem=model.cifar_stem, width=model.width)
+    backbone = config.model.backbone.build()
     backbone.set_weights(model.backbone_q.get_weights())
     return backbone, info
 
@@ -119,15 +118,14 @@ def _from_export(export_dir: str) -> tuple[keras.Model, dict[str, Any]]:
     with tf.io.gfile.GFile(config_path) as f:
         config = json.load(f)
     loaded = tf.saved_model.load(export_dir)
-    arch, cifar_stem = config.get("arch"), bool(config.get("cifar_stem", False))
-    width = config.get("width")
-    if width is None:  # exports written before `width` existed are standard ResNets
-        width = resnet.STANDARD_WIDTH
-    if arch not in resnet.ARCHS:
-        raise PretrainedError(f"export {export_dir} names no known arch ({arch!r}) in its moco_config.json")
-    if not isinstance(width, int) or width < 1:
-        raise PretrainedError(f"export {export_dir} has no valid width ({width!r}) in its moco_config.json")
-    backbone = resnet.resnet(arch, cifar_stem=cifar_stem, width=width)
+    if not isinstance(config, dict):
+        raise PretrainedError(f"export {export_dir}: its moco_config.json is not a JSON object")
+    try:  # exports written before `width` existed are standard ResNets: from_dict fills it in
+        spec = BackboneSpec.from_dict(config)
+    except ValueError as error:
+        raise PretrainedError(f"export {export_dir}: its moco_config.json names no valid backbone ({error})") from None
+    arch, cifar_stem, width = spec.arch, spec.cifar_stem, spec.width
+    backbone = spec.build()
     # The export lists the backbone's variables first, in `backbone.weights` order, then the head's.
     exported = list(loaded.variables)[: len(backbone.weights)]
     shapes = [tuple(v.shape) for v in exported]
@@ -148,9 +146,10 @@ def _from_export(export_dir: str) -> tuple[keras.Model, dict[str, Any]]:
 def _check_same_as_export(backbone: keras.Model, loaded, config: dict, export_dir: str) -> None:
     """The rebuilt backbone on normalised images must give the export's features on [0, 1] ones."""
     pre = config.get("preprocessing", {})
-    mean = np.array(pre.get("mean", (0.485, 0.456, 0.406)), np.float32)
-    std = np.array(pre.get("std", (0.229, 0.224, 0.225)), np.float32)
-    size = 32 if config.get("cifar_stem") else 64
+    spec = BackboneSpec.from_dict(config)
+    mean = np.array(config.get("mean", pre.get("mean", spec.mean)), np.float32)
+    std = np.array(config.get("std", pre.get("std", spec.std)), np.float32)
+    size = 32 if spec.cifar_stem else 64  # small enough to be quick, large enough for the ImageNet stem
     images = np.random.RandomState(0).rand(2, size, size, 3).astype(np.float32)
     ours = backbone((images - mean) / std, training=False).numpy()
     theirs = loaded(tf.constant(images), training=False).numpy()
@@ -167,12 +166,7 @@ def _from_torch(path: str) -> tuple[keras.Model, dict[str, Any]]:
     except Exception as e:  # torch's own errors for files that are no checkpoint at all
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PretrainedError(f"--pretrained={path} is not a checkpoint ({first}): give {_ACCEPTED}") from None
-    backbone = resnet.resnet(info["arch"], cifar_stem=info["cifar_stem"], width=info["width"])
+    spec = BackboneSpec.from_dict(info)
+    backbone = spec.build()
     from_torch.load_torch_state_dict(backbone, state)
-    return backbone, {
-        "arch": info["arch"],
-        "cifar_stem": info["cifar_stem"],
-        "width": info["width"],
-        "kind": "torch",
-        "dataset": "cifar10" if info["cifar_stem"] else "imagenet",
-    }
+    return backbone, {**spec.to_dict(), "kind": "torch", "dataset": official_dataset(spec.cifar_stem)}

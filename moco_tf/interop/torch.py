@@ -40,6 +40,7 @@ from moco_tf.interop.hub import (
     refuse_overlap,
     write_replacing,
 )
+from moco_tf.models.backbones import default_image_size, official_dataset
 from moco_tf.models.batchnorm import BatchNorm
 from moco_tf.models.moco import MoCo, projection_head
 from moco_tf.models.resnet import SPECS, resnet
@@ -582,8 +583,8 @@ def _config_from_checkpoint(path: str, checkpoint: Mapping[str, Any], report: Lo
         "mlp": report.mlp,
         "moco_version": version,
         "epochs": int(epoch) if isinstance(epoch, int | np.integer) else None,
-        "dataset": "cifar10" if report.cifar_stem else "imagenet2012",
-        "image_size": 32 if report.cifar_stem else 224,
+        "dataset": official_dataset(report.cifar_stem),
+        "image_size": default_image_size(report.cifar_stem),
         "source": f"PyTorch checkpoint {os.path.basename(path)} ({report.layout} layout)",
     }
     if version in OFFICIAL_RECIPES and not report.cifar_stem:

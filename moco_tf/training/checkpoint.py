@@ -22,68 +22,47 @@ import tensorflow as tf
 
 from moco_tf.errors import RunFailed, UserError
 from moco_tf.models.moco import MoCo
-from moco_tf.models.resnet import STANDARD_WIDTH
+from moco_tf.training import config as config_module
+from moco_tf.training.config import ConfigError, PretrainConfig
 from moco_tf.training.optimizers import SGD
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 BROKEN_DIR = "broken"  # where unreadable checkpoints are moved, inside CHECKPOINT_DIR
-# What makes a run a different run (every value that changes the math): resuming with any of
-# these changed is refused. Operational settings (model_dir, logging, checkpoint frequency,
-# strategy, max_steps) may change between a run and its resume.
-RECIPE_KEYS = (
-    "arch", "cifar_stem", "width", "dim", "mlp", "queue_size", "momentum", "temperature", "symmetric",
-    "shuffle_bn", "bn_groups", "dataset", "image_size", "aug", "batch_size", "epochs", "schedule", "milestones",
-    "warmup_epochs", "lr", "weight_decay", "sgd_momentum", "seed",
-)
-MODEL_KEYS = (
-    "arch", "dim", "queue_size", "momentum", "temperature", "mlp", "shuffle_bn", "bn_groups",
-    "symmetric", "cifar_stem", "width",
-)
-# Keys added after model_dirs were first written: a config.json without them means these values.
-DEFAULTS = {"width": STANDARD_WIDTH}
-
-
-class RunMismatchError(UserError):
-    """model_dir holds a run of another recipe."""
+# Which settings make a run another run, and how two runs are compared: training.config.
+check_same_run = config_module.check_same_run
 
 
 class CheckpointError(UserError):
     """A model_dir's config or checkpoints cannot be used or written; the message says which file."""
 
 
-def read_config(model_dir: str) -> dict[str, Any] | None:
-    """model_dir/config.json, with DEFAULTS for the keys an older moco_tf did not write; None if absent."""
+def read_config(model_dir: str) -> PretrainConfig | None:
+    """model_dir/config.json (structured, or the flat format of earlier versions); None if absent."""
     path = os.path.join(model_dir, CONFIG_FILE)
     if not tf.io.gfile.exists(path):
         return None
     with tf.io.gfile.GFile(path) as f:
         text = f.read()
     try:
-        config = json.loads(text)
+        values = json.loads(text)
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is not valid JSON ({error}); restore it or use a new --model_dir") from None
-    if not isinstance(config, dict):
+    if not isinstance(values, dict):
         raise CheckpointError(f"{path} does not hold a moco_tf config (a JSON object); use a new --model_dir")
-    return with_defaults(config)
+    try:
+        return PretrainConfig.from_dict(values)
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error}; restore it or use a new --model_dir") from None
 
 
-def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
-    """`config` with DEFAULTS filled in where a key is missing (or null)."""
-    full = dict(config)
-    for key, value in DEFAULTS.items():
-        if full.get(key) is None:
-            full[key] = value
-    return full
-
-
-def write_config(model_dir: str, config: Mapping[str, Any]) -> None:
+def write_config(model_dir: str, config: PretrainConfig) -> None:
     """Atomic: written beside and renamed, so a crash never leaves half a file."""
     tf.io.gfile.makedirs(model_dir)
     path = os.path.join(model_dir, CONFIG_FILE)
     try:
         with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-            f.write(json.dumps(dict(config), indent=2, sort_keys=True))
+            f.write(config.to_json())
         tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
     except (OSError, tf.errors.OpError) as error:
         if is_disk_full(error):
@@ -91,30 +70,24 @@ def write_config(model_dir: str, config: Mapping[str, Any]) -> None:
         raise CheckpointError(f"cannot write {path}: {_reason(error)}") from None
 
 
-def _shown(value: Any) -> str:
-    return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+def build_model(config: PretrainConfig) -> MoCo:
+    """The MoCo model `config.model` describes, its input size fixed to `config.data.image_size`."""
+    m, backbone = config.model, config.model.backbone
+    return MoCo(
+        arch=backbone.arch, width=backbone.width, cifar_stem=backbone.cifar_stem, dim=m.dim,
+        queue_size=m.queue_size, momentum=m.moco_momentum, temperature=m.temperature, mlp=m.mlp,
+        shuffle_bn=m.shuffle_bn, bn_groups=m.bn_groups, symmetric=m.symmetric, image_size=config.data.image_size,
+    )
 
 
-def check_same_run(saved: Mapping[str, Any], config: Mapping[str, Any], model_dir: str) -> None:
-    """Refuses to resume a run of another recipe, naming each flag that differs and both values.
-
-    A key missing from `saved` (a config.json of an older moco_tf) is not compared."""
-    saved, config = with_defaults(saved), with_defaults(config)
-    differ = [
-        f"--{k}={_shown(saved[k])} (now {_shown(config.get(k))})"
-        for k in RECIPE_KEYS
-        if k in saved and saved[k] != config.get(k)
-    ]
-    if differ:
-        raise RunMismatchError(
-            f"model_dir {model_dir} holds another run: {', '.join(differ)}; "
-            "rerun with its values or use a new --model_dir"
-        )
-
-
-def build_model(config: Mapping[str, Any]) -> MoCo:
-    kwargs = {k: config[k] for k in MODEL_KEYS if config.get(k) is not None}
-    return MoCo(image_size=config.get("image_size"), **kwargs)
+def config_values(config: PretrainConfig) -> dict[str, Any]:
+    """The recipe config.json records, by flag name (unrecorded ones left out), with moco_version and
+    source: what an export's moco_config.json and the pretrained loaders report (no local paths)."""
+    values = {k: v for k, v in config.recipe().items() if k not in config.unrecorded}
+    values["moco_version"] = config.moco_version
+    if config.source is not None:
+        values["source"] = config.source
+    return values
 
 
 def make_checkpoint(
@@ -165,18 +138,31 @@ def remove_worker_dir(path: str, chief: bool) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def write_model_dir(model_dir: str, model: MoCo, config: Mapping[str, Any]) -> str:
-    """A new model_dir holding `model` as step 0 (e.g. converted weights), ready to train or evaluate."""
-    full = {k: getattr(model, k) for k in MODEL_KEYS}
-    full.update({k: v for k, v in config.items() if v is not None})
-    write_config(model_dir, full)
+def write_model_dir(model_dir: str, model: MoCo, recorded: Mapping[str, Any]) -> str:
+    """A new model_dir holding `model` as step 0 (e.g. converted weights), ready to train or evaluate.
+
+    recorded: what is known of the recipe besides the model (flag names, e.g. dataset, image_size,
+    source); the rest is left unrecorded, so a run resumed from it is not compared on it."""
+    values = {
+        "arch": model.arch, "width": model.width, "cifar_stem": model.cifar_stem, "dim": model.dim,
+        "mlp": model.mlp, "queue_size": model.queue_size, "moco_momentum": model.momentum,
+        "temperature": model.temperature, "symmetric": model.symmetric, "shuffle_bn": model.shuffle_bn,
+        "bn_groups": model.bn_groups,
+    }
+    values.update({k: v for k, v in recorded.items() if v is not None})
+    try:
+        config = PretrainConfig.from_dict(values)
+    except ConfigError as error:
+        raise CheckpointError(f"cannot record {model_dir}/{CONFIG_FILE}: {error}") from None
+    write_config(model_dir, config)
     checkpoint = make_checkpoint(model, SGD(0.0), tf.Variable(0, dtype=tf.int64))
     manager(checkpoint, os.path.join(model_dir, CHECKPOINT_DIR)).save(checkpoint_number=0)
     return model_dir
 
 
-def restore_model(model_dir: str) -> tuple[MoCo, dict[str, Any]]:
-    """The MoCo model of the newest intact checkpoint in model_dir (a model_dir or a checkpoint prefix)."""
+def restore_model(model_dir: str) -> tuple[MoCo, PretrainConfig]:
+    """The MoCo model of the newest intact checkpoint in model_dir (a model_dir or a checkpoint prefix),
+    and the run's config."""
     prefix = None
     if not tf.io.gfile.isdir(model_dir) and tf.io.gfile.exists(model_dir + ".index"):
         prefix, model_dir = model_dir, os.path.dirname(os.path.dirname(model_dir))

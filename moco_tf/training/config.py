@@ -138,6 +138,7 @@ class RuntimeConfig:
     export_dir: str | None = None
     overwrite_export: bool = False
     stop_grace_s: float = 25.0
+    peer_timeout: float = 300.0  # multi-worker: seconds to wait for every host of TF_CONFIG
 
 
 _SECTION_TYPES = (ModelConfig, DataConfig, OptimConfig, RuntimeConfig)  # in PretrainConfig.SECTIONS order
@@ -431,6 +432,7 @@ _FLOAT_RANGES = {  # name: (low, high, low inclusive, high inclusive, wording)
     "weight_decay": (0.0, math.inf, True, False, ">= 0"),
     "knn_t": (0.0, math.inf, False, False, "> 0"),
     "stop_grace_s": (0.0, math.inf, False, False, "> 0"),
+    "peer_timeout": (0.0, math.inf, False, False, "> 0"),
 }
 
 
