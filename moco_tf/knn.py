@@ -12,7 +12,7 @@ is re-exported here, where earlier versions had it.
 
 from __future__ import annotations
 
-from absl import flags
+from absl import flags, logging
 
 from moco_tf import cli
 from moco_tf.cli import evaluation as cli_evaluation
@@ -68,6 +68,7 @@ def run(argv: list[str] | None = None) -> None:
     ImportError too (a PyTorch checkpoint without torch installed)."""
     cli_flags.define_knn_flags()
     flags.adopt_module_key_flags(cli_flags)  # listed by --help as this command line's own
+    logging.set_verbosity(logging.WARNING)  # no INFO lines of tf.distribute
     cli.run(main, user_errors=(ImportError,), argv=argv)
 
 

@@ -22,14 +22,13 @@ import os
 import sys
 
 import tensorflow as tf
-from absl import flags
+from absl import flags, logging
 
 from moco_tf import cli
 from moco_tf.cli import evaluation as cli_evaluation
 from moco_tf.cli import flags as cli_flags
 from moco_tf.data.pipelines import labelled_dataset
 from moco_tf.evaluation import linear
-from moco_tf.interop.pretrained import load_backbone
 from moco_tf.training import distribute
 from moco_tf.training.config import LinearConfig, check_same_run
 from moco_tf.training.schedules import scaled_lr
@@ -115,7 +114,7 @@ def train_from_flags(config: LinearConfig) -> None:
     final = linear.evaluate(model, val_ds)
     print(f"final: val top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%  ({protocol})")
     try:
-        count = linear.sanity_check(backbone, load_backbone(FLAGS.pretrained)[0], FLAGS.pretrained)
+        count = linear.sanity_check(backbone, cli_evaluation.load_reference(FLAGS.pretrained), FLAGS.pretrained)
     except linear.BackboneChangedError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
@@ -129,6 +128,7 @@ def run(argv: list[str] | None = None) -> None:
     ImportError too (a PyTorch checkpoint without torch installed)."""
     cli_flags.define_lincls_flags()
     flags.adopt_module_key_flags(cli_flags)  # listed by --help as this command line's own
+    logging.set_verbosity(logging.WARNING)  # no INFO lines of tf.distribute and checkpointing
     cli.run(main, user_errors=(ImportError,), argv=argv)
 
 

@@ -278,3 +278,23 @@ def test_cli_multi_worker_reports_the_one_device_result(tmp_path):
         assert _top(out) == expected, out
         assert "40 test images, bank of 96 train images" in out
     assert (tmp_path / "grid0.png").exists() and not (tmp_path / "grid1.png").exists()
+
+
+def test_mixed_precision_backbone_gives_float32_features(digits):
+    """--mixed_precision: the backbone rebuilt under the policy computes in bfloat16; the features
+    come back float32 and close to the float32 backbone's (bfloat16 keeps ~3 significant digits)."""
+    _, _, val = digits
+    backbone = resnet("resnet18", cifar_stem=True, width=8)
+    randomize(backbone)
+    reference, labels = knn.extract_features(backbone, val)
+    try:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        low = frozen.replicate(frozen.FrozenBackbone(backbone), lambda: resnet("resnet18", cifar_stem=True, width=8),
+                               tf.distribute.get_strategy())  # fmt: skip
+        features, low_labels = knn.extract_features(low, val)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert low.model.compute_dtype == "bfloat16" and features.dtype == np.float32
+    np.testing.assert_array_equal(low_labels, labels)
+    cosine = np.sum(knn._normalize(features) * knn._normalize(reference), axis=1)
+    assert cosine.min() > 0.99, cosine.min()

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from moco_tf.data.sources import Source
 from moco_tf.evaluation.frozen import FrozenBackbone, is_distributed, replicate
-from moco_tf.interop.pretrained import load_for_evaluation
+from moco_tf.interop.pretrained import load_backbone, load_for_evaluation
 from moco_tf.models.resnet import resnet
 from moco_tf.training import distribute
 
@@ -40,3 +40,10 @@ def setup(flag_values: Any) -> Setup:
         build = lambda: resnet(info["arch"], cifar_stem=info["cifar_stem"], width=info["width"])  # noqa: E731
         backbone = replicate(backbone, build, strategy)
     return Setup(strategy, distribute.is_chief(strategy), backbone, info, source)
+
+
+def load_reference(path: str) -> FrozenBackbone:
+    """--pretrained loaded again as it is stored, in float32 whatever --mixed_precision set: the
+    linear protocol's final check compares the backbone it used with this one."""
+    keras.mixed_precision.set_global_policy("float32")
+    return load_backbone(path)[0]
