@@ -103,6 +103,8 @@ class MoCo(keras.Model):
         super().__init__(**kwargs)
         if arch not in resnet.ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(resnet.ARCHS)}")
+        # The run config validates these for the command lines and pretrain(); kept for a MoCo built
+        # directly (benchmarks, notebooks), where a bad value would train silently wrong.
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= momentum < 1.0:
@@ -150,7 +152,8 @@ class MoCo(keras.Model):
         return global_batch_size * (2 if self.symmetric else 1)
 
     def check_batch_size(self, global_batch_size: int) -> None:
-        """Raises ValueError unless the queue holds a whole number of steps' keys."""
+        """Raises ValueError unless the queue holds a whole number of steps' keys. pretrain() has
+        refused such a config before; this guards a MoCo fitted directly (checked when the step traces)."""
         check_queue_fits(self.queue_size, global_batch_size, self.symmetric)
         if global_batch_size % self.bn_groups:
             raise ValueError(f"batch size {global_batch_size} is not divisible by bn_groups {self.bn_groups}")

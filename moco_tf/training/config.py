@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Literal
 
 from moco_tf.data.sources import MIN_IMAGE_SIZE
 from moco_tf.errors import UserError
+from moco_tf.models import moco
 from moco_tf.models.backbones import BackboneSpec, get_backbone
 from moco_tf.training.distribute import STRATEGIES
 
@@ -296,13 +297,12 @@ def parse_milestones(milestones: Any) -> tuple[int, ...]:
 
 
 def check_queue_fits(queue_size: int, global_batch_size: int, symmetric: bool = False) -> None:
-    """queue_size must be a multiple of the keys enqueued per step (so the queue pointer wraps)."""
-    keys = global_batch_size * (2 if symmetric else 1)
-    if queue_size % keys:
-        raise ConfigError(
-            f"--queue_size {queue_size} is not a multiple of the keys enqueued per step "
-            f"({keys} = global batch {global_batch_size}{' x 2 (symmetric)' if symmetric else ''})"
-        )
+    """queue_size must be a multiple of the keys enqueued per step (so the queue pointer wraps):
+    the model's own rule (moco.check_queue_fits), worded for the flags."""
+    try:
+        moco.check_queue_fits(queue_size, global_batch_size, symmetric)
+    except ValueError as error:
+        raise ConfigError(f"--{error}") from None
 
 
 # ----------------------------------------------------------------------------------------------
