@@ -71,11 +71,12 @@ def train_from_flags(config: LinearConfig) -> None:
     else:
         print("no --model_dir: nothing is checkpointed, a rerun starts over")
     batch = FLAGS.batch_size
+    seed = cli_evaluation.shared_seed(strategy, FLAGS.seed)
 
     def split(name, limit, train):
         return labelled_dataset(
             source, name, image_size, batch, train_aug=train and not FLAGS.precompute_features,
-            shuffle=train and not FLAGS.precompute_features, seed=FLAGS.seed, subset=limit,
+            shuffle=train and not FLAGS.precompute_features, seed=seed, subset=limit,
         )  # fmt: skip
 
     train_ds = split(source.train_split, FLAGS.limit_train, True)
@@ -85,7 +86,7 @@ def train_from_flags(config: LinearConfig) -> None:
     if FLAGS.precompute_features:
         print("precomputing features (no augmentation: not the official protocol)")
         train_ds, n_train = linear.feature_dataset(
-            backbone, train_ds, batch, shuffle=True, seed=FLAGS.seed, strategy=strategy
+            backbone, train_ds, batch, shuffle=True, seed=seed, strategy=strategy
         )
         val_ds, _ = linear.feature_dataset(backbone, val_ds, batch, shuffle=False, strategy=strategy)
         classifier_backbone = None

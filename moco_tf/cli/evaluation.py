@@ -4,15 +4,16 @@ pretrained encoder on them, from the flags of `define_evaluation_flags`."""
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Any
 
 import keras
 import tensorflow as tf
 
 from moco_tf.data.sources import Source
-from moco_tf.evaluation.frozen import FrozenBackbone, is_distributed, replicate
+from moco_tf.evaluation.frozen import FrozenBackbone, replicate
 from moco_tf.interop.pretrained import load_backbone, load_for_evaluation
-from moco_tf.models.resnet import resnet
+from moco_tf.models.backbones import BackboneSpec
 from moco_tf.training import distribute
 
 POLICIES = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -35,10 +36,9 @@ def setup(flag_values: Any) -> Setup:
     backbone, info, source = load_for_evaluation(
         flag_values.pretrained, flag_values.dataset, flag_values.data_dir, flag_values.strict_data
     )
-    if is_distributed(strategy) or flag_values.mixed_precision != "none" or flag_values.strategy == "tpu":
+    if strategy is not tf.distribute.get_strategy() or flag_values.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(POLICIES[flag_values.mixed_precision])
-        build = lambda: resnet(info["arch"], cifar_stem=info["cifar_stem"], width=info["width"])  # noqa: E731
-        backbone = replicate(backbone, build, strategy)
+        backbone = replicate(backbone, BackboneSpec.from_dict(info).build, strategy)
     return Setup(strategy, distribute.is_chief(strategy), backbone, info, source)
 
 
@@ -47,3 +47,13 @@ def load_reference(path: str) -> FrozenBackbone:
     linear protocol's final check compares the backbone it used with this one."""
     keras.mixed_precision.set_global_policy("float32")
     return load_backbone(path)[0]
+
+
+def shared_seed(strategy: tf.distribute.Strategy, seed: int | None) -> int | None:
+    """`seed`, or with several workers and no seed one drawn by the chief: each worker reads the
+    whole data in the same shuffled order and keeps its part, so the orders must agree."""
+    if seed is not None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return seed
+    with strategy.scope():  # a variable made in scope starts with the chief's value on every worker
+        drawn = tf.Variable(random.SystemRandom().randrange(2**31), dtype=tf.int64, trainable=False)
+    return int(drawn.numpy())

@@ -84,7 +84,9 @@ def is_distributed(strategy: tf.distribute.Strategy | None) -> bool:
     """Whether `strategy` spreads work over several replicas or workers (else the local path)."""
     if strategy is None:
         return False
-    return strategy.num_replicas_in_sync > 1 or isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    # A TPU runs only what `strategy.run` gives it, even with one replica.
+    kinds = (tf.distribute.MultiWorkerMirroredStrategy, tf.distribute.TPUStrategy)
+    return strategy.num_replicas_in_sync > 1 or isinstance(strategy, kinds)
 
 
 def replicate(
