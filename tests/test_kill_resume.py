@@ -116,10 +116,10 @@ def _is_export(path):
     )
 
 
-def _kill_chain(model_dir, export_dir):
-    """The KILLS in order on one model_dir, then a SIGTERM, then the run to its end."""
+def _kill_chain(kills, model_dir, export_dir):
+    """`kills` in order on one model_dir, then a SIGTERM, then the run to its end."""
     steps = [0]
-    for point, n in KILLS:
+    for point, n in kills:
         result = _train(model_dir, export_dir, fault=(point, str(n)))
         assert result.returncode == -signal.SIGKILL, (point, n, result.returncode, result.stderr[-3000:])
         steps.append(_step(model_dir))
@@ -154,8 +154,11 @@ def _export_kill_chain(model_dir, export_dir):
 
 
 def test_killed_at_20_points_and_rerun_loses_nothing(reference, tmp_path):
-    model_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "export")
-    # The export kills run on a copy of the reference run, beside the training kills (two cores).
+    # Three chains side by side (the machine has two cores; each process mostly starts up): the
+    # training kills in two halves, each on a fresh model_dir, and the export kills on a copy of
+    # the reference run.
+    half = len(KILLS) // 2
+    runs = [(str(tmp_path / f"run{i}"), str(tmp_path / f"export{i}")) for i in range(2)]
     done_dir, done_export = str(tmp_path / "done" / "run"), str(tmp_path / "done" / "export")
     shutil.copytree(reference["model_dir"], done_dir)
     errors = []
@@ -166,7 +169,8 @@ def test_killed_at_20_points_and_rerun_loses_nothing(reference, tmp_path):
         except BaseException as error:  # noqa: BLE001 - reported by the main thread
             errors.append(error)
 
-    threads = [threading.Thread(target=chain, args=(_kill_chain, model_dir, export_dir)),
+    threads = [threading.Thread(target=chain, args=(_kill_chain, KILLS[:half], *runs[0])),
+               threading.Thread(target=chain, args=(_kill_chain, KILLS[half:], *runs[1])),
                threading.Thread(target=chain, args=(_export_kill_chain, done_dir, done_export))]
     for thread in threads:
         thread.start()
@@ -175,16 +179,17 @@ def test_killed_at_20_points_and_rerun_loses_nothing(reference, tmp_path):
     if errors:
         raise errors[0]
 
-    # No leftovers of the kills once a run has started again.
-    leftovers = [
-        name
-        for folder in (os.path.join(model_dir, "checkpoints"), str(tmp_path), str(tmp_path / "done"))
-        for name in os.listdir(folder)
-        if name.endswith(("_temp", ".tmp", ".old"))
-    ]
-    assert not leftovers, leftovers
-    assert not os.path.exists(os.path.join(model_dir, "run.lock"))
-    _assert_same_state(_state(model_dir), reference["state"])
+    # No leftovers of the kills once a run has started again; both chains end where an uninterrupted run does.
+    for model_dir, _ in runs:
+        leftovers = [
+            name
+            for folder in (os.path.join(model_dir, "checkpoints"), str(tmp_path), str(tmp_path / "done"))
+            for name in os.listdir(folder)
+            if name.endswith(("_temp", ".tmp", ".old"))
+        ]
+        assert not leftovers, leftovers
+        assert not os.path.exists(os.path.join(model_dir, "run.lock"))
+        _assert_same_state(_state(model_dir), reference["state"])
 
 
 def test_diverging_run_stops_naming_the_step_and_saves_no_nan(tmp_path):
