@@ -126,6 +126,9 @@ def _free_ports(n):
     return ports
 
 
+# Slow: CI covers 2 local workers in tests/test_multiworker_resume.py (same weights on both after a
+# kill and restart) and tests/test_evaluation_knn.py; this one checks a plain run's outputs.
+@pytest.mark.slow
 def test_multi_worker_two_local_processes(tmp_path):
     """MultiWorkerMirroredStrategy, 2 processes on 127.0.0.1: same weights and queue, one checkpoint dir."""
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
