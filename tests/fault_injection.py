@@ -104,7 +104,8 @@ def install(point: str, n: int, model_dir: str) -> None:
 
                 _watch(ckpt_dir, data_without_index)
 
-        tf.train.CheckpointManager.save = _counting(tf.train.CheckpointManager.save, n, before=start_watch)
+        # Under load the watcher may miss the moment: then the kill comes right after the write.
+        tf.train.CheckpointManager.save = _counting(tf.train.CheckpointManager.save, n, before=start_watch, after=_kill)
     elif point == "save_record":  # data and index written, `checkpoint` record not yet updated
         checkpoint_management.update_checkpoint_state_internal = _counting(
             checkpoint_management.update_checkpoint_state_internal, n, before=_kill
