@@ -4,6 +4,7 @@ statistics, a tiny exportable Keras model, and a snapshot of a folder tree."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -27,9 +28,23 @@ def randomize(model, seed: int = 0) -> None:
             weight.assign(rng.normal(0.0, 0.1, shape).astype(np.float32))
 
 
+# The environment of every command a test runs in a fresh interpreter: quiet, bit-stable kernels.
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0", "PYTHONPATH": ROOT}
+
+
 def run(*args, timeout=300):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0", PYTHONPATH=ROOT)
-    return subprocess.run([PYTHON, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([PYTHON, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def free_ports(n: int) -> list[int]:
+    """n TCP ports free on 127.0.0.1 right now (for local multi-worker clusters)."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def tiny_backbone():

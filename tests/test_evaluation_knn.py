@@ -243,8 +243,7 @@ def test_cli_multi_worker_reports_the_one_device_result(tmp_path):
     import subprocess
     import sys
 
-    from tests.helpers import ROOT
-    from tests.test_multiworker_resume import _free_ports
+    from tests.helpers import ROOT, free_ports
 
     backbone = resnet("resnet18", cifar_stem=True, width=8)
     randomize(backbone)
@@ -256,7 +255,7 @@ def test_cli_multi_worker_reports_the_one_device_result(tmp_path):
     one = knn.evaluate(backbone, pipelines.labelled_dataset(source, "train", 32, 16, subset=96),
                        pipelines.labelled_dataset(source, "test", 32, 16, subset=40), k=20, num_classes=10)  # fmt: skip
     expected = f"top-1 {one.top1:.2f}%  top-5 {one.top5:.2f}%"
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0", PYTHONPATH=ROOT)
     procs = []
     for i in range(2):

@@ -9,7 +9,6 @@ deadline and also compares with an uninterrupted pair: slow, run with `-m slow` 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,25 +18,15 @@ import pytest
 import tensorflow as tf
 
 from moco_tf.training import distribute
+from tests.helpers import ENV, free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0", "PYTHONPATH": ROOT}
 STEPS_PER_EPOCH, EPOCHS, EVERY, KILL_AT = 4, 3, 2, 7  # killed in epoch 2 of 3, one step after ckpt-6
 TINY = [
     "--flagfile=configs/quickstart.flags", "--batch_size=32", "--queue_size=64", "--bn_groups=2",
     f"--steps_per_epoch={STEPS_PER_EPOCH}", f"--epochs={EPOCHS}", "--knn_every=0",
     f"--checkpoint_every={EVERY}", "--seed=1", "--width=8", "--strategy=multi_worker", "--export_dir=",
 ]
-
-
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _start(workers, index, model_dir, out_dir, run, *extra):
@@ -81,7 +70,7 @@ def _kill_then_restart(tmp_path, victim):
     """Runs the pair until `victim` SIGKILLs itself after step KILL_AT, checks the survivor's exit,
     restarts both and returns their final states (chief's, other's)."""
     tmp_path.mkdir(exist_ok=True)
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     model_dir = str(tmp_path / "run")
     survivor = 1 - victim
 
@@ -135,7 +124,7 @@ def test_worker_killed_mid_epoch_resumes_like_an_uninterrupted_pair(tmp_path):
     """The non-chief dies between two steps (noticed by missed heartbeats); the resumed pair ends
     where an uninterrupted pair does."""
     resumed, _ = _kill_then_restart(tmp_path / "killed", victim=1)
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     (tmp_path / "straight").mkdir()
     codes = _pair(workers, str(tmp_path / "straight" / "run"), tmp_path / "straight", "straight")
     assert codes == [0, 0], _read(tmp_path / "straight", "straight", 0)[1][-3000:]

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,8 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers import ENV, free_ports
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0", "PYTHONPATH": ROOT}
 TINY = [
     "--flagfile=configs/quickstart.flags", "--batch_size=32", "--queue_size=64", "--bn_groups=2",
     "--steps_per_epoch=2", "--epochs=3", "--knn_every=0", "--checkpoint_every=1", "--seed=1", "--width=8",
@@ -116,22 +116,12 @@ def test_config_without_width_is_the_standard_width(tmp_path):
         checkpoint.check_same_run(saved, PretrainConfig.from_flags({**flags, "width": 16}), str(tmp_path))
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 # Slow: CI covers 2 local workers in tests/test_multiworker_resume.py (same weights on both after a
 # kill and restart) and tests/test_evaluation_knn.py; this one checks a plain run's outputs.
 @pytest.mark.slow
 def test_multi_worker_two_local_processes(tmp_path):
     """MultiWorkerMirroredStrategy, 2 processes on 127.0.0.1: same weights and queue, one checkpoint dir."""
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     model_dir = str(tmp_path / "run")
     procs = []
     for index in range(2):

@@ -15,20 +15,10 @@ import tensorflow as tf
 
 from moco_tf import cli
 from moco_tf.training import distribute
+from tests.helpers import ENV, free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0", "PYTHONPATH": ROOT}
 TWO = {"worker": ["127.0.0.1:2222", "127.0.0.1:2223"]}
-
-
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _config(cluster=TWO, task=None, **extra):
@@ -122,7 +112,7 @@ def _cluster_env(monkeypatch, workers, index):
 
 def test_absent_peer_named_after_the_timeout(monkeypatch):
     """The Python rendezvous before TF's: no TF state is touched when it fails."""
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)] + ["no-such-host.invalid:2222"]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)] + ["no-such-host.invalid:2222"]
     _cluster_env(monkeypatch, workers, 0)
     start = time.monotonic()
     with pytest.raises(distribute.StrategyError) as error:
@@ -135,7 +125,7 @@ def test_absent_peer_named_after_the_timeout(monkeypatch):
 
 
 def test_own_port_in_use_is_reported(monkeypatch):
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     _cluster_env(monkeypatch, workers, 1)
     with socket.create_server(("127.0.0.1", int(workers[1].rpartition(":")[2]))):
         with pytest.raises(distribute.StrategyError, match=rf"port \d+ of worker 1 \({workers[1]}\) is in use"):
@@ -143,7 +133,7 @@ def test_own_port_in_use_is_reported(monkeypatch):
 
 
 def test_rendezvous_listens_on_own_port_until_the_peers_are_up():
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(3)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(3)]
     task = {"type": "worker", "index": 0}
     seen_me = threading.Event()
     peers = []
@@ -169,7 +159,7 @@ def test_rendezvous_listens_on_own_port_until_the_peers_are_up():
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_ends_the_wait_at_once(sig):
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     before = signal.getsignal(sig)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), sig))
     timer.start()
@@ -206,7 +196,7 @@ def test_peer_that_never_registers_with_tf_fails_within_the_timeout():
     the rendezvous, or another program on its port). Worker 0 (TF's coordination leader) and
     worker 1 run alone, in two clusters at once."""
     timeout = 5
-    ports = _free_ports(4)
+    ports = free_ports(4)
     clusters = [[f"127.0.0.1:{p}" for p in ports[:2]], [f"127.0.0.1:{p}" for p in ports[2:]]]
     silent = [socket.create_server(("127.0.0.1", ports[1])), socket.create_server(("127.0.0.1", ports[2]))]
     procs = []
@@ -256,7 +246,7 @@ cli.run(main, user_errors=(distribute.StrategyError,))
 
 
 def test_workers_agree_on_a_flag_and_all_stop_when_they_restored_different_steps():
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     procs = []
     try:
         for index, value in enumerate((6, 0)):

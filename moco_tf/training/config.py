@@ -261,11 +261,7 @@ class PretrainConfig:
 
     @classmethod
     def from_json(cls, text: str) -> PretrainConfig:
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"not valid JSON ({error})") from None
-        return cls.from_dict(values)
+        return cls.from_dict(_json_values(text))
 
     @classmethod
     def from_flags(cls, flag_values: Any) -> PretrainConfig:
@@ -401,11 +397,7 @@ class LinearConfig:
 
     @classmethod
     def from_json(cls, text: str) -> LinearConfig:
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"not valid JSON ({error})") from None
-        return cls.from_dict(values)
+        return cls.from_dict(_json_values(text))
 
     @classmethod
     def from_flags(cls, flag_values: Any) -> LinearConfig:
@@ -418,6 +410,13 @@ class LinearConfig:
 
 
 # ----------------------------------------------------------------------------------------------
+def _json_values(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"not valid JSON ({error})") from None
+
+
 # ranges, checked once (NaN included: absl takes "nan")
 
 _POSITIVE_INTS = ("epochs", "batch_size", "queue_size", "dim", "bn_groups", "image_size", "log_every",
