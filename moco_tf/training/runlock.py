@@ -47,6 +47,12 @@ class RunLock:
                 "another --model_dir"
             ) from None
         self.previous = _read(fd) or None
+        if os.fstat(fd).st_size and not (self.previous or {}).get("pid"):
+            # A file of the user's that happens to be called run.lock: never overwrite it.
+            os.close(fd)
+            raise RunLockedError(
+                f"{self.path} exists and is not a moco_tf run lock; move it away or use another --model_dir"
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(owner_record()).encode(), 0)
         os.fsync(fd)
