@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from moco_tf.models import resnet
-from moco_tf.models.moco import MoCo
+from moco_tf.models.moco import MoCo, self_negative_rate
 from moco_tf.training.optimizers import SGD
 
 
@@ -145,12 +145,15 @@ def test_xla_step_equals_plain_step():
             keras.utils.set_random_seed(7)
             model = MoCo("resnet18", dim=8, queue_size=16, momentum=0.9, cifar_stem=True, bn_groups=2, width=8)
             model.compile(optimizer=SGD(0.1), jit_compile=jit)
-            history = model.fit(tf.data.Dataset.from_tensors(x).repeat(), steps_per_epoch=2, epochs=1, verbose=0)
-            results.append((history.history["loss"][0], [np.asarray(w) for w in [model.queue, *model.weights]]))
+            data = {"views": x, "ids": tf.range(8)}  # the same 8 images twice
+            history = model.fit(tf.data.Dataset.from_tensors(data).repeat(), steps_per_epoch=2, epochs=1, verbose=0)
+            results.append((history.history, [np.asarray(w) for w in [model.queue, *model.weights]]))
     finally:
         keras.config.set_floatx("float32")
-    (loss_a, weights_a), (loss_b, weights_b) = results
-    assert abs(loss_a - loss_b) < 1e-9
+    (logs_a, weights_a), (logs_b, weights_b) = results
+    assert abs(logs_a["loss"][0] - logs_b["loss"][0]) < 1e-9
+    # Step 1 meets an unknown queue, step 2 finds every image of step 1: mean 0.5.
+    assert logs_a["self_neg"] == logs_b["self_neg"] == [0.5]
     for a, b in zip(weights_a, weights_b, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
 
@@ -172,3 +175,108 @@ def test_train_on_batch_equals_fit():
     assert abs(loss_a - loss_b) < 1e-6
     for a, b in zip(weights_a, weights_b, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# the id queue and self_neg
+
+
+def test_self_negative_rate_by_hand():
+    queue_ids = tf.constant([7, -1, 2, 3, 3])
+    # 3 and 7 are in the queue, 5 is not, and an unknown id (-1) never matches the unknown rows.
+    assert float(self_negative_rate(tf.constant([3, 7, -1, 5]), queue_ids)) == 0.5
+    assert float(self_negative_rate(tf.constant([0, 1]), tf.fill([4], -1))) == 0.0
+
+
+def _id_step(model, views, ids):
+    for metric in model.metrics:
+        metric.reset_state()
+    return model.train_step({"views": views, "ids": tf.constant(ids, tf.int32)})
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_id_queue_and_self_neg_by_hand(symmetric):
+    """Batch 4, queue 8 (16 with symmetric: both view orders enqueue the same 4 ids)."""
+    queue = 16 if symmetric else 8
+    model = MoCo("resnet18", dim=8, queue_size=queue, cifar_stem=True, width=8, symmetric=symmetric)
+    model.compile(optimizer=SGD(0.1))
+    np.testing.assert_array_equal(np.asarray(model.queue_ids), [-1] * queue)
+    views = tf.random.normal([4, 2, 32, 32, 3], seed=2)
+    rates = [float(_id_step(model, views, ids)["self_neg"]) for ids in ([0, 1, 2, 3], [2, 3, 4, 5], [9, 0, 8, 7])]
+    # Step 1 meets an empty (unknown) queue; step 2 finds 2 and 3; step 3 finds 0 (8 and 7 are new).
+    assert rates == [0.0, 0.5, 0.25]
+    copies = 2 if symmetric else 1
+    expected = [9, 0, 8, 7] * copies + [2, 3, 4, 5] * copies  # step 3 wrapped over step 1's rows
+    np.testing.assert_array_equal(np.asarray(model.queue_ids), expected)
+    assert int(model.queue_ptr) == 4 * copies
+
+    # Plain view pairs carry no ids: no self_neg in the logs, and the rows they fill are unknown.
+    logs = model.train_step(views)
+    assert "self_neg" not in logs and "loss" in logs
+    np.testing.assert_array_equal(np.asarray(model.queue_ids)[4 * copies : 8 * copies], [-1] * 4 * copies)
+
+
+def test_id_queue_under_mirrored_strategy():
+    """2 replicas, global batch 8: ids are all-gathered in replica order beside the keys, every
+    replica holds the same id queue, and self_neg averages over the replicas' queries."""
+    from moco_tf.training.distribute import mirrored
+
+    strategy = mirrored(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = MoCo("resnet18", dim=8, queue_size=16, cifar_stem=True, width=8)
+        model.compile(optimizer=SGD(0.1))
+    views = tf.random.normal([16, 2, 32, 32, 3], seed=4)
+    ids = tf.constant([0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7, 8, 9, 10, 11])
+    data = tf.data.Dataset.from_tensor_slices({"views": views, "ids": ids}).batch(8, drop_remainder=True)
+    history = model.fit(data, epochs=1, verbose=0)
+    # Step 2: replica 0's queries 4..7 are all in the queue, replica 1's 8..11 none: 0.5; step 1: 0.
+    assert history.history["self_neg"][0] == pytest.approx(0.25)
+    copies = [np.asarray(v) for v in model.queue_ids.value.values]
+    assert len(copies) == 2
+    for copy in copies:
+        np.testing.assert_array_equal(copy, ids.numpy())
+
+
+class _CheckpointBeforeIds(MoCo):
+    """The variables of a run checkpoint written before the id queue existed."""
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        children = super()._trackable_children(save_type, **kwargs)
+        children.pop("queue_ids")
+        return children
+
+
+def test_checkpoint_without_id_queue_restores(tmp_path):
+    old = _CheckpointBeforeIds("resnet18", dim=8, queue_size=8, cifar_stem=True, width=8)
+    old.compile(optimizer=SGD(0.1))
+    old.train_step(tf.random.normal([4, 2, 32, 32, 3], seed=6))
+    path = tf.train.Checkpoint(model=old).save(str(tmp_path / "old" / "ckpt"))
+    names = [name for name, _ in tf.train.list_variables(path)]
+    assert any("model/queue/" in n for n in names) and not any("queue_ids" in n for n in names)
+
+    model = MoCo("resnet18", dim=8, queue_size=8, cifar_stem=True, width=8)
+    ckpt = tf.train.Checkpoint(model=model)
+    with pytest.raises(AssertionError, match="not bound"):  # what a plain strict restore says
+        ckpt.restore(path).assert_existing_objects_matched()
+    with model.restoring(path):
+        ckpt.restore(path).assert_existing_objects_matched()
+    np.testing.assert_array_equal(np.asarray(model.queue), np.asarray(old.queue))
+    assert int(model.queue_ptr) == 4
+    np.testing.assert_array_equal(np.asarray(model.queue_ids), [-1] * 8)
+    # Saved again, the checkpoint holds the id queue, and restores strictly.
+    new_path = ckpt.save(str(tmp_path / "new" / "ckpt"))
+    assert any("model/queue_ids/" in name for name, _ in tf.train.list_variables(new_path))
+    with model.restoring(new_path):
+        ckpt.restore(new_path).assert_existing_objects_matched()
+
+    # Only the id queue may be missing: a checkpoint lacking another variable still fails.
+    class _NoPointer(_CheckpointBeforeIds):
+        def _trackable_children(self, save_type="checkpoint", **kwargs):
+            children = super()._trackable_children(save_type, **kwargs)
+            children.pop("queue_ptr")
+            return children
+
+    lacking = _NoPointer("resnet18", dim=8, queue_size=8, cifar_stem=True, width=8)
+    bad_path = tf.train.Checkpoint(model=lacking).save(str(tmp_path / "bad" / "ckpt"))
+    with pytest.raises(AssertionError), model.restoring(bad_path):
+        ckpt.restore(bad_path).assert_existing_objects_matched()

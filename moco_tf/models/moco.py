@@ -7,7 +7,9 @@ MultiWorkerMirroredStrategy and TPUStrategy, and compiles with XLA.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import keras
 import tensorflow as tf
@@ -133,10 +135,18 @@ class MoCo(keras.Model):
             shape=(), dtype="int32", initializer="zeros", trainable=False,
             aggregation="only_first_replica", name="queue_ptr",
         )
+        # Which image each queue row's key came from (its index in the pretraining split; -1: unknown),
+        # to measure how often a query's own image sits among its negatives (`self_neg`).
+        self.queue_ids = self.add_weight(
+            shape=(queue_size,), dtype="int32", initializer=keras.initializers.Constant(UNKNOWN_ID),
+            trainable=False, aggregation="only_first_replica", name="queue_ids",
+        )
+        self._checkpoint_without_ids = False
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.pos_tracker = keras.metrics.Mean(name="logit_pos")
         self.neg_tracker = keras.metrics.Mean(name="logit_neg")
         self.acc_tracker = keras.metrics.Mean(name="acc")
+        self.self_neg_tracker = keras.metrics.Mean(name="self_neg")
         self.built = True  # every weight exists; fit() must not build by calling on a view pair
 
     @property
@@ -146,7 +156,26 @@ class MoCo(keras.Model):
     @property
     def metrics(self):
         # Our own trackers only: compile()'s built-in "loss" tracker is never updated by this step.
-        return [self.loss_tracker, self.pos_tracker, self.neg_tracker, self.acc_tracker]
+        return [self.loss_tracker, self.pos_tracker, self.neg_tracker, self.acc_tracker, self.self_neg_tracker]
+
+    @contextlib.contextmanager
+    def restoring(self, checkpoint_path: str) -> Iterator[None]:
+        """Around the restore of a run checkpoint: one written before the id queue existed has no
+        `queue_ids`; while restoring it the model does not list that variable (so a strict
+        `assert_existing_objects_matched` still checks everything else), and the ids stay -1
+        (unknown): `self_neg` counts only the rows enqueued after the resume."""
+        names = (name for name, _ in tf.train.list_variables(checkpoint_path))
+        self._checkpoint_without_ids = not any(name.split("/.ATTRIBUTES")[0].endswith("queue_ids") for name in names)
+        try:
+            yield
+        finally:
+            self._checkpoint_without_ids = False
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        children = super()._trackable_children(save_type, **kwargs)
+        if getattr(self, "_checkpoint_without_ids", False):  # (also asked while __init__ runs)
+            children.pop("queue_ids", None)
+        return children
 
     def keys_per_step(self, global_batch_size: int) -> int:
         return global_batch_size * (2 if self.symmetric else 1)
@@ -164,7 +193,10 @@ class MoCo(keras.Model):
 
     # ----------------------------------------------------------------------------- the step
     def train_step(self, data):
-        x_q, x_k = _two_views(data)
+        """One step on a view pair (x_q, x_k), a tensor [N, 2, H, W, C], or a dict {"views": that
+        tensor, "ids": int [N]} (`pretrain_dataset(with_ids=True)`): with ids the step also logs
+        `self_neg` and records the ids of the keys it enqueues (-1 without)."""
+        x_q, x_k, ids = _unpack(data)
         replica = tf.distribute.get_replica_context()
         local_batch = x_q.shape[0]
         if local_batch is not None:  # static shapes: checked while tracing, before any compute
@@ -191,7 +223,15 @@ class MoCo(keras.Model):
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
 
-        self._dequeue_and_enqueue(tf.concat([k_all for _, k_all in keys], axis=0))
+        if ids is not None:
+            # Against the queue the loss just used, before this step's keys go in.
+            self.self_neg_tracker.update_state(self_negative_rate(ids, self.queue_ids))
+            ids_all = replica.all_gather(ids, axis=0) if replica.num_replicas_in_sync > 1 else ids
+        else:
+            ids_all = tf.fill(tf.shape(keys[0][1])[:1], UNKNOWN_ID)
+        self._dequeue_and_enqueue(
+            tf.concat([k_all for _, k_all in keys], axis=0), tf.concat([ids_all] * len(keys), axis=0)
+        )
 
         l_pos = tf.concat([s[0] for s in stats], axis=0)
         l_neg = tf.concat([s[1] for s in stats], axis=0)
@@ -200,7 +240,8 @@ class MoCo(keras.Model):
         self.neg_tracker.update_state(tf.reduce_mean(l_neg))
         # Contrastive top-1: the positive outscores every queue key (index 0 of the logits).
         self.acc_tracker.update_state(tf.reduce_mean(tf.cast(l_pos > tf.reduce_max(l_neg, axis=1), tf.float32)))
-        logs = {m.name: m.result() for m in self.metrics}
+        # self_neg only when this data has ids (known while tracing): a 0 would claim none were seen.
+        logs = {m.name: m.result() for m in self.metrics if ids is not None or m is not self.self_neg_tracker}
         if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
             # Keras reduces multi-worker logs with a mean along axis 0, which a scalar lacks.
             logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
@@ -259,12 +300,14 @@ class MoCo(keras.Model):
         keys = self.encoder_k(x, training=True)
         return tf.stop_gradient(tf.math.l2_normalize(tf.cast(keys, self.queue.dtype), axis=1))
 
-    def _dequeue_and_enqueue(self, keys):
-        """Overwrite the oldest rows with this step's keys (the same on every replica)."""
+    def _dequeue_and_enqueue(self, keys, ids):
+        """Overwrite the oldest rows with this step's keys and their image ids (the same on every
+        replica: both are all-gathered first)."""
         ptr = tf.cast(self.queue_ptr, tf.int32)
         count = tf.shape(keys)[0]
         rows = (ptr + tf.range(count)) % self.queue_size
         self.queue.assign(tf.tensor_scatter_nd_update(self.queue, rows[:, None], tf.cast(keys, self.queue.dtype)))
+        self.queue_ids.assign(tf.tensor_scatter_nd_update(self.queue_ids, rows[:, None], tf.cast(ids, tf.int32)))
         self.queue_ptr.assign((ptr + count) % self.queue_size)
 
     def get_config(self):
@@ -276,6 +319,18 @@ class MoCo(keras.Model):
             image_size=self.image_size, width=self.width,
         )
         return config
+
+
+UNKNOWN_ID = -1  # a queue row whose image is not known (start, data without ids, an old checkpoint)
+
+
+def self_negative_rate(ids: tf.Tensor, queue_ids: tf.Tensor) -> tf.Tensor:
+    """Share of the queries (image ids [N]) whose own image has a key among the queue's (ids [K]):
+    those queries' negatives hold an older view of their positive. Unknown ids (< 0) never match."""
+    ids = tf.cast(ids, tf.int32)
+    # [N, K] booleans: K * N bytes (65536 x 256 = 16 MiB at most for the official recipes).
+    hit = tf.reduce_any(ids[:, None] == tf.cast(queue_ids, tf.int32)[None, :], axis=1) & (ids >= 0)
+    return tf.reduce_mean(tf.cast(hit, tf.float32))
 
 
 def key_permutation(size, step, salt: int = 0) -> tf.Tensor:
@@ -297,12 +352,16 @@ def check_queue_fits(queue_size: int, global_batch_size: int, symmetric: bool = 
         )
 
 
-def _two_views(data):
-    """(x_q, x_k) from a pair, or from one tensor [N, 2, H, W, C] (the multi-worker-safe form)."""
+def _unpack(data):
+    """(x_q, x_k, ids or None) from a pair, one tensor [N, 2, H, W, C] (the multi-worker-safe
+    form), or a dict {"views": that tensor, "ids": [N]}."""
     if isinstance(data, (tuple, list)):
         data = [part for part in data if part is not None]  # train_on_batch passes (x, None, None)
         if len(data) == 1:
             data = data[0]
         else:
-            return data[0], data[1]
-    return data[:, 0], data[:, 1]
+            return data[0], data[1], None
+    if isinstance(data, dict):
+        views = data["views"]
+        return views[:, 0], views[:, 1], data.get("ids")
+    return data[:, 0], data[:, 1], None
