@@ -205,6 +205,73 @@ def refuse_renamed_lincls_flags() -> None:
             raise UserError(f"--{name} is not a lincls flag: {use}")
 
 
+def define_finetune_flags() -> None:
+    """Every flag of `moco_tf.finetune`; defaults are SimCLR v1's semi-supervised fine-tuning
+    (appendix B.5; see moco_tf/evaluation/finetune.py)."""
+    define_evaluation_flags()
+    if "label_fraction" in flags.FLAGS:
+        return
+    flags.DEFINE_bool(
+        "random_init", False, "train from randomly initialised weights instead of --pretrained (the baseline)"
+    )
+    flags.DEFINE_enum(
+        "arch", "resnet50", list(backbone_names()), "with --random_init: the backbone (--pretrained gives its own)"
+    )
+    flags.DEFINE_integer("width", 64, "with --random_init: the ResNet's base channels (64: standard)")
+    flags.DEFINE_bool("cifar_stem", False, "with --random_init: 3x3 stride-1 first conv, no max-pool (32 px images)")
+    flags.DEFINE_float(
+        "label_fraction", 1.0,
+        "fraction of the train split's labels to train on, in (0, 1]: a class-balanced subset fixed by "
+        "--subset_seed; imagenet2012 at 0.01 / 0.1 uses TFDS's imagenet2012_subset/1pct / 10pct (SimCLR's lists)",
+    )  # fmt: skip
+    flags.DEFINE_integer("subset_seed", 0, "seed of the class-balanced label subset (not used for TFDS's lists)")
+    flags.DEFINE_string("model_dir", None, "checkpoints, TensorBoard logs and results of this run; a rerun resumes")
+    flags.DEFINE_integer("batch_size", 256, "global batch size, over all replicas and workers (SimCLR: 4096)")
+    flags.DEFINE_integer(
+        "epochs", None, "training epochs; default: the recipe's for --label_fraction (60 at 0.01, 30 at 0.1)"
+    )
+    flags.DEFINE_float(
+        "lr", 0.05,
+        "learning rate per 256 images, scaled linearly with --batch_size (used: lr x batch_size / 256; "
+        "SimCLR: 0.05, i.e. 0.8 at batch 4096); decayed by a cosine over the epochs",
+    )  # fmt: skip
+    flags.DEFINE_float("sgd_momentum", 0.9, "SGD momentum")
+    flags.DEFINE_bool("nesterov", True, "Nesterov momentum (SimCLR's fine-tuning)")
+    flags.DEFINE_float("weight_decay", 0.0, "SGD weight decay, PyTorch style (SimCLR's fine-tuning: none)")
+    flags.DEFINE_integer("seed", None, "seed of the head's initialisation, the data order and augmentation")
+    flags.DEFINE_integer("eval_every", 1, "top-1 / top-5 on the eval split every N epochs (and after the last)")
+    flags.DEFINE_string(
+        "export_dir", None, "at the end, write the fine-tuned backbone + head here as a TF-Hub SavedModel"
+    )
+    flags.DEFINE_bool("overwrite_export", False, "let --export_dir replace an existing moco_tf export")
+    for name, use in _FINETUNE_REFUSED.items():
+        if name not in flags.FLAGS:
+            flags.DEFINE_string(name, None, f"not accepted: {use}")
+
+
+_FINETUNE_REFUSED = {
+    "momentum": "use --sgd_momentum (train's key encoder m is --moco_momentum)",
+    "schedule": "the rate follows a cosine over --epochs (SimCLR's fine-tuning); there is no other schedule",
+}
+
+
+def refuse_finetune_flags() -> None:
+    """A UserError for flags of the evaluation set that fine-tuning does not take."""
+    for name, use in _FINETUNE_REFUSED.items():
+        if flags.FLAGS[name].present:
+            raise UserError(f"--{name} is not a finetune flag: {use}")
+    if flags.FLAGS["limit_train"].present:
+        raise UserError("--limit_train is not a finetune flag: use --label_fraction")
+    if flags.FLAGS.mixed_precision != "none":
+        raise UserError("--mixed_precision is not supported by finetune yet: drop it (float32)")
+    if flags.FLAGS.random_init and flags.FLAGS.pretrained:
+        raise UserError("--random_init and --pretrained exclude each other: give one")
+    if not flags.FLAGS.random_init:
+        given = [f"--{n}" for n in ("arch", "width", "cifar_stem") if flags.FLAGS[n].present]
+        if given:
+            raise UserError(f"{', '.join(given)} only go with --random_init: --pretrained fixes the backbone")
+
+
 def define_export_flags() -> None:
     """Every flag of `moco_tf.export`."""
     if "export_dir" in flags.FLAGS:

@@ -13,6 +13,12 @@ therefore a `tf.Module` following the TF-Hub reusable SavedModel convention:
   `"projection"` when the MoCo head is exported too);
 - a `feature_maps` signature returning each stage's last block output `{"layer1", ..., "layer4"}`
   (strides 4, 8, 16, 32; 1, 2, 4, 8 with the CIFAR stem) for detection-style backbones;
+- the endpoints Keras 3's `TFSMLayer` needs to fine-tune (it cannot pass `training` to a
+  SavedModel function, so each mode is a function of its own, images -> one output):
+  `features` (BatchNorm in inference mode) and `features_training` (batch statistics, moving
+  statistics updated), to be given as `call_endpoint` and `call_training_endpoint`; and
+  `feature_maps_training`, the training-mode twin of `feature_maps`;
+- with a fine-tuned classifier (`moco_tf.finetune`), `"logits"` in `serving_default` too;
 - `assets/moco_config.json` describing the architecture, the MoCo run and the preprocessing.
 
 Inputs follow the TF-Hub image convention: float32 RGB in [0, 1], shape [batch, height, width, 3],
@@ -76,12 +82,14 @@ class HubModule(tf.Module):
         backbone: keras.Model,
         head: keras.Model | None = None,
         config_file: str | None = None,
+        classifier: keras.layers.Layer | None = None,
     ):
         super().__init__(name="moco_encoder")
-        self._keras = _Untracked(backbone=backbone, head=head, maps=None)
-        layers = [backbone] + ([head] if head is not None else [])
+        self._keras = _Untracked(backbone=backbone, head=head, maps=None, classifier=classifier)
+        layers = [backbone] + [layer for layer in (head, classifier) if layer is not None]
         # Order is part of the format: the backbone's weights first, in `backbone.weights` order,
-        # then the head's (moco_tf.interop.pretrained rebuilds a Keras backbone from an export this way).
+        # then the head's, then the classifier's (moco_tf.interop.pretrained rebuilds a Keras backbone
+        # from an export this way).
         self.variables = [v.value for layer in layers for v in layer.weights]
         # The projection head is exported for inspection; fine-tuning touches the backbone only.
         self.trainable_variables = [v.value for v in backbone.trainable_weights]
@@ -90,12 +98,21 @@ class HubModule(tf.Module):
         self._std = tf.constant(IMAGENET_STD, tf.float32)
         if config_file is not None:
             self.config_file = tf.saved_model.Asset(config_file)
+        # Keras 3 TFSMLayer endpoints: one function per BatchNorm mode (see the module docstring).
+        # They call __call__'s traces (made first by export_backbone): no second trace of the network.
+        self.features = tf.function(lambda images: self.__call__(images, training=False), input_signature=[_IMAGES])
+        self.features_training = tf.function(
+            lambda images: self.__call__(images, training=True), input_signature=[_IMAGES]
+        )
         stages = stage_outputs(backbone)
-        self.feature_maps = None
+        self.feature_maps = self.feature_maps_training = None
         if stages:
             # One Keras model over the same layers: one forward pass gives every stage's map.
             self._keras.maps = keras.Model(backbone.inputs, stages, name="feature_maps")
             self.feature_maps = tf.function(self._feature_maps, input_signature=[_IMAGES])
+            self.feature_maps_training = tf.function(
+                lambda images: self._feature_maps(images, training=True), input_signature=[_IMAGES]
+            )
 
     def _features(self, images, training):
         x = (tf.convert_to_tensor(images, tf.float32) - self._mean) / self._std
@@ -106,10 +123,10 @@ class HubModule(tf.Module):
         """images float32 [batch, h, w, 3] in [0, 1] -> pooled features [batch, 512 or 2048]."""
         return self._features(images, training)
 
-    def _feature_maps(self, images):
+    def _feature_maps(self, images, training=False):
         """The last block's output of each stage, for detection / segmentation backbones."""
         x = (images - self._mean) / self._std
-        return self._keras.maps(x, training=False)
+        return self._keras.maps(x, training=training)
 
     @tf.function(input_signature=[_IMAGES])
     def serve(self, images):
@@ -117,6 +134,8 @@ class HubModule(tf.Module):
         outputs = {"feature_vector": features}
         if self._keras.head is not None:
             outputs["projection"] = self._keras.head(features, training=False)
+        if self._keras.classifier is not None:
+            outputs["logits"] = self._keras.classifier(tf.cast(features, tf.float32), training=False)
         return outputs
 
 
@@ -135,6 +154,7 @@ def export_backbone(
     overwrite: bool = False,
     protected: Protected = (),
     overwrite_flag: str = "--overwrite",
+    classifier: keras.layers.Layer | None = None,
 ) -> str:
     """Write `backbone` (images -> pooled features) as a TF-Hub reusable SavedModel.
 
@@ -151,6 +171,8 @@ def export_backbone(
         not a folder that is no export, not an export holding other files, not `protected`.
     protected: paths the export must not be, contain or lie inside (the run's model_dir).
     overwrite_flag: the caller's flag that sets overwrite, named when an export exists.
+    classifier: a Dense layer on the features (a fine-tuned head); `serving_default` then also
+        returns its "logits". Fine-tuning through `hub.KerasLayer` still trains the backbone only.
 
     Returns export_dir. Raises ExportTargetError (a FileExistsError) when export_dir may not be
     written (see `check_export_target`), ExportSpaceError when the disk fills up (the previous
@@ -163,8 +185,8 @@ def export_backbone(
         staging = os.path.dirname(saved)
         config_path = os.path.join(staging, CONFIG_ASSET)
         with open(config_path, "w") as f:
-            json.dump(_full_config(backbone, config, head), f, indent=2, sort_keys=True)
-        module = HubModule(backbone, head, config_path)
+            json.dump(_full_config(backbone, config, head, classifier), f, indent=2, sort_keys=True)
+        module = HubModule(backbone, head, config_path, classifier)
         # Trace both training values so hub.KerasLayer finds a function for each.
         module.__call__.get_concrete_function(_IMAGES, training=False)
         module.__call__.get_concrete_function(_IMAGES, training=True)
@@ -190,7 +212,7 @@ def stage_outputs(backbone: keras.Model) -> dict[str, Any]:
     return {f"layer{stage}": tensor for stage, (_, tensor) in sorted(last.items())}
 
 
-def _full_config(backbone: keras.Model, config: Mapping[str, Any], head) -> dict[str, Any]:
+def _full_config(backbone: keras.Model, config: Mapping[str, Any], head, classifier=None) -> dict[str, Any]:
     full = dict(config)
     full.setdefault("feature_dim", int(backbone.output.shape[-1]))
     width = _backbone_width(backbone)
@@ -207,10 +229,16 @@ def _full_config(backbone: keras.Model, config: Mapping[str, Any], head) -> dict
         "std": list(IMAGENET_STD),
         "eval_transform": "resize shorter side to 256, center crop 224 (the linear protocol's)",
     }
-    full["signatures"] = {"serving_default": ["feature_vector"] + (["projection"] if head else [])}
+    if classifier is not None:
+        full.setdefault("num_classes", int(classifier.units))
+    serving = ["feature_vector"] + (["projection"] if head else []) + (["logits"] if classifier else [])
+    full["signatures"] = {"serving_default": serving}
+    # TFSMLayer endpoints (attributes, not signatures): call_endpoint / call_training_endpoint pairs.
+    full["keras3_endpoints"] = {"features": "features_training"}
     stages = stage_outputs(backbone)
     if stages:
         full["signatures"]["feature_maps"] = sorted(stages)
+        full["keras3_endpoints"]["feature_maps"] = "feature_maps_training"
     return full
 
 

@@ -25,7 +25,8 @@ of earlier moco_tf versions (one object of flag values, `momentum` for the key e
 A key a file does not hold (a converted PyTorch checkpoint records only what its weights and the
 official recipe tell) takes the default, is listed in `unrecorded`, and is not compared.
 
-LinearConfig is the same for the linear classification protocol (lincls_config.json).
+LinearConfig is the same for the linear classification protocol (lincls_config.json),
+FinetuneConfig for fine-tuning (finetune_config.json).
 """
 
 from __future__ import annotations
@@ -323,7 +324,10 @@ def check_same_run(
     """Refuses to resume a run of another recipe, naming each flag that differs and both values."""
     differ = recipe_differences(saved, current)
     if differ:
-        run = "another linear classifier run" if isinstance(saved, LinearConfig) else "another run"
+        run = (
+            "another linear classifier run" if isinstance(saved, LinearConfig)
+            else "another fine-tuning run" if isinstance(saved, FinetuneConfig) else "another run"
+        )
         raise RunMismatchError(
             f"model_dir {model_dir} holds {run}: {', '.join(differ)}; rerun with its values or use a new --model_dir"
         )
@@ -406,6 +410,97 @@ class LinearConfig:
         given = {k: v for k, v in values.items() if k in names}
         if "milestones" in given:
             given["milestones"] = parse_milestones(given["milestones"])
+        return _section_from_dict(cls, given, None, set(), flags=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# fine-tuning (`python -m moco_tf.finetune`)
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Fine-tuning the whole encoder and a new head on a fraction of the labels; defaults: the
+    SimCLR v1 semi-supervised recipe (`moco_tf.evaluation.finetune`). Recipe as for LinearConfig:
+    a rerun in the same model_dir resumes only with the same. arch / width / cifar_stem are the
+    backbone's (read from --pretrained, or given with --random_init)."""
+
+    RECIPE: ClassVar[bool] = True
+    pretrained: str | None = None  # model_dir, checkpoint, TF-Hub export or .pth (absolute); None: random init
+    random_init: bool = False
+    arch: str = "resnet50"
+    width: int = 64
+    cifar_stem: bool = False
+    dataset: str | None = None
+    image_size: int | None = None
+    label_fraction: float = 1.0
+    subset_seed: int = 0  # which examples form the labelled subset (class-balanced)
+    batch_size: int = 256
+    epochs: int | None = None  # None: the recipe's for the fraction (60 at 1%, 30 at 10%)
+    lr: float = 0.05  # per 256 images, scaled linearly with batch_size
+    sgd_momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    seed: int | None = None  # head initialisation, data order, augmentation
+    data_dir: str | None = _operational(None)
+    strict_data: bool = _operational(False)
+    limit_val: int = _operational(0)
+    model_dir: str | None = _operational(None)
+    eval_every: int = _operational(1)
+    export_dir: str | None = _operational(None)
+    overwrite_export: bool = _operational(False)
+    unrecorded: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
+
+    def flat(self) -> dict[str, Any]:
+        return {name: value for name, value, _ in _leaves(self, None)}
+
+    def recipe(self) -> dict[str, Any]:
+        return {name: value for name, value, recipe in _leaves(self, None) if recipe}
+
+    def validate(self) -> None:
+        _check_types([self])
+        values = self.flat()
+        _check_table(values)
+        if not 0.0 < values["label_fraction"] <= 1.0:
+            raise ConfigError(f"--label_fraction must be in (0, 1], got {values['label_fraction']}")
+        for name in ("limit_val",):
+            if values[name] < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {values[name]}")
+        if values["eval_every"] < 1:
+            raise ConfigError(f"--eval_every must be positive, got {values['eval_every']}")
+        for name in ("seed", "subset_seed"):
+            if values[name] is not None and not 0 <= values[name] < 2**31:
+                raise ConfigError(f"--{name} must be in [0, 2**31), got {values[name]}")
+        if values["image_size"] is not None and values["image_size"] < MIN_IMAGE_SIZE:
+            raise ConfigError(f"--image_size {values['image_size']} is too small (at least {MIN_IMAGE_SIZE})")
+        if self.random_init == bool(self.pretrained):
+            raise ConfigError("give either --pretrained=PATH or --random_init (with --arch, --width, --cifar_stem)")
+        if self.random_init:
+            _backbone({"arch": self.arch, "width": self.width, "cifar_stem": self.cifar_stem}, flags=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **_section_to_dict(self, self.unrecorded)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> FinetuneConfig:
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"a config must be a JSON object, got {type(values).__name__}")
+        given = {k: v for k, v in values.items() if k != "format_version"}
+        unrecorded: set[str] = set()
+        config = _section_from_dict(cls, given, None, unrecorded)
+        return dataclasses.replace(config, unrecorded=frozenset(unrecorded))
+
+    @classmethod
+    def from_json(cls, text: str) -> FinetuneConfig:
+        return cls.from_dict(_json_values(text))
+
+    @classmethod
+    def from_flags(cls, flag_values: Any) -> FinetuneConfig:
+        values = dict(flag_values.flag_values_dict() if hasattr(flag_values, "flag_values_dict") else flag_values)
+        names = {f.name for f in dataclasses.fields(cls)} - {"unrecorded"}
+        given = {k: v for k, v in values.items() if k in names}
         return _section_from_dict(cls, given, None, set(), flags=True)
 
 
