@@ -7,6 +7,7 @@ reproduces torchvision's formulas (functional_tensor: _blend, _rgb2hsv/_hsv2rgb,
 bilinear interpolate, RandomResizedCrop.get_params in numpy).
 """
 
+import dataclasses
 import io
 import math
 
@@ -463,3 +464,87 @@ def test_tiny_batches(version):
     x = tf.constant(_random_images(3, 6, 6) / 255.0, tf.float32)
     np.testing.assert_array_equal(augment.random_grayscale(x, 0.0, augment.as_seed(0)), x)
     np.testing.assert_array_equal(augment.color_jitter(x, (0.4, 0.4, 0.4, 0.1), 0.0, augment.as_seed(0)), x)
+
+
+# ----------------------------------------------------------------------------------------------
+# ViewOptions: crop scale, flip, blur (departures for tiny images), and the pipeline's image ids
+
+
+def test_view_options_validation_and_defaults():
+    assert augment.ViewOptions() == augment.OFFICIAL_VIEWS
+    assert augment.OFFICIAL_VIEWS.crop_scale == augment.PRETRAIN_CROP_SCALE
+    assert augment.ViewOptions(crop_min_scale=0.5).crop_scale == (0.5, 1.0)
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="crop_min_scale"):
+            augment.ViewOptions(crop_min_scale=bad)
+
+
+def test_crop_min_scale_draws_areas_as_torchvision_does():
+    """RandomResizedCrop(scale=(0.5, 1)): areas above 0.5 (less pixel rounding), and the deciles
+    of area of torchvision's draws (large areas with a ratio far from 1 overflow and are drawn again)."""
+    n, side = 4000, 64
+    scale = augment.ViewOptions(crop_min_scale=0.5).crop_scale
+    win = augment.sample_crop_windows(tf.fill([n], side), tf.fill([n], side), augment.as_seed(21), scale=scale).numpy()
+    area = win[:, 2] * win[:, 3] / side**2
+    assert area.min() > 0.48
+    rng = np.random.default_rng(1)
+    ref = np.array([_torchvision_get_params(side, side, rng, scale=scale) for _ in range(n)])
+    ref_area = ref[:, 2] * ref[:, 3] / side**2
+    q = np.linspace(0.1, 0.9, 9)
+    np.testing.assert_allclose(np.quantile(area, q), np.quantile(ref_area, q), atol=0.02)
+    # and not the official 0.2's
+    assert np.quantile(area, 0.1) > augment.PRETRAIN_CROP_SCALE[0] + 0.3
+
+
+def test_no_flip_keeps_every_ramp_increasing():
+    options = augment.ViewOptions(flip=False)
+    views = _unnormalize(augment.augment_batch(_ramp_images(500), "v2", 16, seed=3, options=options))
+    assert (views[:, :, 0].mean(axis=(1, 2)) < views[:, :, -1].mean(axis=(1, 2))).all()
+
+
+def test_whole_image_views_without_flip_or_blur_by_hand():
+    """crop_min_scale=1 on a square image: every draw of area 1 with a ratio != 1 overflows, so
+    the crop is the whole image (torchvision's fallback), resized S -> S (the identity); then only
+    the colour ops, without blur: exactly color_views(image) with the seed's third part."""
+    images = _random_images(6, 24, 24, seed=22)
+    options = augment.ViewOptions(crop_min_scale=1.0, flip=False, blur=False)
+    views = augment.augment_batch(images, "v2", 24, seed=5, options=options).numpy()
+    _, _, s_color = tf.unstack(tf.random.experimental.stateless_split(augment.as_seed(5), 3))
+    expected = augment.color_views(images / 255.0, "v2", 24, s_color, blur=False).numpy()
+    np.testing.assert_allclose(views, expected, atol=1e-5)
+
+
+def test_no_blur_never_calls_the_blur(monkeypatch):
+    calls = []
+    real_blur = augment.random_gaussian_blur
+    monkeypatch.setattr(augment, "random_gaussian_blur", lambda *args: calls.append(1) or real_blur(*args))
+    crops = _random_images(4, 16, 16)
+    augment.augment_crops(crops, "v2", 16, seed=1, options=augment.ViewOptions(blur=False))
+    assert calls == []
+    augment.augment_crops(crops, "v2", 16, seed=1)
+    assert calls == [1]
+
+
+def test_pretrain_ids_name_the_images_shown():
+    """with_ids: the ids of an epoch are a permutation of the split, each view is a view of the
+    image its id names (whole-image crops: the view's luma correlates with that image's only),
+    and the views are the same as without ids."""
+    from moco_tf.data import pipelines, sources
+
+    source = sources.make_source("digits")
+    images, labels = source.splits["train"]
+    source = dataclasses.replace(source, splits={"train": (images[:24], labels[:24])})
+    options = augment.ViewOptions(crop_min_scale=1.0, flip=False, blur=False)
+    ds = pipelines.pretrain_dataset(source, "train", 32, "v1", 8, seed=3, views=options, with_ids=True)
+    batches = list(ds.take(3))
+    ids = np.concatenate([b["ids"].numpy() for b in batches])
+    assert sorted(ids.tolist()) == list(range(24))
+    plain = pipelines.pretrain_dataset(source, "train", 32, "v1", 8, seed=3, views=options)
+    for with_ids, without in zip(batches, plain.take(3), strict=True):
+        np.testing.assert_array_equal(with_ids["views"].numpy(), without.numpy())
+    gray = images[:24, :, :, 0].reshape(24, -1).astype(np.float64)
+    views = np.concatenate([_unnormalize(b["views"]) for b in batches])  # [24, 2, 32, 32, 3]
+    for view in (0, 1):
+        luma = views[:, view].mean(axis=-1).reshape(24, -1)
+        corr = np.corrcoef(luma, gray)[:24, 24:]  # [view, image]
+        np.testing.assert_array_equal(corr.argmax(axis=1), ids)

@@ -280,3 +280,19 @@ def test_checkpoint_without_id_queue_restores(tmp_path):
     bad_path = tf.train.Checkpoint(model=lacking).save(str(tmp_path / "bad" / "ckpt"))
     with pytest.raises(AssertionError), model.restoring(bad_path):
         ckpt.restore(bad_path).assert_existing_objects_matched()
+
+
+def test_self_neg_reaches_step_lines_and_epoch_summary(capsys):
+    """The same 8 images twice into a queue of 16: self_neg 0 then 1, printed as the running mean."""
+    from moco_tf.training.callbacks import StepLines, TrainingLogs
+
+    model = MoCo("resnet18", dim=8, queue_size=16, cifar_stem=True, width=8)
+    model.compile(optimizer=SGD(0.1))
+    data = {"views": tf.random.normal([8, 2, 32, 32, 3], seed=8), "ids": tf.range(8)}
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([1000], [0.1, 0.1])
+    callbacks = [TrainingLogs(schedule, 8, 1), StepLines(schedule, 8, 1, 2)]
+    model.fit(tf.data.Dataset.from_tensors(data).repeat(), steps_per_epoch=2, epochs=1, verbose=0, callbacks=callbacks)
+    lines = capsys.readouterr().out.splitlines()
+    assert "| self_neg 0 |" in lines[0] and lines[0].startswith("step 1/2")
+    assert "| self_neg 0.5 |" in lines[1] and lines[1].startswith("step 2/2")
+    assert "| self_neg 0.5 |" in lines[2] and lines[2].startswith("epoch 1/1")

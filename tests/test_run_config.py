@@ -38,7 +38,8 @@ ARGV = [
 ]
 RECIPE = {
     "arch", "width", "cifar_stem", "dim", "mlp", "queue_size", "moco_momentum", "temperature", "symmetric",
-    "shuffle_bn", "bn_groups", "dataset", "image_size", "aug", "epochs", "batch_size", "lr", "schedule",
+    "shuffle_bn", "bn_groups", "dataset", "image_size", "aug", "crop_min_scale", "flip", "blur", "epochs",
+    "batch_size", "lr", "schedule",
     "milestones", "warmup_epochs", "weight_decay", "sgd_momentum", "seed",
 }
 

@@ -52,6 +52,16 @@ def define_train_flags() -> None:
         f"--cifar_stem, else {IMAGENET_IMAGE_SIZE}).",
     )
     flags.DEFINE_enum("aug", "v1", ["v1", "v2"], "Augmentation recipe of MoCo v1 or v2.")
+    flags.DEFINE_float(
+        "crop_min_scale", 0.2,
+        "Smallest random crop, as a share of the image's area, in (0, 1] (official 0.2); larger for tiny "
+        "images (the 8x8 digits: 0.5), where a fifth of the image may no longer show the object.",
+    )
+    flags.DEFINE_bool(
+        "flip", True, "Random horizontal flip of the views (official); --noflip where mirror images are other "
+        "objects (digits).",
+    )
+    flags.DEFINE_bool("blur", True, "v2's random Gaussian blur (official); --noblur turns it off (v1 has none).")
     flags.DEFINE_bool("strict_data", False, "Stop at the first unreadable image instead of skipping it.")
     # Optimization
     flags.DEFINE_integer("epochs", 200, "Training epochs.")

@@ -19,11 +19,15 @@ The horizontal flip is folded into the crop (a box with x1 > x2 is mirrored by
 op (jitter and grayscale are per pixel, the blur kernel is symmetric with replicated borders),
 so the distribution is the official one.
 
+`ViewOptions` departs from the official recipe where it does not fit the data (tiny images such as
+the 8x8 digits: larger crops, no flip, no blur); its defaults are the official recipe.
+
 Randomness is stateless: the same seed gives the same views, on any device and in any order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import tensorflow as tf
@@ -41,6 +45,33 @@ LINCLS_CROP_SCALE = (0.08, 1.0)
 # The official blur sigma is in pixels of a 224 image; smaller images scale it (and the kernel).
 BLUR_SIGMA = (0.1, 2.0)
 REFERENCE_SIZE = 224
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewOptions:
+    """Changes to the v1/v2 view recipe for data it does not fit; the defaults are the official recipe.
+
+    crop_min_scale: smallest crop area, as a share of the image (official 0.2). A crop of 20% of
+        an 8x8 digit can leave a stroke that no longer tells the class.
+    flip: random horizontal flip with p=0.5 (official). Mirrored digits are other shapes.
+    blur: v2's Gaussian blur (p=0.5); v1 has none, so off changes nothing there.
+    """
+
+    crop_min_scale: float = PRETRAIN_CROP_SCALE[0]
+    flip: bool = True
+    blur: bool = True
+
+    def __post_init__(self):
+        if not 0.0 < self.crop_min_scale <= 1.0:  # NaN fails too
+            raise ValueError(f"crop_min_scale must be in (0, 1], got {self.crop_min_scale}")
+
+    @property
+    def crop_scale(self) -> tuple[float, float]:
+        return (self.crop_min_scale, PRETRAIN_CROP_SCALE[1])
+
+
+OFFICIAL_VIEWS = ViewOptions()
 
 VERSIONS = {
     # jitter strengths (brightness, contrast, saturation, hue), jitter probability,
@@ -423,8 +454,11 @@ def random_gaussian_blur(images: tf.Tensor, p: float, image_size: int, seed: tf.
 # whole views
 
 
-def color_views(images_float01: tf.Tensor, version: str, image_size: int, seed: tf.Tensor) -> tf.Tensor:
-    """Everything after crop and flip: jitter, grayscale, blur (v2), normalisation.
+def color_views(
+    images_float01: tf.Tensor, version: str, image_size: int, seed: tf.Tensor, blur: bool = True
+) -> tf.Tensor:
+    """Everything after crop and flip: jitter, grayscale, blur (v2, unless `blur` is False),
+    normalisation.
 
     A batch of cropped views in [0, 1] -> normalised float32, each view with its own draws.
     """
@@ -437,7 +471,7 @@ def color_views(images_float01: tf.Tensor, version: str, image_size: int, seed: 
     else:
         x = color_jitter(x, cfg["jitter"], cfg["jitter_p"], s_jitter)
         x = random_grayscale(x, cfg["gray_p"], s_gray)
-    if cfg["blur_p"] > 0:
+    if blur and cfg["blur_p"] > 0:
         x = random_gaussian_blur(x, cfg["blur_p"], image_size, s_blur)
     x = normalize(x)
     x.set_shape([None, image_size, image_size, 3])
@@ -445,12 +479,18 @@ def color_views(images_float01: tf.Tensor, version: str, image_size: int, seed: 
 
 
 def augment_batch(
-    images_uint8: tf.Tensor, version: str = "v2", image_size: int = 224, seed: int | tf.Tensor | None = None
+    images_uint8: tf.Tensor,
+    version: str = "v2",
+    image_size: int = 224,
+    seed: int | tf.Tensor | None = None,
+    options: ViewOptions = OFFICIAL_VIEWS,
 ) -> tf.Tensor:
     """One MoCo view of each image: uint8 [N, H, W, 3] -> normalised float32 [N, S, S, 3].
 
     All images of the batch share H and W (decoded, fixed-size data such as CIFAR); one crop and
     resize op handles the whole batch. Deterministic for a given `seed` (int or [2] tensor).
+    `options` changes crop scale, flip and blur (default: the official recipe). The seed is
+    split the same way whatever the options, so changing one leaves the other draws as they were.
     """
     _config(version)
     images = tf.convert_to_tensor(images_uint8)
@@ -458,18 +498,24 @@ def augment_batch(
         raise ValueError(f"augment_batch wants uint8 images [N, H, W, 3], got shape {images.shape}")
     s_crop, s_flip, s_color = _split(as_seed(seed), 3)
     n, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
-    windows = sample_crop_windows(tf.fill([n], height), tf.fill([n], width), s_crop)
-    crops = crop_and_resize_batch(images, windows, image_size, flip=_bernoulli(n, 0.5, s_flip))
+    windows = sample_crop_windows(tf.fill([n], height), tf.fill([n], width), s_crop, scale=options.crop_scale)
+    flip = _bernoulli(n, 0.5, s_flip) if options.flip else None
+    crops = crop_and_resize_batch(images, windows, image_size, flip=flip)
     # PIL keeps uint8 after the resize: round like it before scaling to [0, 1].
     crops = tf.round(crops) / 255.0
-    return color_views(crops, version, image_size, s_color)
+    return color_views(crops, version, image_size, s_color, blur=options.blur)
 
 
 def augment_crops(
-    crops_uint8: tf.Tensor, version: str = "v2", image_size: int = 224, seed: int | tf.Tensor | None = None
+    crops_uint8: tf.Tensor,
+    version: str = "v2",
+    image_size: int = 224,
+    seed: int | tf.Tensor | None = None,
+    options: ViewOptions = OFFICIAL_VIEWS,
 ) -> tf.Tensor:
-    """Already cropped (and flipped) uint8 views [N, S, S, 3] -> normalised float32 views."""
-    return color_views(tf.cast(crops_uint8, tf.float32) / 255.0, version, image_size, as_seed(seed))
+    """Already cropped (and flipped) uint8 views [N, S, S, 3] -> normalised float32 views
+    (`options.blur` applies here; crop scale and flip were the crop's, `random_crops_encoded`)."""
+    return color_views(tf.cast(crops_uint8, tf.float32) / 255.0, version, image_size, as_seed(seed), options.blur)
 
 
 # ----------------------------------------------------------------------------------------------

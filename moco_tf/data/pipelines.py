@@ -2,8 +2,10 @@
 
 - `pretrain_dataset`: shuffled, repeated; each element one float32 tensor [B, 2, S, S, 3] of
   two independent views (one tensor, not a tuple: MultiWorkerMirroredStrategy + Keras `fit`
-  is fragile with tuples). Encoded files are cropped per file (JPEG: decode only the crop
-  windows), then jitter/grayscale/blur run on whole batches. `start_step` resumes the seeded
+  is fragile with tuples), or with `with_ids` a dict {"views": that tensor, "ids": int32 [B]},
+  each image's index in its split (-1 for TFDS, whose records carry none). Encoded files are
+  cropped per file (JPEG: decode only the crop windows), then jitter/grayscale/blur run on
+  whole batches. `start_step` resumes the seeded
   stream exactly for digits and folders (by arithmetic, reading no skipped file), and with a
   fresh order, not bit-exact, for TFDS: see its docstring.
 - `labelled_dataset`: (images [b, S, S, 3], labels int32 [b]) for kNN and the linear protocol.
@@ -111,8 +113,15 @@ def pretrain_dataset(
     seed: int | None = None,
     input_context: tf.distribute.InputContext | None = None,
     start_step: int = 0,
+    views: augment.ViewOptions = augment.OFFICIAL_VIEWS,
+    with_ids: bool = False,
 ) -> tf.data.Dataset:
     """Two MoCo views per image: infinite batches float32 [local_batch, 2, S, S, 3].
+
+    `views`: crop scale, flip and blur (default: the official recipe). `with_ids`: each batch is
+    {"views": the views, "ids": int32 [local_batch]}, the index of each image in `split` (-1 for
+    TFDS): what lets MoCo see when a query's own image is among the queue's negatives. The ids
+    do not change the views: the same seed gives the same views with and without them.
 
     Shuffled anew each epoch, drop_remainder (static shapes) over the repeated stream,
     prefetched. With a seed the stream is the same on every run (per input pipeline).
@@ -162,23 +171,29 @@ def pretrain_dataset(
     if source.kind == "arrays":
         # Equally sized decoded images: gather whole batches, augment whole batches.
         images = tf.constant(data)
-        ds = indices.batch(batch, drop_remainder=True).map(lambda i: tf.gather(images, i))
+        ds = indices.batch(batch, drop_remainder=True).map(lambda i: (tf.gather(images, i), i))
         ds = _with_seeds(ds, base, 1, start_step)
 
-        def two_views(images, seed):
+        def two_views(example, seed):
+            images, ids = example
             s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-            views = [augment.augment_batch(images, aug, image_size, s) for s in (s1, s2)]
-            return tf.stack(views, axis=1)
+            pair = [augment.augment_batch(images, aug, image_size, s, views) for s in (s1, s2)]
+            return tf.stack(pair, axis=1), tf.cast(ids, tf.int32)
 
         ds = ds.map(two_views, num_parallel_calls=AUTOTUNE)
     else:
         if source.kind == "files":
             paths = tf.constant(data)
             ds = indices.map(lambda i: (tf.io.read_file(tf.gather(paths, i)), i), num_parallel_calls=AUTOTUNE)
+        else:  # TFDS records carry no index in the split
+            ds = ds.map(lambda image, label: (image, tf.constant(-1, tf.int64)))
         # Encoded files: crop (and flip) per file, decoding only the windows of a JPEG...
         ds = _with_seeds(ds, base, 1, start)
         ds = ds.map(
-            lambda example, seed: augment.random_crops_encoded(example[0], image_size, 2, seed),
+            lambda example, seed: (
+                augment.random_crops_encoded(example[0], image_size, 2, seed, views.crop_scale, views.flip),
+                tf.cast(example[1], tf.int32),
+            ),
             num_parallel_calls=AUTOTUNE,
         )
         if not source.strict:
@@ -187,13 +202,18 @@ def pretrain_dataset(
         ds = ds.batch(batch, drop_remainder=True)
         ds = _with_seeds(ds, base, 2, start_step)
 
-        def color(crops, seed):
-            views = augment.augment_crops(
-                tf.reshape(crops, [-1, image_size, image_size, 3]), aug, image_size, seed
+        def color(example, seed):
+            crops, ids = example
+            pair = augment.augment_crops(
+                tf.reshape(crops, [-1, image_size, image_size, 3]), aug, image_size, seed, views
             )
-            return tf.reshape(views, [batch, 2, image_size, image_size, 3])
+            return tf.reshape(pair, [batch, 2, image_size, image_size, 3]), ids
 
         ds = ds.map(color, num_parallel_calls=AUTOTUNE)
+    if with_ids:
+        ds = ds.map(lambda pair, ids: {"views": pair, "ids": ids})
+    else:
+        ds = ds.map(lambda pair, ids: pair)
     return _options(ds.prefetch(AUTOTUNE), input_context)
 
 

@@ -173,18 +173,19 @@ class TrainingLogs(keras.callbacks.Callback):
         logs["img_per_s"] = self._steps * self.batch / max(time.perf_counter() - self._start, 1e-9)
         if self.print_summary:
             parts = [f"epoch {epoch + 1}/{self.epochs}", f"step {int(self.model.optimizer.iterations.numpy())}"]
-            for key in ("loss", "acc", "logit_pos", "logit_neg", "knn_top1", "lr", "img_per_s"):
+            for key in ("loss", "acc", "logit_pos", "logit_neg", "self_neg", "knn_top1", "lr", "img_per_s"):
                 if key in logs:
                     parts.append(f"{key} {float(logs[key]):.4g}")
             print(" | ".join(parts), flush=True)
 
 
 class StepLines(keras.callbacks.Callback):
-    """One plain line every `every` steps (step, loss, acc, logits, lr, images per second), for
+    """One plain line every `every` steps (step, loss, acc, logits, self_neg, lr, images per second), for
     output that is a file: Keras's progress bar redraws itself with carriage returns and colours,
     which a log file keeps as one unreadable line per epoch. Use with `fit(verbose=0)`."""
 
-    KEYS = ("loss", "acc", "logit_pos", "logit_neg")
+    # self_neg: share of the queries whose own image has keys in the queue (absent without image ids).
+    KEYS = ("loss", "acc", "logit_pos", "logit_neg", "self_neg")
 
     def __init__(self, schedule, global_batch_size: int, every: int, total_steps: int):
         super().__init__()

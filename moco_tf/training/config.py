@@ -4,7 +4,8 @@ validated once, written to and read from model_dir/config.json, compared once on
     PretrainConfig
       model:   ModelConfig    backbone (BackboneSpec: arch, width, cifar_stem), dim, mlp, queue_size,
                               moco_momentum, temperature, symmetric, shuffle_bn, bn_groups
-      data:    DataConfig     dataset, image_size, aug; data_dir, strict_data (operational)
+      data:    DataConfig     dataset, image_size, aug, crop_min_scale, flip, blur; data_dir, strict_data
+                              (operational)
       optim:   OptimConfig    epochs, batch_size, lr, schedule, milestones, warmup_epochs,
                               weight_decay, sgd_momentum
       runtime: RuntimeConfig  seed (recipe); model_dir, strategy, checkpoints, logging, ... (operational)
@@ -40,6 +41,7 @@ import typing
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Literal
 
+from moco_tf.data.augment import ViewOptions
 from moco_tf.data.sources import MIN_IMAGE_SIZE
 from moco_tf.errors import UserError
 from moco_tf.models import moco
@@ -97,8 +99,16 @@ class DataConfig:
     dataset: str = "digits"  # digits (embedded), folder, or a TFDS name (imagenet2012, cifar10, ...)
     image_size: int | None = None  # side of the crops; None: the backbone's default (32 or 224)
     aug: Augmentation = "v1"
+    # Departures from the official views for data they do not fit (tiny images): augment.ViewOptions.
+    crop_min_scale: float = 0.2  # smallest crop area, share of the image (official 0.2)
+    flip: bool = True  # random horizontal flip (official); off for digits, whose mirror images are other shapes
+    blur: bool = True  # v2's Gaussian blur (official); v1 has none
     data_dir: str | None = _operational(None)  # a moved copy of the same data is the same run
     strict_data: bool = _operational(False)  # stop at the first unreadable image instead of skipping
+
+    def view_options(self) -> ViewOptions:
+        """The crop scale, flip and blur the pretraining views use."""
+        return ViewOptions(crop_min_scale=self.crop_min_scale, flip=self.flip, blur=self.blur)
 
 
 @dataclasses.dataclass
@@ -525,6 +535,7 @@ _FLOAT_RANGES = {  # name: (low, high, low inclusive, high inclusive, wording)
     "sgd_momentum": (0.0, 1.0, True, False, "in [0, 1)"),
     "weight_decay": (0.0, math.inf, True, False, ">= 0"),
     "knn_t": (0.0, math.inf, False, False, "> 0"),
+    "crop_min_scale": (0.0, 1.0, False, True, "in (0, 1]"),
     "stop_grace_s": (0.0, math.inf, False, False, "> 0"),
     "peer_timeout": (0.0, math.inf, False, False, "> 0"),
 }

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import random
 import signal
+import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,7 @@ from moco_tf.data import pipelines, sources
 from moco_tf.errors import RunInterrupted, UserError
 from moco_tf.evaluation import knn
 from moco_tf.models import backbones
-from moco_tf.training import checkpoint, distribute, runlock
+from moco_tf.training import checkpoint, distribute, guardrails, runlock
 from moco_tf.training.callbacks import CheckpointEvery, StepLines, StopOnNonFiniteLoss, StopOnSignal, TrainingLogs
 from moco_tf.training.config import PretrainConfig
 from moco_tf.training.optimizers import SGD
@@ -65,9 +66,12 @@ def check_writable(model_dir: str) -> None:
         raise UserError(f"--model_dir {model_dir} is not writable: {error.strerror}") from None
 
 
-def _write_view_pairs(source: sources.Source, log_dir: str, image_size: int, aug: str, seed: int) -> None:
+def _write_view_pairs(source: sources.Source, log_dir: str, config: PretrainConfig, seed: int) -> None:
     """One TensorBoard image of augmented view pairs, to see what the encoders are fed."""
-    pairs = next(iter(pipelines.pretrain_dataset(source, source.pretrain_split, image_size, aug, 8, seed)))
+    data = config.data
+    pairs = next(iter(pipelines.pretrain_dataset(
+        source, source.pretrain_split, data.image_size, data.aug, 8, seed, views=data.view_options()
+    )))
     mean, std = tf.constant(backbones.IMAGENET_MEAN), tf.constant(backbones.IMAGENET_STD)
     images = tf.clip_by_value(pairs * std + mean, 0.0, 1.0)  # [8, 2, S, S, 3]
     side_by_side = tf.concat([images[:, 0], images[:, 1]], axis=2)
@@ -122,6 +126,9 @@ def pretrain(
     config.check_replicas(strategy.num_replicas_in_sync)
     source = sources.make_source(config.data.dataset, config.data.data_dir, strict=config.data.strict_data)
     steps_per_epoch = config.steps_per_epoch(source.num_examples(source.pretrain_split), source.name)
+    if chief:  # before the first step: settings that fit this data set badly
+        for warning in guardrails.recipe_warnings(config, source.num_examples(source.pretrain_split)):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     lock = None
     if chief:
@@ -178,7 +185,8 @@ def _train(
     ckpt_dir = checkpoint.worker_checkpoint_dir(model_dir, chief)
     manager = checkpoint.manager(ckpt, ckpt_dir, config.runtime.keep_checkpoints)
     if latest:
-        ckpt.restore(latest).assert_existing_objects_matched()
+        with model.restoring(latest):  # a checkpoint from before the id queue still restores
+            ckpt.restore(latest).assert_existing_objects_matched()
         print(f"resuming {model_dir} from step {int(optimizer.iterations.numpy())} (epoch {int(epoch.numpy())})")
     elif chief:
         checkpoint.write_config(model_dir, config)
@@ -215,7 +223,7 @@ def _train(
     if chief:
         callbacks.append(keras.callbacks.TensorBoard(log_dir, update_freq=config.runtime.log_every, write_graph=False))
         if step == 0:
-            _write_view_pairs(source, log_dir, config.data.image_size, config.data.aug, seed)
+            _write_view_pairs(source, log_dir, config, seed)
 
     history = {}
     stop.install()
@@ -226,7 +234,7 @@ def _train(
             dataset = strategy.distribute_datasets_from_function(
                 lambda context, start=step: pipelines.pretrain_dataset(
                     source, source.pretrain_split, config.data.image_size, config.data.aug, optim.batch_size, seed,
-                    context, start_step=start,
+                    context, start_step=start, views=config.data.view_options(), with_ids=True,
                 )
             )
             result = model.fit(
