@@ -65,7 +65,7 @@ def test_cifar_folder_source(cifar_dir):
     assert source.num_classes == 2 and source.class_names == CLASSES
     assert (source.train_split, source.eval_split) == ("train", "test")
     assert source.num_examples("train") == 40 and source.num_examples("test") == 16
-    assert source.skipped_files == ()
+    assert len(source.undecodable) == 0
 
     ds = pipelines.pretrain_dataset(source, "train", 32, "v2", 8, seed=1)
     assert ds.element_spec.shape == (8, 2, 32, 32, 3)  # static: drop_remainder
@@ -159,31 +159,31 @@ def messy_dir(cifar_dir, tmp_path):
     jpeg = (root / "dog" / sorted(os.listdir(root / "dog"))[0]).read_bytes()
     (root / "dog" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     (root / "dog" / "readme.txt").write_text("ignored: not an image extension")
-    # passes the header check (JPEG start and end markers), fails to decode: dropped in the pipeline
+    # JPEG start and end markers, nothing decodable between them
     (root / "dog" / "z_garbage.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 4 + b"\xff\xd9")
     return str(root)
 
 
-def test_folder_with_corrupt_files_skips_and_warns_once(messy_dir, caplog):
+def test_folder_with_corrupt_files_lists_them_then_skips_and_names_them(messy_dir, caplog):
+    """A folder is only listed: broken files with an image extension are found by the pipelines,
+    left out of the labelled stream, replaced in the pretraining stream, and named once each."""
+    source = sources.make_source("folder", messy_dir)
+    # 4 JPEG + nested PNG + empty + text cats, 4 JPEG + BMP + GIF + truncated + garbage dogs; no val split
+    assert source.num_examples("train") == 15 and source.eval_split is None
+    assert list(source.splits["train"][1]) == [0] * 7 + [1] * 8
     with caplog.at_level(logging.WARNING, logger="moco_tf.data.sources"):
-        source = sources.make_source("folder", messy_dir)
-    assert len(source.skipped_files) == 3
-    assert {os.path.basename(p) for p in source.skipped_files} == {
-        "a_empty.jpg",
-        "notes.jpg",
-        "truncated.jpg",
-    }
-    warnings = [r for r in caplog.records if r.name == "moco_tf.data.sources"]
-    assert len(warnings) == 1 and "3 unreadable" in warnings[0].getMessage()
-    assert "a_empty.jpg" in warnings[0].getMessage()
-    # 4 JPEG + 1 nested PNG cats, 4 JPEG + BMP + GIF (+ the undecodable) dogs; no val split here
-    assert source.num_examples("train") == 12 and source.eval_split is None
-    _, labels = source.splits["train"]
-    assert list(labels) == [0] * 5 + [1] * 7
-    batches = list(pipelines.labelled_dataset(source, "train", 32, 12))
-    assert len(batches) == 1 and batches[0][0].shape == (11, 32, 32, 3)  # the garbage one dropped
-    views = next(iter(pipelines.pretrain_dataset(source, "train", 32, "v2", 11, seed=0)))
-    assert views.shape == (11, 2, 32, 32, 3) and np.isfinite(views.numpy()).all()
+        batches = list(pipelines.labelled_dataset(source, "train", 32, 15))
+    assert len(batches) == 1 and batches[0][0].shape == (11, 32, 32, 3)
+    np.testing.assert_array_equal(batches[0][1], [0] * 5 + [1] * 6)
+    broken = {"a_empty.jpg", "notes.jpg", "truncated.jpg", "z_garbage.jpg"}
+    assert {os.path.basename(p) for p in source.undecodable.paths} == broken
+    warnings = [r.getMessage() for r in caplog.records if r.name == "moco_tf.data.sources"]
+    assert len(warnings) == 4 and all("cannot decode image" in w for w in warnings)
+    summary = source.undecodable.summary()
+    assert summary.startswith("4 image file(s) could not be decoded") and "\n" not in summary
+    views = next(iter(pipelines.pretrain_dataset(source, "train", 32, "v2", 15, seed=0)))
+    assert views.shape == (15, 2, 32, 32, 3) and np.isfinite(views.numpy()).all()
+    assert len(source.undecodable) == 4 and source.undecodable.occurrences >= 8
 
 
 def test_folder_strict_names_the_first_bad_file(messy_dir):

@@ -62,7 +62,12 @@ def define_train_flags() -> None:
         "objects (digits).",
     )
     flags.DEFINE_bool("blur", True, "v2's random Gaussian blur (official); --noblur turns it off (v1 has none).")
-    flags.DEFINE_bool("strict_data", False, "Stop at the first unreadable image instead of skipping it.")
+    flags.DEFINE_bool(
+        "strict_data", False,
+        "Read and decode every file of a --dataset=folder before training and stop at the first broken "
+        "one. Default: the folder is only listed (start-up independent of its size) and a file that "
+        "does not decode is skipped, named in a summary line and counted in TensorBoard.",
+    )
     # Optimization
     flags.DEFINE_integer("epochs", 200, "Training epochs.")
     flags.DEFINE_integer("batch_size", 256, "Global batch size, over all replicas and workers.")
@@ -143,7 +148,11 @@ def define_evaluation_flags() -> None:
     flags.DEFINE_integer("image_size", None, "crop size; default: the encoder's (32 with the CIFAR stem, else 224)")
     flags.DEFINE_integer("limit_train", 0, "use only N train images, evenly spaced (quick checks); 0: all")
     flags.DEFINE_integer("limit_val", 0, "use only N val images, evenly spaced (quick checks); 0: all")
-    flags.DEFINE_bool("strict_data", False, "stop at the first unreadable image instead of skipping it")
+    flags.DEFINE_bool(
+        "strict_data", False,
+        "decode every file of a --dataset=folder before evaluating and stop at the first broken one; "
+        "default: only list it, and leave out (and name) a file that does not decode",
+    )
     # Hardware: as train's flags of the same names.
     flags.DEFINE_enum(
         "strategy", "auto", list(STRATEGIES),

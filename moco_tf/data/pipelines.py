@@ -60,7 +60,84 @@ def _with_seeds(ds: tf.data.Dataset, base: tf.Tensor, salt: int, start: int = 0)
             tf.random.experimental.stateless_fold_in(base, salt), i
         )
     )
-    return tf.data.Dataset.zip((ds, seeds))
+    # Seeds first: zip draws its inputs in order, so an element that fails upstream (a file that
+    # cannot be read) still uses up its seed and the elements after it keep theirs.
+    return tf.data.Dataset.zip((seeds, ds)).map(lambda seed, element: (element, seed))
+
+
+def _keep_positions(ds: tf.data.Dataset, start: int = 0, length: int | None = None) -> tf.data.Dataset:
+    """(element, True) per element of `ds`, and (zeros, False) where one failed (an image that
+    does not decode): one element per position however many fail.
+
+    Why not `ignore_errors` alone: it drops the element and every later one moves up a place,
+    so the stream from a step would no longer be the uninterrupted stream's (the exact resume
+    of README "Reliability": step = input position). tf.data has no per-element try, but zip
+    draws its inputs in order: a counter zipped before `ds` is used up by a failed element too,
+    so after `ignore_errors` each survivor carries its position, and a scan puts a placeholder
+    in each gap (cost measured: within the noise of a 32 px crop, ~0.4 ms per image).
+    `start`: the position of the first element; `length`: for a finite `ds`, its number of
+    elements (so that failures at its very end are filled too). Element shapes must be static.
+    """
+    spec = ds.element_spec
+    placeholder = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec)
+    numbered = tf.data.Dataset.zip((tf.data.Dataset.counter(start), ds)).ignore_errors()
+    if length is not None:  # a sentinel after the end: fills the gap before it, then is dropped
+        end = tf.data.Dataset.from_tensors((tf.constant(start + length, tf.int64), placeholder))
+        numbered = numbered.concatenate(end)
+
+    def fill(expected, numbered_element):
+        position, element = numbered_element
+        gap = position - expected
+        rows = tf.nest.map_structure(
+            lambda x, zero: tf.concat([tf.repeat(zero[None], gap, axis=0), x[None]], 0), element, placeholder
+        )
+        return position + 1, (rows, tf.concat([tf.zeros([gap], tf.bool), [True]], 0))
+
+    out = numbered.scan(tf.constant(start, tf.int64), fill).unbatch()
+    return out.take(length) if length is not None else out
+
+
+def _record_undecodable(paths: tf.Tensor, file_indices: tf.Tensor, ok: tf.Tensor, undecodable) -> tf.Tensor:
+    """Hands the paths of the failed (not ok) files to `undecodable` (a Python object, so a
+    py_function, run only when something failed); returns a value to hang a dependency on."""
+    def record():
+        failed = tf.gather(paths, tf.boolean_mask(file_indices, tf.logical_not(ok)))
+        return tf.py_function(lambda p: undecodable.record(p.numpy().tolist()) or 0, [failed], tf.int32)
+
+    return tf.cond(tf.reduce_all(ok), lambda: tf.constant(0), record)
+
+
+def _is_ok(element, ok):
+    return ok
+
+
+def _without_ok(element, ok):
+    return element
+
+
+def _replace_undecodable(ds: tf.data.Dataset, file_indices: tf.data.Dataset, paths: tf.Tensor,
+                         undecodable) -> tf.data.Dataset:
+    """Batches ((element, ok), ...) -> element, where each failed row is replaced by the next
+    decoded row of its batch (cyclically): the batch keeps its static shape and the stream its
+    positions, and the replacement is a function of the data alone (deterministic, the same on a
+    resumed run). The row's components (views, ids) all come from the replacement, so an id
+    always names the image shown. A batch of which no row decoded keeps its zeros.
+    `file_indices`: the same stream's file indices, batched alike (to name the failed files)."""
+
+    def replace(element_ok, indices):
+        element, ok = element_ok
+        slots = tf.range(tf.shape(ok)[0])
+        good = tf.cast(tf.where(ok)[:, 0], tf.int32)
+
+        def next_good():
+            return tf.where(ok, slots, tf.gather(good, tf.searchsorted(good, slots) % tf.size(good)))
+
+        rows = tf.cond(tf.size(good) > 0, next_good, lambda: slots)
+        with tf.control_dependencies([_record_undecodable(paths, indices, ok, undecodable)]):
+            rows = tf.identity(rows)
+        return tf.nest.map_structure(lambda x: tf.gather(x, rows), element)
+
+    return tf.data.Dataset.zip((ds, file_indices)).map(replace)
 
 
 def _epoch_indices(num: int, input_context, base: tf.Tensor, start: int) -> tf.data.Dataset:
@@ -135,10 +212,9 @@ def pretrain_dataset(
       same augmentation), epoch boundaries included. Each pipeline permutes its shard anew
       every epoch from a stateless seed (seed, pipeline, epoch), and every augmentation seed
       folds in the element's (or batch's) index in the infinite stream, so the position
-      s * local_batch is found by arithmetic: skipping reads no file. One exception: in
-      non-strict mode a file that passes the header check but fails to decode is dropped by
-      the pipeline, and a resumed stream then repeats (at most) as many elements as were
-      dropped before the position; with --strict_data every file was decoded up front.
+      s * local_batch is found by arithmetic: skipping reads no file. A file that does not
+      decode (or read) is replaced by the next decoded image of its batch and recorded in
+      `source.undecodable`, so it moves no later element (`_keep_positions`).
     - TFDS (records): not bit-exact. Reaching the position would mean reading every skipped
       record (up to an epoch of ImageNet); instead the resumed stream starts a new pass over
       the data with a file and buffer shuffle seeded by (seed, start_step), and its
@@ -196,10 +272,14 @@ def pretrain_dataset(
             ),
             num_parallel_calls=AUTOTUNE,
         )
-        if not source.strict:
-            ds = ds.ignore_errors(log_warning=True)
+        if source.kind == "files":
+            # A file that does not decode (folders are only listed at start, see sources.py)
+            # is replaced by another image of its batch: static shapes, positions kept.
+            ds = _keep_positions(ds, start).batch(batch, drop_remainder=True)
+            ds = _replace_undecodable(ds, indices.batch(batch, drop_remainder=True), paths, source.undecodable)
+        else:  # TFDS records, not resumed exactly anyway (see the docstring)
+            ds = ds.ignore_errors(log_warning=True).batch(batch, drop_remainder=True)
         # ...then the colour ops on whole batches of views.
-        ds = ds.batch(batch, drop_remainder=True)
         ds = _with_seeds(ds, base, 2, start_step)
 
         def color(example, seed):
@@ -215,6 +295,33 @@ def pretrain_dataset(
     else:
         ds = ds.map(lambda pair, ids: pair)
     return _options(ds.prefetch(AUTOTUNE), input_context)
+
+
+def _labelled_order(
+    total: int, input_context, subset: int, shuffle: bool, repeat: bool, base: tf.Tensor
+) -> tuple[tf.data.Dataset, int | None]:
+    """The file indices `labelled_dataset` reads, and their number (None: repeated forever).
+
+    This pipeline's shard (every num_input_pipelines-th), thinned to `subset` evenly spaced
+    ones; shuffled, if asked, by a stateless permutation per epoch seeded by (`base`, epoch)."""
+    n_shards, shard = (
+        (input_context.num_input_pipelines, input_context.input_pipeline_id) if input_context else (1, 0)
+    )
+    local = np.arange(shard, total, n_shards, dtype=np.int64)
+    if 0 < subset < total:
+        # The first N of a folder sorted by class would be one or two classes.
+        local = local[:: total // subset][:subset]
+    local = tf.constant(local)
+    perm_base = tf.random.experimental.stateless_fold_in(base, 4)  # salt 4: the labelled order
+
+    def epoch(e):
+        if not shuffle:
+            return tf.data.Dataset.from_tensor_slices(local)
+        seed = tf.random.experimental.stateless_fold_in(perm_base, e)
+        return tf.data.Dataset.from_tensor_slices(tf.random.experimental.stateless_shuffle(local, seed=seed))
+
+    epochs = tf.data.Dataset.counter() if repeat else tf.data.Dataset.range(1)
+    return epochs.flat_map(epoch), None if repeat else int(local.shape[0])
 
 
 def labelled_dataset(
@@ -237,6 +344,9 @@ def labelled_dataset(
     is global: with an input context each pipeline yields its per-replica share.
     `subset`: only about N examples, evenly spaced through the split and the same every epoch
     (quick checks); a split stored class by class keeps all its classes. 0: all.
+    A file of a folder that does not decode is left out (an evaluation needs no fixed
+    positions, and a replacement would count an image twice) and recorded in
+    `source.undecodable`, which names it (log and summaries).
     """
     _check_image_size(source, image_size)
     if not source.num_classes:
@@ -244,14 +354,23 @@ def labelled_dataset(
     batch = _local_batch(batch_size, input_context)
     base = _base_seed(seed, input_context)
     total = source.num_examples(split)
-    if 0 < subset < total:
+    files = source.kind == "files"
+    if files:
+        # An order of file indices that is a pure function of the seed: read a second time
+        # beside the decoded stream, it names the files that failed to decode.
+        order, length = _labelled_order(total, input_context, subset, shuffle, repeat, base)
+        paths, labels = (tf.constant(x) for x in source.splits[split])
+        ds = order.map(
+            lambda i: (tf.io.read_file(tf.gather(paths, i)), tf.gather(labels, i)), num_parallel_calls=AUTOTUNE
+        )
+    elif 0 < subset < total:
         # The first N of a folder or TFDS split sorted by class would be one or two classes.
         ds = source.examples(split, input_context).shard(total // subset, 0).take(subset)
         if shuffle:
             ds = ds.shuffle(subset, seed=seed)
     else:
         ds = source.examples(split, input_context, shuffle=shuffle, seed=seed)
-    if repeat:
+    if repeat and not files:
         ds = ds.repeat()
     ds = _with_seeds(ds, base, 3)
     encoded = source.kind != "arrays"
@@ -278,7 +397,16 @@ def labelled_dataset(
         return view, label
 
     ds = ds.map(transform, num_parallel_calls=AUTOTUNE)
-    if encoded and not source.strict:
+    if files:
+        ds = tf.data.Dataset.zip((_keep_positions(ds, 0, length), order))
+
+        def record(element_ok, i):
+            element, ok = element_ok
+            with tf.control_dependencies([_record_undecodable(paths, i[None], ok[None], source.undecodable)]):
+                return tf.nest.map_structure(tf.identity, element), tf.identity(ok)
+
+        ds = ds.map(record).filter(_is_ok).map(_without_ok)
+    elif encoded and not source.strict:
         ds = ds.ignore_errors(log_warning=True)
     ds = ds.batch(batch, drop_remainder=drop_remainder)
     return _options(ds.prefetch(AUTOTUNE), input_context)

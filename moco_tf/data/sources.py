@@ -6,9 +6,13 @@ that says what to do, before any training starts. Offline, TFDS would retry a do
 minutes, so nothing here lets it download: the prepared files are looked for on disk. The
 tf.data pipelines that read a source are in `moco_tf.data.pipelines`.
 
-Strict mode (`make_source(..., strict=True)`, --strict_data) decodes every file of a folder in
-full at start. Measured on CIFAR-10's 60,000 32x32 JPEGs on 2 busy cores: the default header
-check ~5-8 s of CPU; strict with simplejpeg ~9.5 s; strict without it (TensorFlow's decoder,
+An image folder is only listed at start (no file is opened: start-up does not grow with the
+number of files, which on gs:// would be one request per file); a file that turns out not to
+decode is handled by the pipeline, which replaces or drops it and records it in
+`Source.undecodable` (`UndecodableFiles`), reported once per epoch and in TensorBoard.
+Strict mode (`make_source(..., strict=True)`, --strict_data) instead decodes every file of a
+folder in full at start and refuses the first broken one. Measured on CIFAR-10's 60,000 32x32
+JPEGs on 2 busy cores: strict with simplejpeg ~9.5 s; strict without it (TensorFlow's decoder,
 which misses grey-filled JPEGs) ~17.5 s. At ImageNet size a full decode is ~2 ms a file.
 """
 
@@ -19,6 +23,7 @@ import dataclasses
 import logging
 import os
 import re
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -47,6 +52,57 @@ class DataError(UserError):
     """A data set the user asked for cannot be used; the message says what to do, in one line."""
 
 
+# Files named one by one in the log as they are first found; the rest only in the summaries.
+_LOGGED_UNDECODABLE = 5
+
+
+class UndecodableFiles:
+    """The files of a source that its pipelines could not decode, as they are found.
+
+    The pipelines run ahead of training in background threads (`record` is called from a
+    tf.py_function), so this is a lock-guarded set. A file is counted once however often it
+    is met (every epoch, in kNN passes); `occurrences` counts every time.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: dict[str, None] = {}  # insertion-ordered set
+        self.occurrences = 0
+
+    def record(self, paths) -> None:
+        new = []
+        with self._lock:
+            for path in paths:
+                path = path.decode() if isinstance(path, bytes) else str(path)
+                self.occurrences += 1
+                if path not in self._paths:
+                    self._paths[path] = None
+                    new.append((len(self._paths), path))
+        for n, path in new:
+            if n <= _LOGGED_UNDECODABLE:
+                log.warning("cannot decode image %s: skipped (run with --strict_data to refuse such files)", path)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(self._paths)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._paths)
+
+    def summary(self, shown: int = 5) -> str:
+        """One line: the count and the first `shown` paths ("" when there are none)."""
+        paths = self.paths
+        if not paths:
+            return ""
+        more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+        return (
+            f"{len(paths)} image file(s) could not be decoded and were skipped (replaced by another "
+            f"image of their batch in pretraining): {', '.join(paths[:shown])}{more}"
+        )
+
+
 @dataclasses.dataclass
 class Source:
     """A data set: where its splits come from and what they hold.
@@ -66,8 +122,9 @@ class Source:
     # kind == "files": split -> (paths, labels); kind == "arrays": split -> (images, labels)
     splits: dict = dataclasses.field(default_factory=dict, repr=False)
     builder: object = dataclasses.field(default=None, repr=False)  # kind == "tfds"
-    skipped_files: tuple[str, ...] = ()
     strict: bool = False
+    # Files its pipelines found undecodable (kind "files"), filled while they run.
+    undecodable: UndecodableFiles = dataclasses.field(default_factory=UndecodableFiles, repr=False)
 
     def num_examples(self, split: str) -> int:
         """Number of images in `split`."""
@@ -143,10 +200,11 @@ def make_source(dataset: str, data_dir: str | None = None, strict: bool = False)
         `data_dir`.
     "folder": `data_dir` with one subfolder per class (images found recursively), or with
         train/ and val/ (or test/) folders of class subfolders; images directly in `data_dir`
-        form an unlabelled set. Unreadable or non-image files are skipped with one warning,
-        or, with `strict`, stop here naming the first. `strict` also decodes every file in full
-        (see `_decode_problem`), which a header check cannot replace: a JPEG cut short and
-        ending in an end marker anyway decodes with its missing part filled grey.
+        form an unlabelled set. Only listed here (files with an image extension): a file that
+        does not decode is skipped by the pipelines and named in `Source.undecodable`. With
+        `strict`, every file is read and decoded in full here and the first broken one stops
+        the run (see `_decode_problem`: it also finds a JPEG cut short that ends in an end
+        marker anyway, which decodes with its missing part filled grey).
     anything else: a TFDS name, read from `data_dir` (may be gs://) or TFDS's default folder.
     """
     if not dataset:
@@ -211,31 +269,21 @@ def _folder_source(data_dir: str | None, strict: bool) -> Source:
     else:
         layout["train"] = data_dir
     class_names = _class_names(layout["train"])
-    splits, skipped = {}, []
+    splits = {}
     for split, folder in layout.items():
         paths, labels = _list_images(folder, class_names)
-        good, bad = _validate_files(paths, decode=strict)
-        if bad and strict:
-            raise DataError(
-                f"unreadable image {bad[0][0]} ({bad[0][1]}): fix or remove it, or drop --strict_data"
-            )
-        keep = set(good)
-        labels = [label for path, label in zip(paths, labels, strict=True) if path in keep]
-        paths = [p for p in paths if p in keep]
-        skipped += [path for path, _ in bad]
         if not paths:
             raise DataError(
                 f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}: put your images there, "
                 "one subfolder per class"
             )
+        if strict:
+            bad = _validate_files(paths, decode=True)[1]
+            if bad:
+                raise DataError(
+                    f"unreadable image {bad[0][0]} ({bad[0][1]}): fix or remove it, or drop --strict_data"
+                )
         splits[split] = (np.array(paths), np.array(labels, np.int32))
-    if skipped:
-        log.warning(
-            "skipping %d unreadable or non-image file(s) in %s, e.g. %s",
-            len(skipped),
-            data_dir,
-            ", ".join(skipped[:5]),
-        )
     eval_split = next((s for s in ("val", "test") if s in splits), None)
     return Source(
         name=f"folder:{data_dir}",
@@ -246,32 +294,57 @@ def _folder_source(data_dir: str | None, strict: bool) -> Source:
         eval_split=eval_split,
         class_names=tuple(class_names),
         splits=splits,
-        skipped_files=tuple(skipped),
         strict=strict,
     )
 
 
+def _entries(folder: str) -> tuple[list[str], list[str]]:
+    """(subfolders, files) directly in `folder`, sorted, with no request per entry.
+
+    tf.io.gfile.isdir per entry (what tf.io.gfile.walk does) is a stat per file locally and a
+    request per object on gs://: ImageNet's 1.28 M files would cost 1.28 M round trips. Local
+    folders: os.scandir (the kind of each entry comes with the listing). gs://: the listing
+    marks subfolders with a trailing "/" (one list call per 1,000 objects). Other file
+    systems: isdir per entry, as before.
+    """
+    if "://" not in folder:
+        with os.scandir(folder) as it:
+            items = [(e.name, e.is_dir()) for e in it]
+    elif folder.startswith("gs://"):
+        items = [(e.rstrip("/"), e.endswith("/")) for e in tf.io.gfile.listdir(folder)]
+    else:
+        items = [(e.rstrip("/"), tf.io.gfile.isdir(os.path.join(folder, e))) for e in tf.io.gfile.listdir(folder)]
+    return sorted(n for n, d in items if d), sorted(n for n, d in items if not d)
+
+
+def _walk_files(root: str) -> list[str]:
+    """Every file path under `root`, folder by folder in sorted order of the folders' paths
+    (the order sorted(tf.io.gfile.walk(root)) gave: a resumed run needs the same order)."""
+    folders, pending = [], [root]
+    while pending:
+        folder = pending.pop()
+        subfolders, files = _entries(folder)
+        folders.append((folder, files))
+        pending += [os.path.join(folder, sub) for sub in subfolders]
+    return [os.path.join(folder, f) for folder, files in sorted(folders) for f in files]
+
+
 def _class_names(folder: str) -> list[str]:
-    return sorted(
-        e.rstrip("/") for e in tf.io.gfile.listdir(folder) if tf.io.gfile.isdir(os.path.join(folder, e))
-    )
+    return _entries(folder)[0]
 
 
 def _list_images(folder: str, class_names: list[str]) -> tuple[list[str], list[int]]:
-    """Image paths under `folder`: in class subfolders (recursively) with their class index, and
-    directly in `folder` with label -1 when there are no class subfolders."""
+    """Image paths under `folder` (by extension: listing only, no file opened): in class
+    subfolders (recursively) with their class index, and directly in `folder` with label -1
+    when there are no class subfolders."""
     paths, labels = [], []
     for label, name in enumerate(class_names):
-        root = os.path.join(folder, name)
-        if not tf.io.gfile.isdir(root):
-            continue
-        for dirpath, _, files in sorted(tf.io.gfile.walk(root)):
-            for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(os.path.join(dirpath, f))
-                    labels.append(label)
+        for path in _walk_files(os.path.join(folder, name)):
+            if path.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(path)
+                labels.append(label)
     if not class_names:
-        for f in sorted(tf.io.gfile.listdir(folder)):
+        for f in _entries(folder)[1]:
             if f.lower().endswith(IMAGE_EXTENSIONS):
                 paths.append(os.path.join(folder, f))
                 labels.append(-1)
@@ -350,11 +423,9 @@ def _decode_problem(encoded: bytes) -> str | None:
 def _validate_files(paths: list[str], decode: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     """Split paths into readable images and (path, reason) for the others, in order.
 
-    By default a header check, not a full decode: it catches empty, truncated and non-image
-    files at ImageNet scale in seconds (threads, since it is I/O); a file that passes it but
-    still fails to decode is dropped by the pipeline's `ignore_errors`. With `decode` (strict
-    mode, where the user asked for certainty) every file is also decoded in full: see
-    `_decode_problem`; the cost is one decode per file (measured: the module docstring)."""
+    Strict mode's up-front check (threads, since much of it is I/O): the header and tail of
+    every file (empty, truncated and non-image files) and, with `decode`, a full decode (see
+    `_decode_problem`; one decode per file, measured in the module docstring)."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
         reasons = list(pool.map(lambda p: _check_file(p, decode), paths, chunksize=256))
     good = [p for p, r in zip(paths, reasons, strict=True) if r is None]

@@ -27,7 +27,7 @@ from moco_tf.data import pipelines, sources
 from moco_tf.errors import RunInterrupted, UserError
 from moco_tf.evaluation import knn
 from moco_tf.models import backbones
-from moco_tf.training import checkpoint, distribute, guardrails, runlock
+from moco_tf.training import checkpoint, data_health, distribute, guardrails, runlock
 from moco_tf.training.callbacks import CheckpointEvery, StepLines, StopOnNonFiniteLoss, StopOnSignal, TrainingLogs
 from moco_tf.training.config import PretrainConfig
 from moco_tf.training.optimizers import SGD
@@ -217,6 +217,10 @@ def _train(
             )
             print(f"kNN top-1 before training: {before.top1:.2f}%")
     callbacks.append(TrainingLogs(schedule, config.optim.batch_size, config.optim.epochs, print_summary=chief))
+    if source.kind == "files":  # folders are only listed at start: report files that did not decode
+        callbacks.append(data_health.UndecodableFilesReport(
+            source.undecodable, log_dir if chief else None, print if chief else lambda line: None
+        ))
     if progress == "lines":
         callbacks.append(StepLines(schedule, config.optim.batch_size, config.runtime.log_every, total))
     callbacks.append(CheckpointEvery(manager, epoch, config.runtime.checkpoint_every, steps_per_epoch, stop))
