@@ -11,7 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "moco_tf")
-COMMAND_LINES = ("train", "knn", "lincls", "finetune", "export", "convert")
+COMMAND_LINES = ("train", "knn", "lincls", "finetune", "export", "convert", "plot")
 # Stable public paths that only re-export a library module (DESIGN.md's public API).
 ALIASES = {"resnet": "models.resnet", "augment": "data.augment", "optimizers": "training.optimizers"}
 # Lowest first. The optimizer and the schedules import nothing of moco_tf: the linear protocol

@@ -81,6 +81,19 @@ def define_train_flags() -> None:
     flags.DEFINE_integer("warmup_epochs", 0, "Linear warm-up epochs (not in the official recipes).")
     flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay, PyTorch style (added to the gradient).")
     flags.DEFINE_float("sgd_momentum", 0.9, "SGD momentum (official --momentum).")
+    flags.DEFINE_string(
+        "init_from", None,
+        "Start both encoders (query and key) from these backbone weights: a moco_tf model_dir or checkpoint "
+        "(its projection head too, when it has the same shape), a moco_tf TF-Hub export, or a PyTorch checkpoint "
+        "(.pth / .pth.tar). Its --arch, --width and --cifar_stem must be this run's. Optimizer and queue start "
+        "fresh. Read at step 0 only: a resume takes the checkpoint's weights. Recorded in config.json.",
+    )
+    flags.DEFINE_bool(
+        "allow_more_epochs", False,
+        "Resume (e.g. a finished run) with a larger --epochs: the schedule is recomputed over the new total "
+        "(a stretched cosine jumps back up), and config.json records the extension. Without it a changed "
+        "--epochs is refused as another recipe.",
+    )
     # Hardware
     flags.DEFINE_enum("strategy", "auto", list(STRATEGIES), "tf.distribute strategy; auto picks from the hardware.")
     flags.DEFINE_float(
@@ -289,6 +302,18 @@ def refuse_finetune_flags() -> None:
         given = [f"--{n}" for n in ("arch", "width", "cifar_stem") if flags.FLAGS[n].present]
         if given:
             raise UserError(f"{', '.join(given)} only go with --random_init: --pretrained fixes the backbone")
+
+
+def define_plot_flags() -> None:
+    """Every flag of `moco_tf.plot`."""
+    if "out" in flags.FLAGS:
+        return
+    flags.DEFINE_string("model_dir", None, "a training run's folder (its logs/ are read)")
+    flags.DEFINE_string("out", "curves.png", "the PNG to write (an existing file is replaced only if it is a PNG)")
+    flags.DEFINE_string("title", None, "title above the panels (default: the model_dir's name)")
+    flags.DEFINE_integer(
+        "steps_per_epoch", None, "steps per epoch, to place per-epoch values (default: from config.json and the data)"
+    )
 
 
 def define_export_flags() -> None:

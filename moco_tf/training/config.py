@@ -151,6 +151,10 @@ class RuntimeConfig:
     overwrite_export: bool = False
     stop_grace_s: float = 25.0
     peer_timeout: float = 300.0  # multi-worker: seconds to wait for every host of TF_CONFIG
+    # Operational: only step 0 reads it (a resume takes its checkpoint's weights), and a moved or
+    # deleted source must not block a resume; what the run started from is kept in `source`.
+    init_from: str | None = None  # model_dir, checkpoint, TF-Hub export or PyTorch checkpoint (absolute)
+    allow_more_epochs: bool = False  # a resume may raise --epochs (extensions are recorded)
 
 
 _SECTION_TYPES = (ModelConfig, DataConfig, OptimConfig, RuntimeConfig)  # in PretrainConfig.SECTIONS order
@@ -166,6 +170,8 @@ class PretrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     source: str | None = None  # where the weights came from, e.g. "PyTorch checkpoint X"; not compared
+    # Each --allow_more_epochs extension: {"from_epochs", "to_epochs", "at_step"}; not compared.
+    extensions: tuple[dict[str, int], ...] = ()
     unrecorded: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     SECTIONS: ClassVar[tuple[str, ...]] = ("model", "data", "optim", "runtime")
@@ -243,6 +249,8 @@ class PretrainConfig:
             out[section] = _section_to_dict(getattr(self, section), self.unrecorded)
         if self.source is not None:
             out["source"] = self.source
+        if self.extensions:
+            out["extensions"] = [dict(e) for e in self.extensions]
         return out
 
     def to_json(self) -> str:
@@ -258,7 +266,7 @@ class PretrainConfig:
         version = values["format_version"]
         if version != FORMAT_VERSION:
             raise ConfigError(f"config format_version {version!r} is not {FORMAT_VERSION} (another moco_tf version)")
-        unknown = sorted(set(values) - {"format_version", "moco_version", "source", *cls.SECTIONS})
+        unknown = sorted(set(values) - {"format_version", "moco_version", "source", "extensions", *cls.SECTIONS})
         if unknown:
             raise ConfigError(f"unknown config key {unknown[0]!r} (written by a newer moco_tf?)")
         unrecorded: set[str] = set()
@@ -268,7 +276,9 @@ class PretrainConfig:
             if not isinstance(given, Mapping):
                 raise ConfigError(f"config key {name!r} must be an object, got {given!r}")
             sections[name] = _section_from_dict(section_type, given, name, unrecorded)
-        return cls(**sections, source=_source(values), unrecorded=frozenset(unrecorded))
+        return cls(
+            **sections, source=_source(values), extensions=_extensions(values), unrecorded=frozenset(unrecorded)
+        )
 
     @classmethod
     def from_json(cls, text: str) -> PretrainConfig:
@@ -700,6 +710,17 @@ def _source(values: Mapping[str, Any]) -> str | None:
     if source is not None and not isinstance(source, str):
         raise ConfigError(f"source must be a string, got {source!r}")
     return source
+
+
+def _extensions(values: Mapping[str, Any]) -> tuple[dict[str, int], ...]:
+    given = values.get("extensions", [])
+    keys = {"from_epochs", "to_epochs", "at_step"}
+    ok = isinstance(given, list) and all(
+        isinstance(e, dict) and set(e) == keys and all(type(v) is int for v in e.values()) for e in given
+    )
+    if not ok:
+        raise ConfigError(f"extensions must be a list of {{from_epochs, to_epochs, at_step}} objects, got {given!r}")
+    return tuple(dict(e) for e in given)
 
 
 def _typed(name: str, value: Any, hint: Any, flags: bool) -> Any:

@@ -27,7 +27,7 @@ from moco_tf.data import pipelines, sources
 from moco_tf.errors import RunInterrupted, UserError
 from moco_tf.evaluation import knn
 from moco_tf.models import backbones
-from moco_tf.training import checkpoint, data_health, distribute, guardrails, runlock
+from moco_tf.training import checkpoint, data_health, distribute, guardrails, runlock, warm_start
 from moco_tf.training.callbacks import CheckpointEvery, StepLines, StopOnNonFiniteLoss, StopOnSignal, TrainingLogs
 from moco_tf.training.config import PretrainConfig
 from moco_tf.training.optimizers import SGD
@@ -79,6 +79,15 @@ def _write_view_pairs(source: sources.Source, log_dir: str, config: PretrainConf
         tf.summary.image("view_pairs", side_by_side, step=0, max_outputs=8)
 
 
+class _TensorBoard(keras.callbacks.TensorBoard):
+    """Batch scalars at the optimizer's step: Keras counts from 0 again in every fit() call (each
+    resume, each segment of `_segments`), which would draw a resumed run over its own start."""
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._global_train_batch = int(self.model.optimizer.iterations.numpy())  # Keras's own counter
+
+
 def _segments(step: int, total: int, steps_per_epoch: int) -> list[tuple[int, int, int]]:
     """fit() calls (initial_epoch, epochs, steps_per_epoch) from `step` to `total`: first the
     rest of an interrupted epoch, then whole epochs, then a final partial one (--max_steps)."""
@@ -100,6 +109,7 @@ def pretrain(
     config: PretrainConfig,
     progress: str = "bar",
     before_training: Callable[[str], None] | None = None,
+    init_weights: warm_start.Loader | None = None,
 ) -> PretrainResult:
     """The whole run: validate, build, resume if model_dir holds a checkpoint, train, save.
 
@@ -107,6 +117,8 @@ def pretrain(
         `config.runtime.log_every` steps, for logs that are files) or "none"; only the chief prints.
     before_training: called on the chief with the model_dir once the run lock is held, before
         anything is built (the training command line checks --export_dir there).
+    init_weights: reads `config.runtime.init_from` at step 0 (the training command line passes
+        `moco_tf.interop.warm_start.load_initial_weights`); never called on a resume.
 
     Raises UserError (and its kinds: DataError, StrategyError, ...) for a mistake in the
     settings, RunFailed when the run cannot go on, RunInterrupted after a stop on a signal.
@@ -118,8 +130,8 @@ def pretrain(
     # Before the strategy: a mistake found once the workers of a multi-worker run are connected
     # would look to the other workers like a lost peer.
     saved = checkpoint.read_config(model_dir)
-    if saved is not None:
-        checkpoint.check_same_run(saved, config, model_dir)
+    if saved is not None:  # --allow_more_epochs lets --epochs grow (warm_start)
+        checkpoint.check_same_run(warm_start.comparable(saved, config), config, model_dir)
 
     strategy = distribute.make_strategy(config.runtime.strategy, config.runtime.tpu, config.runtime.peer_timeout)
     chief = distribute.is_chief(strategy)
@@ -140,7 +152,7 @@ def pretrain(
         if chief and before_training is not None:
             before_training(model_dir)
         return _train(config, saved, model_dir, strategy, chief, source, steps_per_epoch,
-                      progress if chief else "none")
+                      progress if chief else "none", init_weights)
     finally:
         if lock is not None:
             lock.release()
@@ -148,7 +160,7 @@ def pretrain(
 
 def _train(
     config: PretrainConfig, saved: PretrainConfig | None, model_dir: str, strategy, chief: bool,
-    source: sources.Source, steps_per_epoch: int, progress: str,
+    source: sources.Source, steps_per_epoch: int, progress: str, init_weights: warm_start.Loader | None = None,
 ) -> PretrainResult:
     run_ckpt_dir = os.path.join(model_dir, checkpoint.CHECKPOINT_DIR)
     if chief:
@@ -188,8 +200,20 @@ def _train(
         with model.restoring(latest):  # a checkpoint from before the id queue still restores
             ckpt.restore(latest).assert_existing_objects_matched()
         print(f"resuming {model_dir} from step {int(optimizer.iterations.numpy())} (epoch {int(epoch.numpy())})")
-    elif chief:
-        checkpoint.write_config(model_dir, config)
+        if config.runtime.init_from:
+            print(f"--init_from is read at step 0 only: the weights are the checkpoint's, not those of "
+                  f"{config.runtime.init_from}")
+        extended = warm_start.extension(saved, config)
+        if extended and chief:
+            step_now = int(optimizer.iterations.numpy())
+            print(f"extending {model_dir} from {extended[0]} to {extended[1]} epochs at step {step_now}: "
+                  f"the {config.optim.schedule} schedule now runs over {extended[1]} epochs")
+            checkpoint.write_config(model_dir, warm_start.extended_config(saved, config, step_now))
+    else:
+        if config.runtime.init_from:
+            config = warm_start.initialise(model, config, init_weights)
+        if chief:
+            checkpoint.write_config(model_dir, config)
 
     step = int(optimizer.iterations.numpy())
     distribute.check_same_on_all_workers(
@@ -225,7 +249,7 @@ def _train(
         callbacks.append(StepLines(schedule, config.optim.batch_size, config.runtime.log_every, total))
     callbacks.append(CheckpointEvery(manager, epoch, config.runtime.checkpoint_every, steps_per_epoch, stop))
     if chief:
-        callbacks.append(keras.callbacks.TensorBoard(log_dir, update_freq=config.runtime.log_every, write_graph=False))
+        callbacks.append(_TensorBoard(log_dir, update_freq=config.runtime.log_every, write_graph=False))
         if step == 0:
             _write_view_pairs(source, log_dir, config, seed)
 
