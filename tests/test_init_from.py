@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import moco_tf
+from moco_tf.evaluation import curves
 from moco_tf.interop import hub
 from moco_tf.interop.warm_start import load_initial_weights
 from moco_tf.models.backbones import BackboneSpec
@@ -146,6 +147,10 @@ def test_extending_a_finished_run_recomputes_the_schedule(tmp_path):
     np.testing.assert_allclose(
         float(optimizer.learning_rate.numpy()), base * 0.5 * (1 + math.cos(math.pi * 3 / 5)), rtol=1e-6
     )
+    # The lr as TensorBoard holds it (epochs of 1 step, --log_every 50: written all the same).
+    lr = curves.curves(model_dir, steps_per_epoch_=1)["train/epoch_lr"]
+    np.testing.assert_array_equal(lr[0], [1, 2, 3])
+    np.testing.assert_allclose(lr[1], [base, base * 0.5, first], rtol=1e-6)
     saved = checkpoint.read_config(model_dir)
     assert saved.optim.epochs == 5 and saved.extensions == ({"from_epochs": 2, "to_epochs": 5, "at_step": 2},)
 

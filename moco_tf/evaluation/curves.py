@@ -4,8 +4,9 @@ What training writes under model_dir/logs:
 - logs/train (Keras's TensorBoard callback): `batch_<metric>` every --log_every steps, at the
   optimizer step; `epoch_<metric>` once per epoch, at the epoch index (0-based).
   Metrics: loss, acc (contrastive top-1: the positive beats every queue key), logit_pos,
-  logit_neg, img_per_s; per epoch also lr (TrainingLogs) and knn_top1 when the monitor ran;
-  self_neg where the model reports it.
+  logit_neg (mean cosines), img_per_s; batch values are the epoch's running means so far (Keras
+  resets its metrics each epoch, so they jump at epoch starts); per epoch also lr (TrainingLogs)
+  and knn_top1 when the monitor ran; self_neg where the model reports it.
 - logs/knn (KNNMonitor): knn_top1, knn_top5 at the number of epochs done (1-based).
 
 Everything is drawn against the optimizer step: epoch-level values at the step that ends their
@@ -29,7 +30,7 @@ from moco_tf.errors import UserError
 PANELS = (
     ("InfoNCE loss", ("train/batch_loss", "train/epoch_loss")),
     ("contrastive accuracy", ("train/batch_acc", "train/epoch_acc")),
-    ("logits (cosine / T)", ("train/batch_logit_pos", "train/batch_logit_neg")),
+    ("positive / negative cosine", ("train/batch_logit_pos", "train/batch_logit_neg")),
     ("learning rate", ("train/epoch_lr",)),
     ("kNN top-1 (%)", ("knn/knn_top1",)),
     ("self_neg (own image among the negatives)", ("train/batch_self_neg", "train/epoch_self_neg")),

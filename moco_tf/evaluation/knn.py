@@ -314,7 +314,8 @@ class KNNMonitor(keras.callbacks.Callback):
         if self.log_dir:
             if self._writer is None:
                 self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "knn"))
-            with self._writer.as_default():
+            # record_if(True): Keras's TensorBoard callback leaves its every-N-steps condition in force.
+            with self._writer.as_default(), tf.summary.record_if(True):
                 summary_scalar("knn_top1", result.top1, epoch + 1)
                 summary_scalar("knn_top5", result.top5, epoch + 1)
                 if result.grid is not None:

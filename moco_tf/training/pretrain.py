@@ -87,6 +87,12 @@ class _TensorBoard(keras.callbacks.TensorBoard):
         super().on_train_begin(logs)
         self._global_train_batch = int(self.model.optimizer.iterations.numpy())  # Keras's own counter
 
+    def _log_epoch_metrics(self, epoch, logs):
+        # Keras leaves the last batch's record_if(step % update_freq == 0) in force here: an epoch
+        # whose last step is no multiple of --log_every would write no epoch_* scalar (lr, kNN).
+        with tf.summary.record_if(True):
+            super()._log_epoch_metrics(epoch, logs)
+
 
 def _segments(step: int, total: int, steps_per_epoch: int) -> list[tuple[int, int, int]]:
     """fit() calls (initial_epoch, epochs, steps_per_epoch) from `step` to `total`: first the
