@@ -121,6 +121,33 @@ assert len(layer.trainable_weights) == 60 + 4  # the backbone's and the projecti
 frozen = keras.layers.TFSMLayer(path, call_endpoint="serving_default", trainable=False)
 assert not frozen.trainable_weights and len(frozen.weights) == len(layer.weights)
 """,
+    "tfsm_finetune": r"""
+import numpy as np, keras
+# Keras 3 fine-tuning: one endpoint per BatchNorm mode (TFSMLayer cannot pass `training` itself).
+layer = keras.layers.TFSMLayer(path, call_endpoint="features", call_training_endpoint="features_training")
+assert len(layer.trainable_weights) == 60 and len(layer.non_trainable_weights) == 40  # no head: unused
+inputs = keras.Input((None, None, 3))
+model = keras.Model(inputs, keras.layers.Dense(3)(layer(inputs)))
+x = data["x"]
+assert np.abs(layer(x).numpy() - data["features"]).max() < 1e-5  # inference mode by default
+before = {id(w): np.array(w) for w in layer.weights}
+moving = [w for w in layer.non_trainable_weights if "moving" in w.name]
+assert len(moving) == 40
+model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+model.fit(x, np.array([0, 1, 2, 0]), batch_size=4, epochs=2, verbose=0)
+unchanged = [w.name for w in layer.weights if np.array_equal(before[id(w)], np.array(w))]
+assert unchanged == [], unchanged  # every encoder weight and every BN moving statistic moved
+# Inference after fit: the moving statistics, so an image's output does not depend on its batch
+# (batch statistics would), and it is the export's own inference function on the new weights.
+features = model.layers[1](x, training=False).numpy()
+alone = model.layers[1](x[:1], training=False).numpy()
+assert np.abs(features[:1] - alone).max() < 1e-4, np.abs(features[:1] - alone).max()
+assert np.abs(features - data["features"]).max() > 1e-3  # the weights did change
+predicted = model.predict(x, verbose=0)
+np.testing.assert_allclose(predicted, model.layers[2](features).numpy(), rtol=1e-4, atol=1e-5)
+training = layer(x, training=True).numpy()  # batch statistics: not the moving ones
+assert np.abs(training - features).max() > 1e-2
+""",
     "saved_model_load": r"""
 import json, numpy as np, tensorflow as tf
 loaded = tf.saved_model.load(path)

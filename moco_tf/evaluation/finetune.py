@@ -179,7 +179,7 @@ def finetune(
     train_ds / val_ds: finite (images, labels) batches; train_ds is one epoch.
     steps_per_epoch: batches in one pass of train_ds (the schedule counts epochs in steps).
     lr: the rate used (not scaled here; the command line scales its per-256 --lr).
-    eval_every: top-1/top-5 on val_ds every N epochs (and always after the last).
+    eval_every: top-1/top-5 on val_ds every N epochs and after the last; 0: never (call `evaluate`).
     strategy: the model must have been made in its scope (`build_classifier`); `chief`: whether
         this process writes files. tensorboard: epoch scalars in model_dir/logs.
     """
@@ -213,15 +213,15 @@ def finetune(
             callbacks.append(
                 keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), write_graph=False, profile_batch=0)
             )
-        # Validate on epochs eval_every, 2 x eval_every, ... and on the last one.
-        val_epochs = sorted({e for e in range(eval_every, epochs + 1, eval_every)} | {epochs})
+        # Validate on epochs eval_every, 2 x eval_every, ... and on the last one (0: never).
+        val_epochs = sorted({e for e in range(eval_every, epochs + 1, eval_every)} | {epochs}) if eval_every else []
         with _finite_datasets():
             model.fit(
                 train_ds,
                 epochs=epochs,
                 initial_epoch=done,
-                validation_data=val_ds,
-                validation_freq=val_epochs,
+                validation_data=val_ds if val_epochs else None,
+                validation_freq=val_epochs or 1,
                 callbacks=callbacks,
                 shuffle=False,  # the dataset shuffles itself each epoch
                 verbose=0,
