@@ -55,11 +55,28 @@ def keras3_features(export_dir: str):
     return keras.Model(inputs, layer(inputs))
 
 
+def keras3_classifier(export_dir: str, num_classes: int, fine_tune: bool):
+    """Keras 3: a classifier on the export's `features` endpoint. Frozen (trainable=False), or
+    fine-tuned: `features_training` runs in fit (BatchNorm batch statistics, moving statistics
+    updated), `features` in predict. With an optimizer that has slots (momentum, Adam) use the
+    TFSMLayer subclass of segmentation_example.py (a Keras 3.15 naming bug; export/README.md)."""
+    import keras
+
+    layer = keras.layers.TFSMLayer(
+        export_dir,
+        call_endpoint="features",
+        call_training_endpoint="features_training" if fine_tune else None,
+        trainable=fine_tune,
+    )
+    inputs = keras.Input((None, None, 3))
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(layer(inputs)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export_dir", required=True)
     parser.add_argument("--image", default=None, help="an image file; random pixels when absent")
-    parser.add_argument("--fine_tune", action="store_true", help="train the encoder in the Keras 2 step")
+    parser.add_argument("--fine_tune", action="store_true", help="train the encoder in the Keras 2 and 3 steps")
     args = parser.parse_args()
 
     with open(os.path.join(args.export_dir, "assets", "moco_config.json")) as f:
@@ -73,10 +90,14 @@ def main() -> None:
     classifier.fit(x, np.array([3, 3]), epochs=1, verbose=0)
     print("keras 2 logits", classifier.predict(x, verbose=0).shape)
 
-    # 2. Keras 3.
+    # 2. Keras 3: frozen features, then a classifier (--fine_tune: the encoder too).
     outputs = keras3_features(args.export_dir).predict(x, verbose=0)
     for key, value in sorted(outputs.items()):
         print(f"keras 3 {key} {value.shape}")
+    classifier = keras3_classifier(args.export_dir, num_classes=10, fine_tune=args.fine_tune)
+    classifier.compile("sgd", "sparse_categorical_crossentropy")
+    classifier.fit(x, np.array([3, 3]), epochs=1, verbose=0)
+    print("keras 3 logits", classifier.predict(x, verbose=0).shape)
 
     # 3. Plain TensorFlow: the same signature TF Serving answers.
     loaded = tf.saved_model.load(args.export_dir)

@@ -193,9 +193,9 @@ def test_saved_model_cli_show(exported):
 
 def test_example_script(exported):
     path, _ = exported
-    result = run(os.path.join(ROOT, "export", "example.py"), f"--export_dir={path}")
+    result = run(os.path.join(ROOT, "export", "example.py"), f"--export_dir={path}", "--fine_tune")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "feature_vector (2, 512)" in result.stdout, result.stdout
+    assert "feature_vector (2, 512)" in result.stdout and "keras 3 logits (2, 10)" in result.stdout, result.stdout
 
 
 def test_cli_refuses_to_overwrite_in_one_line(exported, tmp_path):
