@@ -326,7 +326,8 @@ def _walk_files(root: str) -> list[str]:
         subfolders, files = _entries(folder)
         folders.append((folder, files))
         pending += [os.path.join(folder, sub) for sub in subfolders]
-    return [os.path.join(folder, f) for folder, files in sorted(folders) for f in files]
+    # One join per folder, not per file (os.path.join is most of a 100k-file listing's time).
+    return [prefix + f for folder, files in sorted(folders) for prefix in [os.path.join(folder, "")] for f in files]
 
 
 def _class_names(folder: str) -> list[str]:
