@@ -111,6 +111,7 @@ def train_from_flags(config: LinearConfig) -> None:
         model_dir=FLAGS.model_dir,
         strategy=strategy,
         chief=setup.chief,
+        seed=seed,
     )
     final = linear.evaluate(model, val_ds)
     print(f"final: val top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%  ({protocol})")

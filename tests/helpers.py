@@ -47,6 +47,28 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def run_local_workers(module_args: list[list[str]], timeout: int = 300) -> list[tuple[int, str, str]]:
+    """`python -m ...` once per worker of a local cluster on 127.0.0.1 (TF_CONFIG, worker i gets
+    module_args[i]), all at once; (return code, stdout, stderr) per worker. Kills leftovers."""
+    import json
+
+    workers = [f"127.0.0.1:{p}" for p in free_ports(len(module_args))]
+    procs = []
+    for i, args in enumerate(module_args):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+        procs.append(subprocess.Popen(
+            [PYTHON, *args], cwd=ROOT, env={**ENV, "TF_CONFIG": json.dumps(tf_config)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))  # fmt: skip
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
+
+
 def tiny_backbone():
     """Any images -> features Keras model exports; this one saves in a fraction of a second."""
     import keras

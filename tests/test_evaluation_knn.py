@@ -19,7 +19,7 @@ from moco_tf.data import pipelines, sources
 from moco_tf.evaluation import frozen, knn
 from moco_tf.interop import hub
 from moco_tf.models.resnet import resnet
-from tests.helpers import randomize, run
+from tests.helpers import randomize, run, run_local_workers
 
 S = 1.0 / math.sqrt(2.0)
 # A memory bank on the unit circle: angle 0 (class 0), 90 deg (class 1), 45 deg (class 1), 180 deg (class 2).
@@ -239,12 +239,6 @@ def _top(stdout: str) -> str:
 def test_cli_multi_worker_reports_the_one_device_result(tmp_path):
     """Two local workers (TF_CONFIG on 127.0.0.1, one replica each) extract half of the features
     each; both print the one-device top-1 and top-5; only the chief writes the grid."""
-    import json
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT, free_ports
-
     backbone = resnet("resnet18", cifar_stem=True, width=8)
     randomize(backbone)
     path = hub.export_backbone(backbone, str(tmp_path / "r18"), {"arch": "resnet18", "cifar_stem": True,
@@ -255,25 +249,13 @@ def test_cli_multi_worker_reports_the_one_device_result(tmp_path):
     one = knn.evaluate(backbone, pipelines.labelled_dataset(source, "train", 32, 16, subset=96),
                        pipelines.labelled_dataset(source, "test", 32, 16, subset=40), k=20, num_classes=10)  # fmt: skip
     expected = f"top-1 {one.top1:.2f}%  top-5 {one.top5:.2f}%"
-    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0", PYTHONPATH=ROOT)
-    procs = []
-    for i in range(2):
-        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "moco_tf.knn", *args, "--strategy=multi_worker", "--peer_timeout=60",
-             f"--retrieval_grid={tmp_path / f'grid{i}.png'}", "--grid_queries=2", "--grid_neighbours=2"],
-            cwd=ROOT, env={**env, "TF_CONFIG": json.dumps(tf_config)}, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
-        ))  # fmt: skip
-    try:
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (out, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    results = run_local_workers([
+        ["-m", "moco_tf.knn", *args, "--strategy=multi_worker", "--peer_timeout=60",
+         f"--retrieval_grid={tmp_path / f'grid{i}.png'}", "--grid_queries=2", "--grid_neighbours=2"]
+        for i in range(2)
+    ])  # fmt: skip
+    for returncode, out, err in results:
+        assert returncode == 0, err[-3000:]
         assert _top(out) == expected, out
         assert "40 test images, bank of 96 train images" in out
     assert (tmp_path / "grid0.png").exists() and not (tmp_path / "grid1.png").exists()

@@ -15,7 +15,7 @@ from moco_tf.data import pipelines, sources
 from moco_tf.evaluation import linear
 from moco_tf.interop.pretrained import load_backbone
 from moco_tf.models.resnet import resnet
-from tests.helpers import randomize, run
+from tests.helpers import randomize, run, run_local_workers
 from tests.torch_reference import tf_encoder_state
 
 BATCH = 16
@@ -167,3 +167,28 @@ def test_mirrored_training_matches_one_device(pretrained, digits):
     assert two_rows[0]["loss"] == pytest.approx(one_rows[0]["loss"], rel=1e-4)
     assert two_rows[0]["val_top1"] == one_rows[0]["val_top1"]
     assert linear.evaluate(two, val) == pytest.approx(linear.evaluate(one, val))
+
+
+def test_cli_multi_worker_matches_one_device(pretrained, tmp_path):
+    """Two local workers (TF_CONFIG on 127.0.0.1, one replica each) train one classifier on the
+    precomputed features, each on half of every batch: both print the one-device run's loss (to
+    rounding: gradients summed in another order) and final top-1/top-5; only the chief writes."""
+    args = ["-m", "moco_tf.lincls", f"--pretrained={pretrained}", "--dataset=digits", "--limit_train=32",
+            "--limit_val=16", "--batch_size=16", "--epochs=1", "--lr=0.01", "--precompute_features", "--seed=3",
+            "--mixed_precision=none"]  # fmt: skip
+
+    def loss_and_final(out: str) -> tuple[float, str]:
+        epoch = next(line for line in out.splitlines() if line.startswith("epoch 1/1"))
+        return float(epoch.split("loss ")[1].split()[0]), next(x for x in out.splitlines() if x.startswith("final:"))
+
+    one = run(*args, f"--model_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    loss, final = loss_and_final(one.stdout)
+    results = run_local_workers([
+        [*args, f"--model_dir={tmp_path / 'two'}", "--strategy=multi_worker", "--peer_timeout=60"] for _ in range(2)
+    ])  # fmt: skip
+    for returncode, out, err in results:
+        assert returncode == 0, err[-3000:]
+        worker_loss, worker_final = loss_and_final(out)
+        assert worker_loss == pytest.approx(loss, rel=1e-3) and worker_final == final, out
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())

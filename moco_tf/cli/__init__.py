@@ -8,6 +8,7 @@ The command lines (`python -m moco_tf.train`, knn, lincls, export, convert) pars
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -25,6 +26,10 @@ class UsageError(UserError):
 USER_ERRORS: tuple[type[BaseException], ...] = (
     UserError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError,
 )
+
+
+# Set (to anything) to get the traceback of a one-line error, e.g. to report a moco_tf bug.
+TRACEBACK_VARIABLE = "MOCO_TF_TRACEBACK"
 
 
 def reject_extra_arguments(argv: Sequence[str]) -> None:
@@ -54,6 +59,8 @@ def run(
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(1)
         except caught as error:
+            if os.environ.get(TRACEBACK_VARIABLE):  # a bug that looks like a user mistake: show where
+                raise
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
 

@@ -216,7 +216,7 @@ def define_lincls_flags() -> None:
         "extract features once (eval transform, no augmentation) and train on them: fast on CPU, "
         "but NOT the official protocol",
     )
-    flags.DEFINE_integer("seed", None, "seed of the data order and augmentation")
+    flags.DEFINE_integer("seed", None, "seed of the data order, augmentation and the classifier's initialisation")
     # Names that mean something else in `moco_tf.train`: defined only to be refused in one line.
     for name, use in _LINCLS_REFUSED.items():
         if name not in flags.FLAGS:

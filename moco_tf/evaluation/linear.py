@@ -62,6 +62,31 @@ class LinearClassifier(keras.Model):
         features = inputs if self.backbone is None else self.backbone(inputs)
         return self.fc(tf.cast(features, tf.float32))
 
+    # A local (inputs, labels) batch whose shapes stand for the data's in Keras's symbolic build.
+    shape_sample: tuple[tf.Tensor, tf.Tensor] | None = None
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras (3.x) learns the batch shapes by reducing a distributed batch across replicas, and
+        # MultiWorkerMirroredStrategy cannot reduce an (inputs, labels) tuple ("Attempt to convert
+        # a value (PerReplica...)"): fit/evaluate failed on every multi-worker run. A local sample
+        # has the same shapes.
+        if data_batch is None and self.shape_sample is not None:
+            iterator, data_batch = None, self.shape_sample
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def train_step(self, data):
+        return _reducible(super().train_step(data))
+
+    def test_step(self, data):
+        return _reducible(super().test_step(data))
+
+
+def _reducible(logs: dict) -> dict:
+    """Keras reduces multi-worker logs with a mean along axis 0, which a scalar lacks (as MoCo's step)."""
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs
+
 
 @contextlib.contextmanager
 def _finite_datasets():
@@ -127,6 +152,7 @@ def train_linear(
     log: Callable[[str], None] = print,
     strategy: tf.distribute.Strategy | None = None,
     chief: bool = True,
+    seed: int | None = None,
 ) -> tuple[LinearClassifier, list[dict]]:
     """Train a linear classifier on `backbone` (None: the datasets hold features); resumes from
     the latest checkpoint in `model_dir`. Returns the classifier and one results row per epoch.
@@ -136,12 +162,16 @@ def train_linear(
     lr: the rate used, not scaled here (`python -m moco_tf.lincls` scales its per-256 --lr by the batch size).
     strategy: the classifier and its optimizer are made in its scope, and `fit` splits every
         (global) batch over its replicas and workers; `chief`: whether this process writes files.
+    seed: of the classifier's initialisation (None: unseeded), so a run with a seed repeats.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    sample = next(iter(val_ds.take(1)))[0][:1]
+    inputs, labels = next(iter(val_ds.take(1)))
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     with strategy.scope():
         model = LinearClassifier(backbone, num_classes)
-        model(sample)  # builds fc
+        model(inputs[:1])  # builds fc
+        model.shape_sample = (inputs[:1], labels[:1])
         optimizer = make_optimizer(lr, momentum, weight_decay, steps_per_epoch, epochs, milestones)
         optimizer.build(model.trainable_variables)  # before a restore, so every slot has its value
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
