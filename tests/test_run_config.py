@@ -113,6 +113,9 @@ def test_old_flat_config_reads_as_the_equivalent_flags(width):
     assert cfg.recipe_differences(from_file, from_flags) == []
     # Nothing of the recipe is missing from an old file; the operational settings were not recorded.
     assert from_file.unrecorded == set(PretrainConfig().flat()) - RECIPE | {"data_dir", "strict_data"}
+    # The view options came later; their defaults are what such a run did, so they are compared.
+    changed = PretrainConfig.from_flags(_flag_values([*argv, "--noflip"]))
+    assert cfg.recipe_differences(from_file, changed) == ["--flip=True (now False)"]
 
 
 def test_a_converted_model_dir_compares_only_what_it_recorded():
@@ -156,7 +159,7 @@ def test_operational_settings_may_change_on_resume():
         data_dir="/moved/data", strict_data=True, model_dir="elsewhere", deterministic=True, strategy="mirrored",
         tpu="local", mixed_precision="bf16", jit_compile=True, checkpoint_every=5, keep_checkpoints=9, log_every=1,
         knn_every=0, knn_k=20, knn_t=0.5, steps_per_epoch=4, max_steps=7, export_dir="e", overwrite_export=True,
-        stop_grace_s=3.0, peer_timeout=60.0,
+        stop_grace_s=3.0, peer_timeout=60.0, init_from="/weights/run", allow_more_epochs=True,
     )
     assert set(operational) == set(PretrainConfig().flat()) - RECIPE  # every one of them
     cfg.check_same_run(_config(), _config(**operational), "runs/a")
@@ -293,6 +296,19 @@ def test_linear_config_reads_old_files_and_compares_its_recipe():
     assert cfg.recipe_differences(now, dataclasses.replace(now, milestones=(60, 80))) == [
         "--milestones=30,40 (now 60,80)"
     ]
+
+
+def test_old_linear_config_lr_was_used_as_given_and_reads_per_256():
+    # Before format_version, lincls used --lr as given (main_lincls.py): 7.5 at batch 64 is today's
+    # --lr=30 per 256 images, so the same run resumed with today's flags compares equal.
+    old = {"pretrained": "/r/run", "dataset": "cifar10", "image_size": 32, "precompute_features": True,
+           "batch_size": 64, "lr": 7.5, "epochs": 100}
+    saved = LinearConfig.from_dict(old)
+    assert saved.lr == 30.0
+    now = LinearConfig.from_flags({**old, "lr": 30.0, "model_dir": "m"})
+    assert cfg.recipe_differences(saved, now) == []
+    # Today's file records per-256 already: read as written.
+    assert LinearConfig.from_json(now.to_json()).lr == 30.0
 
 
 @pytest.mark.parametrize(

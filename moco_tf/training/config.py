@@ -277,8 +277,9 @@ class PretrainConfig:
                 raise ConfigError(f"config key {name!r} must be an object, got {given!r}")
             sections[name] = _section_from_dict(section_type, given, name, unrecorded)
         return cls(
-            **sections, source=_source(values), extensions=_extensions(values), unrecorded=frozenset(unrecorded)
-        )
+            **sections, source=_source(values), extensions=_extensions(values),
+            unrecorded=_older_files_implied(unrecorded),
+        )  # fmt: skip
 
     @classmethod
     def from_json(cls, text: str) -> PretrainConfig:
@@ -415,6 +416,8 @@ class LinearConfig:
         if not isinstance(values, Mapping):
             raise ConfigError(f"a config must be a JSON object, got {type(values).__name__}")
         given = {k: v for k, v in values.items() if k != "format_version"}
+        if "format_version" not in values:
+            given = _lr_per_256(given)
         unrecorded: set[str] = set()
         config = _section_from_dict(cls, given, None, unrecorded, ignore_unknown="format_version" not in values)
         return dataclasses.replace(config, unrecorded=frozenset(unrecorded))
@@ -431,6 +434,16 @@ class LinearConfig:
         if "milestones" in given:
             given["milestones"] = parse_milestones(given["milestones"])
         return _section_from_dict(cls, given, None, set(), flags=True)
+
+
+def _lr_per_256(values: dict[str, Any]) -> dict[str, Any]:
+    """A lincls_config.json from before format_version recorded the lr used as given (as
+    main_lincls.py's --lr); today's --lr is per 256 images. Restated, so that the same run resumed
+    with today's flags compares equal: lr 7.5 at batch 64 was --lr=30 per 256."""
+    lr, batch = values.get("lr"), values.get("batch_size")
+    if isinstance(lr, (int, float)) and isinstance(batch, int) and batch > 0:
+        return {**values, "lr": lr * 256 / batch}
+    return values
 
 
 # ----------------------------------------------------------------------------------------------
@@ -694,7 +707,19 @@ def _from_flat(values: Mapping[str, Any], flags: bool) -> PretrainConfig:
         sections[name] = _section_from_dict(section_type, given, name, unrecorded, flags=flags)
     if flags:
         return PretrainConfig(**sections)
-    return PretrainConfig(**sections, source=_source(values), unrecorded=frozenset(unrecorded))
+    return PretrainConfig(**sections, source=_source(values), unrecorded=_older_files_implied(unrecorded))
+
+
+# Recipe fields added after config.json files existed, whose defaults are what every run before
+# them did: a file that records the augmentation but not these ran with the defaults, so they are
+# compared on resume (a resume with --flip=false is refused) instead of left out as unrecorded.
+_DEFAULTS_OF_OLDER_FILES = frozenset({"crop_min_scale", "flip", "blur"})
+
+
+def _older_files_implied(unrecorded: set[str]) -> frozenset[str]:
+    if "aug" in unrecorded:  # e.g. a converted checkpoint: its views are unknown altogether
+        return frozenset(unrecorded)
+    return frozenset(unrecorded - _DEFAULTS_OF_OLDER_FILES)
 
 
 def _optional_field(section_type: type, name: str) -> bool:
