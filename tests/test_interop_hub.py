@@ -141,7 +141,8 @@ assert unchanged == [], unchanged  # every encoder weight and every BN moving st
 # (batch statistics would), and it is the export's own inference function on the new weights.
 features = model.layers[1](x, training=False).numpy()
 alone = model.layers[1](x[:1], training=False).numpy()
-assert np.abs(features[:1] - alone).max() < 1e-4, np.abs(features[:1] - alone).max()
+scale = np.abs(features).max()  # float32 convolutions differ by batch size at ~1e-6 of the scale
+assert np.abs(features[:1] - alone).max() < 1e-4 * scale, (np.abs(features[:1] - alone).max(), scale)
 assert np.abs(features - data["features"]).max() > 1e-3  # the weights did change
 predicted = model.predict(x, verbose=0)
 np.testing.assert_allclose(predicted, model.layers[2](features).numpy(), rtol=1e-4, atol=1e-5)
