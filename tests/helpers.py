@@ -28,6 +28,13 @@ def randomize(model, seed: int = 0) -> None:
             weight.assign(rng.normal(0.0, 0.1, shape).astype(np.float32))
 
 
+# A training run of a few seconds: the quickstart's recipe on a width-8 ResNet-18, 2 steps an epoch.
+TINY = [
+    "--flagfile=configs/quickstart.flags", "--batch_size=32", "--queue_size=64", "--bn_groups=2",
+    "--steps_per_epoch=2", "--epochs=3", "--knn_every=0", "--checkpoint_every=1", "--seed=1", "--width=8",
+    "--export_dir=",  # not the flagfile's export/quickstart: tests write only under tmp_path
+]
+
 # The environment of every command a test runs in a fresh interpreter: quiet, bit-stable kernels.
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0", "PYTHONPATH": ROOT}
 

@@ -99,6 +99,15 @@ def test_a_new_backbone_is_one_entry():
         spec = BackboneSpec.from_dict({"arch": "tiny", "width": 5})
         assert spec.feature_dim == 5 and "tiny" in backbones.backbone_names()
         assert spec.build()(np.zeros((1, 8, 8, 3), np.float32)).shape == (1, 5)
+        # ... and MoCo trains on it with no other change: both encoders built from the spec.
+        from moco_tf.models.moco import MoCo
+
+        model = MoCo(backbone=spec, dim=4, queue_size=8, image_size=8)
+        assert model.backbone_spec == spec and model.get_config()["arch"] == "tiny"
+        assert model(np.zeros((2, 8, 8, 3), np.float32)).shape == (2, 4)
+        assert model.encoder_k.backbone.get_layer("conv1").kernel.shape == (3, 3, 3, 5)
+        with pytest.raises(ValueError, match="either backbone or arch"):
+            MoCo("resnet18", backbone=spec)
         with pytest.raises(ValueError, match="'tiny' is already registered"):
             backbones.register_backbone("tiny", tiny, feature_dim=lambda width: width)
     finally:

@@ -9,14 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.helpers import ENV, free_ports
+from tests.helpers import ENV, TINY, free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--flagfile=configs/quickstart.flags", "--batch_size=32", "--queue_size=64", "--bn_groups=2",
-    "--steps_per_epoch=2", "--epochs=3", "--knn_every=0", "--checkpoint_every=1", "--seed=1", "--width=8",
-    "--export_dir=",  # not the flagfile's export/quickstart: tests write only under tmp_path
-]
 
 
 def _train(*args, env=None):

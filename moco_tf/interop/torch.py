@@ -40,10 +40,10 @@ from moco_tf.interop.hub import (
     refuse_overlap,
     write_replacing,
 )
-from moco_tf.models.backbones import default_image_size, official_dataset
+from moco_tf.models.backbones import BackboneSpec, default_image_size, official_dataset
 from moco_tf.models.batchnorm import BatchNorm
 from moco_tf.models.moco import MoCo, projection_head
-from moco_tf.models.resnet import SPECS, resnet
+from moco_tf.models.resnet import SPECS
 from moco_tf.training.checkpoint import write_model_dir
 
 TORCH_INSTALL_HINT = (
@@ -229,6 +229,11 @@ def _head_kind(layout: str, encoder: Mapping[str, np.ndarray]) -> str | None:
     if fc == {"fc.0.weight", "fc.0.bias", "fc.2.weight", "fc.2.bias"}:
         return "v2"
     raise CheckpointError(f"unrecognised MoCo head keys: {sorted(fc)}")
+
+
+def _spec(info: Mapping[str, Any]) -> BackboneSpec:
+    """The backbone `describe_state_dict` found."""
+    return BackboneSpec(info["arch"], info["width"], info["cifar_stem"])
 
 
 def describe_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -463,10 +468,11 @@ def convert_to_export(torch_checkpoint: str, export_dir: str, overwrite: bool = 
     checkpoint = read_torch_checkpoint(torch_checkpoint)
     state = state_dict_of(checkpoint)
     info = describe_state_dict(state)
-    backbone = resnet(info["arch"], cifar_stem=info["cifar_stem"], width=info["width"])
+    spec = _spec(info)
+    backbone = spec.build()
     head = None
     if info["head"] in ("v1", "v2"):
-        head = projection_head(int(backbone.output.shape[-1]), info["dim"], info["mlp"])
+        head = projection_head(spec.feature_dim, info["dim"], info["mlp"])
     report = load_torch_state_dict(backbone, state, head=head)
     config = _config_from_checkpoint(torch_checkpoint, checkpoint, report)
     return export_backbone(backbone, export_dir, config, head=head, overwrite=overwrite, protected=protected)
@@ -494,7 +500,7 @@ def convert_to_model_dir(torch_checkpoint: str, model_dir: str, overwrite: bool 
             f"{torch_checkpoint} has no MoCo v1/v2 head ({info['layout']} layout, head "
             f"{info['head']}); a model_dir needs one. Use --export_dir for its backbone."
         )
-    kwargs = {k: info[k] for k in ("arch", "dim", "mlp", "cifar_stem", "width")}
+    kwargs = {"backbone": _spec(info), "dim": info["dim"], "mlp": info["mlp"]}
     kwargs["temperature"] = OFFICIAL_RECIPES["v2" if info["mlp"] else "v1"]["temperature"]
     if info["queue_size"]:
         kwargs["queue_size"] = info["queue_size"]

@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from moco_tf.models import resnet
+from moco_tf.models.backbones import BackboneSpec
 from moco_tf.models.losses import info_nce
 
 
@@ -60,9 +61,9 @@ def _unit_rows(shape, dtype=None):
     return tf.math.l2_normalize(tf.random.normal(shape, dtype=dtype or "float32"), axis=1)
 
 
-def _encoder(arch, dim, mlp, cifar_stem, bn_groups, image_size, width, name) -> Encoder:
-    backbone = resnet.resnet(arch, cifar_stem=cifar_stem, bn_groups=bn_groups, image_size=image_size, width=width)
-    return Encoder(backbone, projection_head(resnet.feature_dim(arch, width), dim, mlp), name=name)
+def _encoder(spec: BackboneSpec, dim, mlp, bn_groups, image_size, name) -> Encoder:
+    backbone = spec.build(image_size=image_size, bn_groups=bn_groups)
+    return Encoder(backbone, projection_head(spec.feature_dim, dim, mlp), name=name)
 
 
 @keras.saving.register_keras_serializable(package="moco_tf")
@@ -70,7 +71,7 @@ class MoCo(keras.Model):
     """MoCo v1/v2 (He et al. 2019; Chen et al. 2020).
 
     Args:
-        arch: resnet18/34/50/101/152.
+        arch: a registered backbone (resnet18/34/50/101/152; moco_tf.models.backbones).
         dim: projection (key) dimension.
         queue_size: K, number of negative keys; a multiple of the keys enqueued per step.
         momentum: m of the key encoder's moving average, in [0, 1).
@@ -84,6 +85,7 @@ class MoCo(keras.Model):
         cifar_stem: 3x3 stride-1 stem, no max-pool.
         image_size: fixes the input size (static shapes); any size when None.
         width: the ResNet's base channels (64 standard; narrower only for CPU-budget experiments).
+        backbone: instead of arch / width / cifar_stem, the BackboneSpec the run config holds.
     """
 
     def __init__(
@@ -100,11 +102,15 @@ class MoCo(keras.Model):
         cifar_stem: bool = False,
         image_size: int | None = None,
         width: int = resnet.STANDARD_WIDTH,
+        backbone: BackboneSpec | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if arch not in resnet.ARCHS:
-            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(resnet.ARCHS)}")
+        if backbone is None:
+            backbone = BackboneSpec(arch, width, cifar_stem)  # a ValueError naming the known archs
+        elif (arch, width, cifar_stem) != ("resnet50", resnet.STANDARD_WIDTH, False):
+            raise ValueError("give either backbone or arch / width / cifar_stem, not both")
+        arch, width, cifar_stem = backbone.arch, backbone.width, backbone.cifar_stem
         # The run config validates these for the command lines and pretrain(); kept for a MoCo built
         # directly (benchmarks, notebooks), where a bad value would train silently wrong.
         if temperature <= 0:
@@ -118,7 +124,8 @@ class MoCo(keras.Model):
         self.shuffle_bn, self.bn_groups, self.symmetric = shuffle_bn, bn_groups, symmetric
         self.cifar_stem, self.image_size, self.width = cifar_stem, image_size, width
 
-        args = (arch, dim, mlp, cifar_stem, bn_groups, image_size, width)
+        self.backbone_spec = backbone
+        args = (backbone, dim, mlp, bn_groups, image_size)
         self.encoder_q = _encoder(*args, name="encoder_q")
         self.encoder_k = _encoder(*args, name="encoder_k")
         # The key encoder starts as an exact copy and is never touched by the optimizer.

@@ -74,7 +74,7 @@ def build_model(config: PretrainConfig) -> MoCo:
     """The MoCo model `config.model` describes, its input size fixed to `config.data.image_size`."""
     m, backbone = config.model, config.model.backbone
     return MoCo(
-        arch=backbone.arch, width=backbone.width, cifar_stem=backbone.cifar_stem, dim=m.dim,
+        backbone=backbone, dim=m.dim,
         queue_size=m.queue_size, momentum=m.moco_momentum, temperature=m.temperature, mlp=m.mlp,
         shuffle_bn=m.shuffle_bn, bn_groups=m.bn_groups, symmetric=m.symmetric, image_size=config.data.image_size,
     )
