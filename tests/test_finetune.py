@@ -124,6 +124,20 @@ def test_every_weight_and_bn_statistic_trains_and_evaluation_uses_the_moving_one
     assert os.path.isdir(tmp_path / "logs") and os.path.exists(tmp_path / finetune.RESULTS_FILE)
 
 
+def test_schedule_follows_the_epochs_on_image_files(tmp_path):
+    # Files are read with ignore_errors (a dataset of unknown length); Keras 3 then counted one
+    # optimizer iteration more per epoch than there were batches, running the schedule ahead.
+    _folder(tmp_path, {"a": 12, "b": 12}, "train")
+    _folder(tmp_path, {"a": 2, "b": 2}, "test")
+    source = sources.make_source("folder", str(tmp_path))
+    train = pipelines.labelled_dataset(source, "train", 16, BATCH, train_aug=True, shuffle=True, seed=0)
+    val = pipelines.labelled_dataset(source, "test", 16, BATCH)
+    model = finetune.build_classifier(SPEC.build, 2, sample_shape=(16, 16, 3))
+    results = finetune.finetune(model, train, val, steps_per_epoch=2, epochs=3, lr=0.05, eval_every=0)
+    assert int(model.optimizer.iterations.numpy()) == 6  # 24 images, batch 16: 2 steps an epoch
+    np.testing.assert_allclose([r["lr"] for r in results], finetune.epoch_rates(0.05, 3), rtol=1e-6)
+
+
 def test_resume_goes_on_from_the_last_epoch(digits, tmp_path):
     _, train, val = digits
     first = finetune.build_classifier(SPEC.build, 10)
@@ -181,11 +195,10 @@ def weights(tmp_path_factory):
     return paths, [np.array(w) for w in backbone.weights]
 
 
-# The export in CI (it also checks the recipe refusal); the other two kinds load through the same
-# `load_backbone` as kNN and lincls (tests/test_interop_pretrained.py) and run with -m slow.
-@pytest.mark.parametrize(
-    "kind", [pytest.param("model_dir", marks=pytest.mark.slow), "export", pytest.param("torch", marks=pytest.mark.slow)]
-)
+# model_dir runs with -m slow (it loads through the same `load_backbone` as kNN and lincls, tested
+# in tests/test_interop_pretrained.py); the export (which also checks the recipe refusal) and the
+# PyTorch checkpoint in CI.
+@pytest.mark.parametrize("kind", [pytest.param("model_dir", marks=pytest.mark.slow), "export", "torch"])
 def test_finetune_from_each_kind_of_path(weights, kind, tmp_path, monkeypatch):
     from moco_tf import finetune as command_line
 
