@@ -47,10 +47,11 @@ def recipe_warnings(config: PretrainConfig, num_examples: int) -> list[str]:
             f"(more than {MAX_QUEUE_SHARE:.0%}): a query's own image often has older keys among its negatives "
             f"(logged as self_neg); {advice}"
         )
-    if 0 < steps_per_epoch < MIN_STEPS_PER_EPOCH:
+    batches = num_examples // optim.batch_size  # an epoch cut short with --steps_per_epoch is meant
+    if 0 < batches < MIN_STEPS_PER_EPOCH:
         most = num_examples // MIN_STEPS_PER_EPOCH
         out.append(
-            f"--batch_size={optim.batch_size} gives {steps_per_epoch} steps an epoch over {num_examples} images "
+            f"--batch_size={optim.batch_size} gives {batches} steps an epoch over {num_examples} images "
             f"(fewer than {MIN_STEPS_PER_EPOCH}): set --batch_size<={most} for more steps in the same time"
         )
     fill_steps = -(-model.queue_size // keys_per_step)

@@ -144,10 +144,6 @@ def pretrain(
     config.check_replicas(strategy.num_replicas_in_sync)
     source = sources.make_source(config.data.dataset, config.data.data_dir, strict=config.data.strict_data)
     steps_per_epoch = config.steps_per_epoch(source.num_examples(source.pretrain_split), source.name)
-    if chief:  # before the first step: settings that fit this data set badly
-        for warning in guardrails.recipe_warnings(config, source.num_examples(source.pretrain_split)):
-            print(f"warning: {warning}", file=sys.stderr, flush=True)
-
     lock = None
     if chief:
         check_writable(model_dir)
@@ -157,6 +153,9 @@ def pretrain(
     try:
         if chief and before_training is not None:
             before_training(model_dir)
+        if chief:  # before the first step, after every check of the user's input: settings that fit the data badly
+            for warning in guardrails.recipe_warnings(config, source.num_examples(source.pretrain_split)):
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
         return _train(config, saved, model_dir, strategy, chief, source, steps_per_epoch,
                       progress if chief else "none", init_weights)
     finally:
