@@ -144,6 +144,11 @@ def test_monitor_inside_fit(digits):
     x, y = np.zeros((4, 32, 32, 3), np.float32), np.zeros((4, 1), np.float32)
     history = model.fit(x, y, epochs=2, verbose=0, callbacks=[knn.KNNMonitor(train, val, every_n_epochs=1)])
     assert len(history.history["knn_top1"]) == 2
+    # Every 2 epochs over 3: epoch 2, and epoch 3 because it is the run's last.
+    evaluated = []
+    seen = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: evaluated.append("knn_top1" in logs))
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[knn.KNNMonitor(train, val, every_n_epochs=2, final_epoch=3), seen])
+    assert evaluated == [False, True, True]
 
 
 def test_repeated_evaluations_trace_once_and_never_warn(digits):

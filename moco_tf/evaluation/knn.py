@@ -262,7 +262,7 @@ def evaluate(
 
 
 class KNNMonitor(keras.callbacks.Callback):
-    """Every `every_n_epochs` epochs, kNN top-1 of `model.backbone_q` (inference mode) on
+    """Every `every_n_epochs` epochs and at `final_epoch`, kNN top-1 of `model.backbone_q` (inference mode) on
     `val_ds` with `train_ds` as memory bank, put into the epoch logs as `knn_top1` (and
     `knn_top5`); with `log_dir`, also TensorBoard scalars and the retrieval grid image.
 
@@ -283,6 +283,7 @@ class KNNMonitor(keras.callbacks.Callback):
         class_names: Sequence[str] = (),
         grid_queries: int = 8,
         grid_neighbours: int = 8,
+        final_epoch: int | None = None,
     ):
         super().__init__()
         if every_n_epochs < 1:
@@ -293,9 +294,11 @@ class KNNMonitor(keras.callbacks.Callback):
         self.grid_queries = grid_queries if log_dir else 0
         self.grid_neighbours = grid_neighbours
         self._writer = None
+        # The run's last epoch is always evaluated: "after training" must mean after the last one.
+        self.final_epoch = final_epoch
 
     def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every_n_epochs:
+        if (epoch + 1) % self.every_n_epochs and epoch + 1 != self.final_epoch:
             return
         result = evaluate(
             self.model.backbone_q,

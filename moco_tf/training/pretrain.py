@@ -238,6 +238,7 @@ def _train(
         monitor = knn.KNNMonitor(
             train_ds, val_ds, config.runtime.knn_every, log_dir=log_dir if chief else None, k=config.runtime.knn_k,
             t=config.runtime.knn_t, num_classes=source.num_classes, class_names=source.class_names,
+            final_epoch=config.optim.epochs,
         )
         callbacks.append(monitor)
         if step == 0 and chief:
