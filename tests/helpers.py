@@ -76,6 +76,18 @@ def run_local_workers(module_args: list[list[str]], timeout: int = 300) -> list[
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
 
 
+def image_folder(root, counts: dict[str, int], split: str) -> None:
+    """root/split/<class>/<i>.png: counts[class] tiny 8x8 images of distinct grey levels."""
+    import tensorflow as tf
+
+    for name, n in counts.items():
+        folder = root / split / name
+        folder.mkdir(parents=True)
+        for i in range(n):
+            pixels = np.full((8, 8, 3), (i * 7) % 255, np.uint8)
+            (folder / f"{i}.png").write_bytes(tf.io.encode_png(pixels).numpy())
+
+
 def tiny_backbone():
     """Any images -> features Keras model exports; this one saves in a fraction of a second."""
     import keras

@@ -15,7 +15,7 @@ from moco_tf.data import pipelines, sources
 from moco_tf.evaluation import linear
 from moco_tf.interop.pretrained import load_backbone
 from moco_tf.models.resnet import resnet
-from tests.helpers import randomize, run, run_local_workers
+from tests.helpers import image_folder, randomize, run, run_local_workers
 from tests.torch_reference import tf_encoder_state
 
 BATCH = 16
@@ -73,6 +73,21 @@ def test_initialisation_and_schedule():
     rates = [float(optimizer._learning_rate(step)) for step in (0, 599, 600, 799, 800, 999)]
     np.testing.assert_allclose(rates, [30, 30, 3, 3, 0.3, 0.3], rtol=1e-6)
     assert optimizer.coupled_weight_decay == 0.0 and optimizer.momentum == 0.9
+
+
+def test_schedule_follows_the_epochs_on_image_files(tmp_path):
+    # Files are read with ignore_errors (a dataset of unknown length); Keras 3 counted one optimizer
+    # iteration more per epoch than there were batches, running the milestones early.
+    image_folder(tmp_path, {"a": 12, "b": 12}, "train")
+    image_folder(tmp_path, {"a": 2, "b": 2}, "test")
+    source = sources.make_source("folder", str(tmp_path))
+    train = pipelines.labelled_dataset(source, "train", 16, BATCH, train_aug=True, shuffle=True, seed=0)
+    val = pipelines.labelled_dataset(source, "test", 16, BATCH)
+    backbone = resnet("resnet18", cifar_stem=True, width=8)
+    model, rows = linear.train_linear(backbone, train, val, 2, steps_per_epoch=2, epochs=3, lr=3.0,
+                                      milestones=(2,), log=lambda _: None)  # fmt: skip
+    assert int(model.optimizer.iterations.numpy()) == 6  # 24 images, batch 16: 2 steps an epoch
+    assert [row["lr"] for row in rows] == pytest.approx([3.0, 3.0, 0.3])
 
 
 def test_resume(pretrained, digits, tmp_path):

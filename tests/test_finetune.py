@@ -17,24 +17,15 @@ from moco_tf.data import pipelines, sources, subsets
 from moco_tf.evaluation import finetune
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.training.config import FinetuneConfig, RunMismatchError
-from tests.helpers import randomize, run
+from tests.helpers import image_folder, randomize, run
 
 SPEC = BackboneSpec("resnet18", 8, True)
 BATCH = 16
 
 
-def _folder(root, counts: dict[str, int], split: str) -> None:
-    for name, n in counts.items():
-        folder = root / split / name
-        folder.mkdir(parents=True)
-        for i in range(n):
-            pixels = np.full((8, 8, 3), (i * 7) % 255, np.uint8)
-            (folder / f"{i}.png").write_bytes(tf.io.encode_png(pixels).numpy())
-
-
 def test_subset_is_class_balanced_fixed_by_its_seed_and_disjoint_from_eval(tmp_path):
-    _folder(tmp_path, {"a": 40, "b": 20, "c": 10}, "train")
-    _folder(tmp_path, {"a": 3, "b": 3, "c": 3}, "test")
+    image_folder(tmp_path, {"a": 40, "b": 20, "c": 10}, "train")
+    image_folder(tmp_path, {"a": 3, "b": 3, "c": 3}, "test")
     source = sources.make_source("folder", str(tmp_path))
     subset = subsets.label_subset(source, 0.1, seed=0)
     paths, labels = subset.splits["train"]
@@ -127,8 +118,8 @@ def test_every_weight_and_bn_statistic_trains_and_evaluation_uses_the_moving_one
 def test_schedule_follows_the_epochs_on_image_files(tmp_path):
     # Files are read with ignore_errors (a dataset of unknown length); Keras 3 then counted one
     # optimizer iteration more per epoch than there were batches, running the schedule ahead.
-    _folder(tmp_path, {"a": 12, "b": 12}, "train")
-    _folder(tmp_path, {"a": 2, "b": 2}, "test")
+    image_folder(tmp_path, {"a": 12, "b": 12}, "train")
+    image_folder(tmp_path, {"a": 2, "b": 2}, "test")
     source = sources.make_source("folder", str(tmp_path))
     train = pipelines.labelled_dataset(source, "train", 16, BATCH, train_aug=True, shuffle=True, seed=0)
     val = pipelines.labelled_dataset(source, "test", 16, BATCH)

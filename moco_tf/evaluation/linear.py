@@ -193,6 +193,10 @@ def train_linear(
                 keras.metrics.SparseTopKCategoricalAccuracy(k=k, name="top5"),
             ],
         )
+    # Exactly steps_per_epoch batches an epoch, and Keras told so: on a dataset of unknown length
+    # (image files read with ignore_errors) Keras 3 counted one optimizer iteration more per epoch
+    # than there were batches, running the step schedule ahead of the epochs (as in finetune).
+    train_ds = train_ds.repeat().take(steps_per_epoch).apply(tf.data.experimental.assert_cardinality(steps_per_epoch))
     if int(epoch.numpy()) < epochs:
         with _finite_datasets():
             model.fit(
