@@ -198,6 +198,15 @@ class MoCo(keras.Model):
         """Normalized query projections of `images`."""
         return tf.math.l2_normalize(self.encoder_q(images, training=training), axis=1)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Every weight exists since __init__ and no loss or metric is compiled: only the optimizer
+        # may need building. Keras's own symbolic build first reduces a batch across replicas, which
+        # MultiWorkerMirroredStrategy cannot do for the {"views", "ids"} dict (a TypeError on every
+        # multi-worker run).
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.encoder_q.trainable_variables)
+
     # ----------------------------------------------------------------------------- the step
     def train_step(self, data):
         """One step on a view pair (x_q, x_k), a tensor [N, 2, H, W, C], or a dict {"views": that
@@ -233,7 +242,7 @@ class MoCo(keras.Model):
         if ids is not None:
             # Against the queue the loss just used, before this step's keys go in.
             self.self_neg_tracker.update_state(self_negative_rate(ids, self.queue_ids))
-            ids_all = replica.all_gather(ids, axis=0) if replica.num_replicas_in_sync > 1 else ids
+            ids_all = _all_gather_ids(replica, ids) if replica.num_replicas_in_sync > 1 else ids
         else:
             ids_all = tf.fill(tf.shape(keys[0][1])[:1], UNKNOWN_ID)
         self._dequeue_and_enqueue(
@@ -329,6 +338,12 @@ class MoCo(keras.Model):
 
 
 UNKNOWN_ID = -1  # a queue row whose image is not known (start, data without ids, an old checkpoint)
+
+
+def _all_gather_ids(replica, ids: tf.Tensor) -> tf.Tensor:
+    # Gathered as float32 (exact for ids below 2**24, 13x ImageNet): MultiWorkerMirroredStrategy's
+    # all_gather of int32 fails on CPU workers ("destinations can not be empty").
+    return tf.cast(replica.all_gather(tf.cast(ids, tf.float32), axis=0), tf.int32)
 
 
 def self_negative_rate(ids: tf.Tensor, queue_ids: tf.Tensor) -> tf.Tensor:
