@@ -21,15 +21,19 @@ from tests.torch_reference import tf_encoder_state
 BATCH = 16
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+def _torch_checkpoint(folder, width: int) -> str:
     """A torch checkpoint (the fastest PATH kind to load) of a ResNet-18 with random BN statistics."""
-    backbone = resnet("resnet18", cifar_stem=True)
+    backbone = resnet("resnet18", cifar_stem=True, width=width)
     randomize(backbone)
     state = tf_encoder_state(types.SimpleNamespace(backbone=backbone, head=types.SimpleNamespace(layers=[])))
-    path = str(tmp_path_factory.mktemp("pretrained") / "r18.pth")
+    path = str(folder / f"r18w{width}.pth")
     torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}}, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    return _torch_checkpoint(tmp_path_factory.mktemp("pretrained"), 64)
 
 
 @pytest.fixture(scope="module")
@@ -184,10 +188,11 @@ def test_mirrored_training_matches_one_device(pretrained, digits):
     assert linear.evaluate(two, val) == pytest.approx(linear.evaluate(one, val))
 
 
-def test_cli_multi_worker_matches_one_device(pretrained, tmp_path):
+def test_cli_multi_worker_matches_one_device(tmp_path):
     """Two local workers (TF_CONFIG on 127.0.0.1, one replica each) train one classifier on the
     precomputed features, each on half of every batch: both print the one-device run's loss (to
     rounding: gradients summed in another order) and final top-1/top-5; only the chief writes."""
+    pretrained = _torch_checkpoint(tmp_path, 8)  # narrow: three processes extract features
     args = ["-m", "moco_tf.lincls", f"--pretrained={pretrained}", "--dataset=digits", "--limit_train=32",
             "--limit_val=16", "--batch_size=16", "--epochs=1", "--lr=0.01", "--precompute_features", "--seed=3",
             "--mixed_precision=none"]  # fmt: skip

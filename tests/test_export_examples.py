@@ -32,7 +32,9 @@ def export_dir(tmp_path_factory):
     return hub.export_backbone(backbone, str(tmp_path_factory.mktemp("seg") / "r18"), spec.to_dict())
 
 
-@pytest.mark.parametrize("fine_tune", [False, True])
+# The fine-tuned head (through the training endpoints, which tests/test_interop_hub.py checks in
+# a fresh process) runs with -m slow; the frozen one in CI.
+@pytest.mark.parametrize("fine_tune", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_segmentation_head_trains_on_the_feature_maps(export_dir, fine_tune):
     result = _example().train(export_dir, steps=4, image_size=32, fine_tune=fine_tune, batch=8)
     assert result["output_shape"] == (None, 32, 32, 4)  # per-pixel logits at the input's size

@@ -40,7 +40,9 @@ def floatx(request):
         ("float64", False, 0.07, 1, 64, False),
         ("float64", True, 0.2, 1, 16, False),
         ("float64", False, 0.1, 2, 8, False),
-        ("float32", False, 0.07, 1, 64, False),
+        # float32 once in CI (the v2 head); the v1 head's float32 case adds nothing float64 does not
+        # check, and runs with -m slow.
+        pytest.param("float32", False, 0.07, 1, 64, False, marks=pytest.mark.slow),
         ("float32", True, 0.2, 1, 64, False),
         ("float64", False, 0.1, 4, 8, True),
     ],
