@@ -32,7 +32,7 @@ from moco_tf.interop import hub
 from moco_tf.interop.pretrained import load_backbone
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.training import distribute
-from moco_tf.training.config import FinetuneConfig, check_same_run
+from moco_tf.training.config import FinetuneConfig
 from moco_tf.training.schedules import scaled_lr
 
 FLAGS = flags.FLAGS
@@ -73,7 +73,7 @@ def run_finetune(config: FinetuneConfig, strategy: tf.distribute.Strategy) -> di
         protected = [config.model_dir] if config.model_dir else []
         hub.check_export_target(config.export_dir, config.overwrite_export, protected)
     if config.model_dir:
-        check_model_dir(config, chief)
+        cli_evaluation.check_model_dir(config, finetune.CONFIG_FILE, chief)
     else:
         print("no --model_dir: nothing is checkpointed, a rerun starts over")
     train_source = subsets.label_subset(source, config.label_fraction, config.subset_seed, config.data_dir)
@@ -117,19 +117,6 @@ def run_finetune(config: FinetuneConfig, strategy: tf.distribute.Strategy) -> di
         )  # fmt: skip
         print(f"exported the fine-tuned backbone and head to {path}")
     return final
-
-
-def check_model_dir(config: FinetuneConfig, chief: bool) -> None:
-    """Refuses to resume a run of another recipe (on every worker); the chief records a new run's config."""
-    path = os.path.join(config.model_dir, finetune.CONFIG_FILE)
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            check_same_run(FinetuneConfig.from_json(f.read()), config, config.model_dir)
-        return
-    if chief:
-        tf.io.gfile.makedirs(config.model_dir)
-        with tf.io.gfile.GFile(path, "w") as f:
-            f.write(config.to_json())
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -21,7 +21,6 @@ import math
 import os
 import sys
 
-import tensorflow as tf
 from absl import flags, logging
 
 from moco_tf import cli
@@ -30,24 +29,10 @@ from moco_tf.cli import flags as cli_flags
 from moco_tf.data.pipelines import labelled_dataset
 from moco_tf.evaluation import linear
 from moco_tf.training import distribute
-from moco_tf.training.config import LinearConfig, check_same_run
+from moco_tf.training.config import LinearConfig
 from moco_tf.training.schedules import scaled_lr
 
 FLAGS = flags.FLAGS
-
-
-def check_model_dir(config: LinearConfig, chief: bool) -> None:
-    """Refuses to resume a run of another recipe (on every worker); the chief records a new run's config."""
-    path = os.path.join(config.model_dir, linear.CONFIG_FILE)
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            check_same_run(LinearConfig.from_json(f.read()), config, config.model_dir)
-        return
-    if not chief:
-        return
-    tf.io.gfile.makedirs(config.model_dir)
-    with tf.io.gfile.GFile(path, "w") as f:
-        f.write(config.to_json())
 
 
 def main(argv: list[str]) -> None:
@@ -67,7 +52,7 @@ def train_from_flags(config: LinearConfig) -> None:
     image_size = FLAGS.image_size or info["image_size"]
     config = dataclasses.replace(config, image_size=image_size, pretrained=os.path.abspath(FLAGS.pretrained))
     if config.model_dir:
-        check_model_dir(config, setup.chief)
+        cli_evaluation.check_model_dir(config, linear.CONFIG_FILE, setup.chief)
     else:
         print("no --model_dir: nothing is checkpointed, a rerun starts over")
     batch = FLAGS.batch_size

@@ -4,6 +4,7 @@ pretrained encoder on them, from the flags of `define_evaluation_flags`."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from typing import Any
 
@@ -15,6 +16,7 @@ from moco_tf.evaluation.frozen import FrozenBackbone, replicate
 from moco_tf.interop.pretrained import load_backbone, load_for_evaluation
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.training import distribute
+from moco_tf.training.config import FinetuneConfig, LinearConfig, check_same_run
 
 POLICIES = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
@@ -57,3 +59,17 @@ def shared_seed(strategy: tf.distribute.Strategy, seed: int | None) -> int | Non
     with strategy.scope():  # a variable made in scope starts with the chief's value on every worker
         drawn = tf.Variable(random.SystemRandom().randrange(2**31), dtype=tf.int64, trainable=False)
     return int(drawn.numpy())
+
+
+def check_model_dir(config: LinearConfig | FinetuneConfig, config_file: str, chief: bool) -> None:
+    """Refuses to resume a run of another recipe (on every worker); the chief records a new run's
+    config as model_dir/config_file."""
+    path = os.path.join(config.model_dir, config_file)
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            check_same_run(type(config).from_json(f.read()), config, config.model_dir)
+        return
+    if chief:
+        tf.io.gfile.makedirs(config.model_dir)
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(config.to_json())
