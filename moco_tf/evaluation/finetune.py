@@ -27,7 +27,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from moco_tf.evaluation.linear import _finite_datasets, write_json
+from moco_tf.evaluation.linear import _finite_datasets, compile_classifier, exact_epochs, write_json
 from moco_tf.training.optimizers import SGD
 from moco_tf.training.schedules import EpochSchedule
 
@@ -196,20 +196,8 @@ def finetune(
             checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
             results = read_results(model_dir)[: int(epoch.numpy())]
             log(f"resuming from {manager.latest_checkpoint} (epoch {int(epoch.numpy())} of {epochs} done)")
-    k = min(5, int(model.fc.units))
-    with strategy.scope():
-        model.compile(
-            optimizer=optimizer,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=[
-                keras.metrics.SparseCategoricalAccuracy(name="top1"),
-                keras.metrics.SparseTopKCategoricalAccuracy(k=k, name="top5"),
-            ],
-        )
-    # Exactly steps_per_epoch batches an epoch, and Keras told so: a dataset of unknown length (image
-    # files read with ignore_errors) made Keras 3 count one optimizer iteration more per epoch than
-    # it had batches, which ran the per-step schedule ahead of the epochs (measured: 3 a pass of 2).
-    train_ds = train_ds.repeat().take(steps_per_epoch).apply(tf.data.experimental.assert_cardinality(steps_per_epoch))
+    compile_classifier(model, optimizer, int(model.fc.units), strategy)
+    train_ds = exact_epochs(train_ds, steps_per_epoch)
     done = int(epoch.numpy())
     if done < epochs:
         callbacks: list = [_EpochEnd(manager if chief else None, epoch, results, log, model_dir)]
