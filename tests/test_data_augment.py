@@ -145,15 +145,31 @@ def test_grayscale_rate(version):
     assert abs(gray.mean() - 0.2) < 0.025
 
 
-def test_jitter_rate_and_brightness_factors():
+# The host's colour stage and the accelerator's (static shapes): the same distributions.
+STATIC = pytest.mark.parametrize("static_shapes", [False, True], ids=["host", "device"])
+
+
+@STATIC
+def test_grayscale_stage_rate(static_shapes):
     n = 3000
     x = tf.constant(_random_images(n, 4, 4) / 255.0, tf.float32)
-    out = augment.color_jitter(x, (0.4, 0.4, 0.4, 0.1), 0.8, augment.as_seed(5)).numpy()
+    out = augment.random_grayscale(x, 0.2, augment.as_seed(4), static_shapes).numpy()
+    gray = np.all(np.abs(out - out[..., :1]) < 1e-6, axis=(1, 2, 3))
+    assert abs(gray.mean() - 0.2) < 0.025
+    np.testing.assert_allclose(out[gray][..., 0], augment.rgb_to_grayscale(x.numpy()[gray])[..., 0], atol=1e-6)
+    np.testing.assert_array_equal(out[~gray], x.numpy()[~gray])
+
+
+@STATIC
+def test_jitter_rate_and_brightness_factors(static_shapes):
+    n = 3000
+    x = tf.constant(_random_images(n, 4, 4) / 255.0, tf.float32)
+    out = augment.color_jitter(x, (0.4, 0.4, 0.4, 0.1), 0.8, augment.as_seed(5), static_shapes).numpy()
     changed = np.abs(out - x.numpy()).max(axis=(1, 2, 3)) > 1e-6
     assert abs(changed.mean() - 0.8) < 0.025
     # Brightness alone: out = clip(f * x), f ~ U[0.6, 1.4] per image.
     dark = x * 0.5
-    out = augment.color_jitter(dark, (0.4, 0.0, 0.0, 0.0), 1.0, augment.as_seed(6)).numpy()
+    out = augment.color_jitter(dark, (0.4, 0.0, 0.0, 0.0), 1.0, augment.as_seed(6), static_shapes).numpy()
     f = out.reshape(n, -1).sum(1) / dark.numpy().reshape(n, -1).sum(1)
     np.testing.assert_allclose(out, dark.numpy() * f[:, None, None, None], atol=1e-5)
     assert 0.6 <= f.min() < 0.62 and 1.38 < f.max() <= 1.4
@@ -174,12 +190,13 @@ def test_jitter_order_is_a_uniform_random_permutation_per_image():
     assert ((order0.numpy() == -1).sum(axis=1) == 2).all()
 
 
-def test_apply_jitter_runs_each_image_in_its_order():
+@STATIC
+def test_apply_jitter_runs_each_image_in_its_order(static_shapes):
     x = tf.constant(_random_images(4, 6, 6, seed=16) / 255.0, tf.float32)
     factors = tf.constant([[1.3, 0.7, 1.4, 0.08], [0.6, 1.3, 0.5, -0.05], [1.2, 1.2, 1.2, 0.1], [1.4, 0.6, 1.4, 0.1]])
     order = tf.constant([[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]], tf.int32)
     applied = tf.constant([True, True, True, False])
-    out = augment.apply_jitter(x, factors, order, applied).numpy()
+    out = augment.apply_jitter(x, factors, order, applied, static_shapes).numpy()
     ops = [augment.adjust_brightness, augment.adjust_contrast, augment.adjust_saturation, augment.adjust_hue]
     for i in range(4):
         ref = x[i : i + 1]
@@ -188,17 +205,19 @@ def test_apply_jitter_runs_each_image_in_its_order():
                 ref = ops[k](ref, factors[i : i + 1, k])
         np.testing.assert_allclose(out[i], ref[0], atol=1e-6)
     # the order matters here, so a shared order would fail the loop above
-    assert np.abs(out[0] - augment.apply_jitter(x, factors, order[::-1], applied).numpy()[0]).max() > 1e-3
+    reversed_order = augment.apply_jitter(x, factors, order[::-1], applied, static_shapes).numpy()
+    assert np.abs(out[0] - reversed_order[0]).max() > 1e-3
 
 
-def test_blur_rate_and_sigma():
+@STATIC
+def test_blur_rate_and_sigma(static_shapes):
     # Delta images, blurred with p=0.5, sigma ~ U[0.1, 2] (image_size 224): the centre pixel of
     # a blurred delta is below 1 - 1e-6 once sigma > ~0.19 (below that the kernel is a delta
     # to float precision); the profile's variance is sigma^2.
     n, size = 3000, 15
     delta = np.zeros((n, size, size, 3), np.float32)
     delta[:, size // 2, size // 2] = 1.0
-    out = augment.random_gaussian_blur(tf.constant(delta), 0.5, 224, augment.as_seed(9)).numpy()
+    out = augment.random_gaussian_blur(tf.constant(delta), 0.5, 224, augment.as_seed(9), static_shapes).numpy()
     centre = out[:, size // 2, size // 2, 0]
     blurred = centre < 1 - 1e-6
     s0 = math.sqrt(0.5 / math.log(2 / 1e-6))  # sigma where the neighbours' weight reaches 1e-6
@@ -402,14 +421,16 @@ def test_random_crops_encoded_decodes_only_the_window():
     views = augment.random_crops_encoded(encoded, 20, 2, seed, flip=False).numpy()
     assert views.shape == (2, 20, 20, 3) and views.dtype == np.uint8
     # Same windows, drawn the same way, cropped from the fully decoded image.
-    s_win, _ = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    s_win, _ = augment.split_seed(seed, 2)
     windows = augment.sample_crop_windows(tf.fill([2], 48), tf.fill([2], 64), s_win).numpy()
     full = tf.io.decode_jpeg(encoded, channels=3)
     for v, (t, left, h, w) in enumerate(windows):
         crop = full[t : t + h, left : left + w]
         ref = augment.resize_uint8(crop, 20, 20).numpy()
-        # libjpeg's windowed decode may differ by a level at block edges
-        assert np.abs(views[v].astype(int) - ref).max() <= 2
+        # libjpeg's windowed decode upsamples the chroma of the window's last column (row) from
+        # the window alone: up to ~25 levels there on this noise, a level or two elsewhere.
+        diff = np.abs(views[v].astype(int) - ref)
+        assert diff[:-2, :-2].max() <= 2 and diff.mean() < 1.0
     np.testing.assert_array_equal(views, augment.random_crops_encoded(encoded, 20, 2, seed, flip=False))
     # PNG goes the decode-then-crop way with the same windows.
     buf = io.BytesIO()
@@ -456,14 +477,20 @@ def test_blur_with_no_image_chosen(monkeypatch):
     assert np.abs(augment.random_gaussian_blur(x, 1.0, 224, augment.as_seed(0)) - x).max() > 0
 
 
+@STATIC
 @pytest.mark.parametrize("version", ["v1", "v2"])
-def test_tiny_batches(version):
+def test_tiny_batches(version, static_shapes):
     fn = tf.function(lambda s: augment.augment_batch(_random_images(1, 12, 12), version, 12, s))
     for i in range(16):
         assert np.isfinite(fn(tf.constant([i, 0], tf.int64)).numpy()).all()
     x = tf.constant(_random_images(3, 6, 6) / 255.0, tf.float32)
-    np.testing.assert_array_equal(augment.random_grayscale(x, 0.0, augment.as_seed(0)), x)
-    np.testing.assert_array_equal(augment.color_jitter(x, (0.4, 0.4, 0.4, 0.1), 0.0, augment.as_seed(0)), x)
+    np.testing.assert_array_equal(augment.random_grayscale(x, 0.0, augment.as_seed(0), static_shapes), x)
+    np.testing.assert_array_equal(
+        augment.color_jitter(x, (0.4, 0.4, 0.4, 0.1), 0.0, augment.as_seed(0), static_shapes), x
+    )
+    views = tf.function(lambda s: augment.color_views(x, version, 6, s, static_shapes=static_shapes))
+    for i in range(8):
+        assert np.isfinite(views(tf.constant([i, 0], tf.int64)).numpy()).all()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,7 +536,7 @@ def test_whole_image_views_without_flip_or_blur_by_hand():
     images = _random_images(6, 24, 24, seed=22)
     options = augment.ViewOptions(crop_min_scale=1.0, flip=False, blur=False)
     views = augment.augment_batch(images, "v2", 24, seed=5, options=options).numpy()
-    _, _, s_color = tf.unstack(tf.random.experimental.stateless_split(augment.as_seed(5), 3))
+    _, _, s_color = augment.split_seed(augment.as_seed(5), 3)
     expected = augment.color_views(images / 255.0, "v2", 24, s_color, blur=False).numpy()
     np.testing.assert_allclose(views, expected, atol=1e-5)
 

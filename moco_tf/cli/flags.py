@@ -104,6 +104,12 @@ def define_train_flags() -> None:
     flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM).")
     flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "fp16"], "Mixed precision (bf16 on TPU).")
     flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA (one replica per process, GPU/TPU).")
+    flags.DEFINE_enum(
+        "color_stage", "auto", ["auto", "host", "device"],
+        "Where the colour augmentation (jitter, grayscale, blur, normalisation) runs: in the input pipeline "
+        "on the host's CPU cores, or inside the train step on the accelerator, so the host only decodes, "
+        "crops and flips. The views are the same either way. auto: device when the run has a GPU or TPU.",
+    )
     flags.DEFINE_integer(
         "seed", None,
         "Seed of weights, queue and data order; makes a run repeatable. Without it the data order's seed is "

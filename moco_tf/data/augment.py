@@ -23,6 +23,12 @@ so the distribution is the official one.
 the 8x8 digits: larger crops, no flip, no blur); its defaults are the official recipe.
 
 Randomness is stateless: the same seed gives the same views, on any device and in any order.
+
+The colour stage has two forms with the same random draws: the host's (`static_shapes=False`),
+where each image pays only for its own ops (partitions, gathers of the chosen images), and the
+accelerator's (`static_shapes=True`), where every op runs on the whole batch and a per-image
+select keeps the drawn one: no data-dependent shape, so it compiles with XLA (TPU) and runs inside
+the train step, and the host only decodes, crops and flips (`views_from_crops`).
 """
 
 from __future__ import annotations
@@ -95,12 +101,22 @@ def as_seed(seed: int | tf.Tensor | None) -> tf.Tensor:
     return tf.reshape(seed, [2])
 
 
-def _split(seed: tf.Tensor, num: int) -> list[tf.Tensor]:
-    return tf.unstack(tf.random.experimental.stateless_split(seed, num))
+def split_seed(seed: tf.Tensor, num: int) -> list[tf.Tensor]:
+    """`num` new seeds from `seed`. Made from raw Philox bits (each half in [0, 2**32)), which XLA
+    draws as TF's kernels do; `stateless_split`'s full-range int64 draws differ under XLA."""
+    bits = tf.random.stateless_uniform([num, 2], seed, minval=None, maxval=None, dtype=tf.uint32, alg="philox")
+    return tf.unstack(tf.cast(bits, tf.int64))
 
 
 def _uniform(shape, seed, low=0.0, high=1.0) -> tf.Tensor:
-    return tf.random.stateless_uniform(shape, seed, minval=low, maxval=high, dtype=tf.float32)
+    """stateless_uniform's float32 draws, made here from its raw Philox bits as TF's CPU/GPU kernel
+    makes them (23 mantissa bits): XLA converts bits to floats its own way (and may choose
+    another generator on TPU), which would give the accelerator's colour stage other draws."""
+    bits = tf.random.stateless_uniform(shape, seed, minval=None, maxval=None, dtype=tf.uint32, alg="philox")
+    unit = tf.bitcast(tf.bitwise.bitwise_or(tf.bitwise.bitwise_and(bits, 0x7FFFFF), 0x3F800000), tf.float32) - 1.0
+    if (low, high) == (0.0, 1.0):
+        return unit
+    return low + (high - low) * unit
 
 
 def _bernoulli(n, p: float, seed) -> tf.Tensor:
@@ -138,7 +154,7 @@ def sample_crop_windows(
     heights = tf.cast(tf.reshape(heights, [-1]), tf.float32)
     widths = tf.cast(tf.reshape(widths, [-1]), tf.float32)
     n = tf.shape(heights)[0]
-    s_area, s_ratio, s_pos = _split(seed, 3)
+    s_area, s_ratio, s_pos = split_seed(seed, 3)
     area = (heights * widths)[:, None] * _uniform([n, tries], s_area, scale[0], scale[1])
     log_ratio = _uniform([n, tries], s_ratio, math.log(ratio[0]), math.log(ratio[1]))
     aspect = tf.exp(log_ratio)
@@ -262,7 +278,7 @@ def random_crops_encoded(
     pipeline's RandomHorizontalFlip, moved here because it commutes with the later ops).
     """
     seed = as_seed(seed)
-    s_win, s_flip = _split(seed, 2)
+    s_win, s_flip = split_seed(seed, 2)
     flips = _bernoulli(num_views, 0.5 if flip else 0.0, s_flip)
 
     def windows_for(shape):
@@ -344,6 +360,14 @@ def adjust_hue(images: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
 _ADJUST = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
+def adjust_hue_batched(images: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
+    """`adjust_hue` as one batched HSV round trip: the form XLA compiles (the fused kernel takes
+    one delta per call)."""
+    hsv = tf.image.rgb_to_hsv(images)
+    hue = tf.math.floormod(hsv[..., 0] + tf.reshape(tf.cast(factors, images.dtype), [-1, 1, 1]), 1.0)
+    return tf.image.hsv_to_rgb(tf.stack([hue, hsv[..., 1], hsv[..., 2]], axis=-1))
+
+
 def jitter_params(
     n: tf.Tensor | int, strength: tuple[float, float, float, float], p: float, seed: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -354,7 +378,7 @@ def jitter_params(
     torch.randperm(4)) and applied bool [n]. Ops of strength 0 are skipped (set to -1 in order),
     as torchvision leaves them None.
     """
-    s_apply, s_order, *s_factor = _split(seed, 6)
+    s_apply, s_order, *s_factor = split_seed(seed, 6)
     factors = []
     for k, (s, sd) in enumerate(zip(strength, s_factor, strict=True)):
         low, high = (max(0.0, 1.0 - s), 1.0 + s) if k < 3 else (-s, s)
@@ -365,13 +389,18 @@ def jitter_params(
     return tf.stack(factors, axis=1), order, _bernoulli(n, p, s_apply)
 
 
-def apply_jitter(images: tf.Tensor, factors: tf.Tensor, order: tf.Tensor, applied: tf.Tensor) -> tf.Tensor:
+def apply_jitter(
+    images: tf.Tensor, factors: tf.Tensor, order: tf.Tensor, applied: tf.Tensor, static_shapes: bool = False
+) -> tf.Tensor:
     """The jitter ops in each image's own order (see `jitter_params`), batched.
 
     Each of the 4 stages splits the batch by the op each image needs there
     (`dynamic_partition`), so every image pays for exactly its own ops, and images left out by
-    `applied` pay for none.
+    `applied` pay for none. `static_shapes`: each stage instead computes the blend and the hue
+    shift for the whole batch and selects per image (see the module docstring).
     """
+    if static_shapes:
+        return _apply_jitter_static(images, factors, order, applied)
     n = tf.shape(images)[0]
     index = tf.range(n)
     for stage in range(4):
@@ -384,18 +413,42 @@ def apply_jitter(images: tf.Tensor, factors: tf.Tensor, order: tf.Tensor, applie
     return images
 
 
+def _apply_jitter_static(images, factors, order, applied):
+    for stage in range(4):
+        op = tf.where(applied & (order[:, stage] >= 0), order[:, stage], 4)  # 4 = leave unchanged
+        factor = tf.gather(factors, tf.minimum(op, 3), batch_dims=1)
+        op = tf.reshape(op, [-1, 1, 1, 1])
+        # Brightness, contrast and saturation are one blend, with black, the grayscale mean or
+        # the grayscale image: one pass for the three.
+        gray = rgb_to_grayscale(images)
+        mean = tf.reduce_mean(gray, axis=[1, 2, 3], keepdims=True)
+        other = tf.where(op == 1, mean, tf.where(op == 2, gray, tf.zeros_like(mean)))
+        blended = _blend(images, other, factor)
+        hued = tf.cond(
+            tf.reduce_any(op == 3),
+            lambda: adjust_hue_batched(images, tf.where(tf.reshape(op, [-1]) == 3, factor, 0.0)),  # noqa: B023
+            lambda: images,  # noqa: B023
+        )
+        images = tf.where(op == 3, hued, tf.where(op == 4, images, blended))
+    return images
+
+
 def color_jitter(
     images: tf.Tensor,
     strength: tuple[float, float, float, float],
     p: float,
     seed: tf.Tensor,
+    static_shapes: bool = False,
 ) -> tf.Tensor:
     """RandomApply(ColorJitter(*strength), p) on each image of a batch (float32 in [0, 1])."""
-    return apply_jitter(images, *jitter_params(tf.shape(images)[0], strength, p, seed))
+    return apply_jitter(images, *jitter_params(tf.shape(images)[0], strength, p, seed), static_shapes=static_shapes)
 
 
-def random_grayscale(images: tf.Tensor, p: float, seed: tf.Tensor) -> tf.Tensor:
+def random_grayscale(images: tf.Tensor, p: float, seed: tf.Tensor, static_shapes: bool = False) -> tf.Tensor:
     """RandomGrayscale(p): luma copied to the 3 channels, per image."""
+    if static_shapes:
+        chosen = tf.reshape(_bernoulli(tf.shape(images)[0], p, seed), [-1, 1, 1, 1])
+        return tf.where(chosen, rgb_to_grayscale(images), images)
     chosen = tf.where(_bernoulli(tf.shape(images)[0], p, seed))  # [M, 1]
     subset = tf.gather_nd(images, chosen)
     gray = tf.broadcast_to(rgb_to_grayscale(subset), tf.shape(subset))
@@ -433,13 +486,19 @@ def gaussian_blur(images: tf.Tensor, sigmas: tf.Tensor, radius: int) -> tf.Tenso
     return tf.transpose(tf.reshape(x, [height, width, n, 3]), [2, 0, 1, 3])
 
 
-def random_gaussian_blur(images: tf.Tensor, p: float, image_size: int, seed: tf.Tensor) -> tf.Tensor:
-    """RandomApply(GaussianBlur(sigma ~ U[0.1, 2] * S / 224), p): only chosen images are blurred."""
+def random_gaussian_blur(
+    images: tf.Tensor, p: float, image_size: int, seed: tf.Tensor, static_shapes: bool = False
+) -> tf.Tensor:
+    """RandomApply(GaussianBlur(sigma ~ U[0.1, 2] * S / 224), p): only chosen images are blurred
+    (`static_shapes`: all are, and the chosen ones kept)."""
     n = tf.shape(images)[0]
-    s_apply, s_sigma = _split(seed, 2)
-    chosen = tf.where(_bernoulli(n, p, s_apply))  # [M, 1]
+    s_apply, s_sigma = split_seed(seed, 2)
     scale = image_size / REFERENCE_SIZE
     sigmas = _uniform([n], s_sigma, BLUR_SIGMA[0] * scale, BLUR_SIGMA[1] * scale)
+    if static_shapes:
+        chosen = tf.reshape(_bernoulli(n, p, s_apply), [-1, 1, 1, 1])
+        return tf.where(chosen, gaussian_blur(images, sigmas, blur_radius(image_size)), images)
+    chosen = tf.where(_bernoulli(n, p, s_apply))  # [M, 1]
     subset = tf.gather_nd(images, chosen)
     # With no image chosen (likely in small batches) the depthwise conv would get an empty filter.
     blurred = tf.cond(
@@ -455,27 +514,53 @@ def random_gaussian_blur(images: tf.Tensor, p: float, image_size: int, seed: tf.
 
 
 def color_views(
-    images_float01: tf.Tensor, version: str, image_size: int, seed: tf.Tensor, blur: bool = True
+    images_float01: tf.Tensor,
+    version: str,
+    image_size: int,
+    seed: tf.Tensor,
+    blur: bool = True,
+    static_shapes: bool = False,
 ) -> tf.Tensor:
     """Everything after crop and flip: jitter, grayscale, blur (v2, unless `blur` is False),
     normalisation.
 
     A batch of cropped views in [0, 1] -> normalised float32, each view with its own draws.
+    `static_shapes`: the accelerator's form (same draws, compiles with XLA).
     """
     cfg = _config(version)
-    s_jitter, s_gray, s_blur = _split(as_seed(seed), 3)
+    s_jitter, s_gray, s_blur = split_seed(as_seed(seed), 3)
     x = tf.cast(images_float01, tf.float32)
+    jitter = (cfg["jitter"], cfg["jitter_p"], s_jitter, static_shapes)
     if cfg["gray_first"]:
-        x = random_grayscale(x, cfg["gray_p"], s_gray)
-        x = color_jitter(x, cfg["jitter"], cfg["jitter_p"], s_jitter)
+        x = random_grayscale(x, cfg["gray_p"], s_gray, static_shapes)
+        x = color_jitter(x, *jitter)
     else:
-        x = color_jitter(x, cfg["jitter"], cfg["jitter_p"], s_jitter)
-        x = random_grayscale(x, cfg["gray_p"], s_gray)
+        x = color_jitter(x, *jitter)
+        x = random_grayscale(x, cfg["gray_p"], s_gray, static_shapes)
     if blur and cfg["blur_p"] > 0:
-        x = random_gaussian_blur(x, cfg["blur_p"], image_size, s_blur)
+        x = random_gaussian_blur(x, cfg["blur_p"], image_size, s_blur, static_shapes)
     x = normalize(x)
     x.set_shape([None, image_size, image_size, 3])
     return x
+
+
+def crop_batch(
+    images_uint8: tf.Tensor,
+    image_size: int = 224,
+    seed: int | tf.Tensor | None = None,
+    options: ViewOptions = OFFICIAL_VIEWS,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The crop (and flip) of `augment_batch`: uint8 [N, H, W, 3] -> (uint8 crops [N, S, S, 3],
+    the seed of their colour stage). `color_views(crops / 255, ..., that seed)` finishes the views."""
+    _check_batch(images_uint8)
+    images = tf.convert_to_tensor(images_uint8)
+    s_crop, s_flip, s_color = split_seed(as_seed(seed), 3)
+    n, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+    windows = sample_crop_windows(tf.fill([n], height), tf.fill([n], width), s_crop, scale=options.crop_scale)
+    flip = _bernoulli(n, 0.5, s_flip) if options.flip else None
+    crops = crop_and_resize_batch(images, windows, image_size, flip=flip)
+    # PIL keeps uint8 after the resize: round like it (the bilinear samples stay in [0, 255]).
+    return tf.cast(tf.round(crops), tf.uint8), s_color
 
 
 def augment_batch(
@@ -493,17 +578,14 @@ def augment_batch(
     split the same way whatever the options, so changing one leaves the other draws as they were.
     """
     _config(version)
-    images = tf.convert_to_tensor(images_uint8)
-    if images.shape.rank != 4 or images.shape[-1] != 3:
-        raise ValueError(f"augment_batch wants uint8 images [N, H, W, 3], got shape {images.shape}")
-    s_crop, s_flip, s_color = _split(as_seed(seed), 3)
-    n, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
-    windows = sample_crop_windows(tf.fill([n], height), tf.fill([n], width), s_crop, scale=options.crop_scale)
-    flip = _bernoulli(n, 0.5, s_flip) if options.flip else None
-    crops = crop_and_resize_batch(images, windows, image_size, flip=flip)
-    # PIL keeps uint8 after the resize: round like it before scaling to [0, 1].
-    crops = tf.round(crops) / 255.0
-    return color_views(crops, version, image_size, s_color, blur=options.blur)
+    crops, color_seed = crop_batch(images_uint8, image_size, seed, options)
+    return color_views(tf.cast(crops, tf.float32) / 255.0, version, image_size, color_seed, blur=options.blur)
+
+
+def _check_batch(images) -> None:
+    shape = tf.convert_to_tensor(images).shape
+    if shape.rank != 4 or shape[-1] != 3:
+        raise ValueError(f"augment_batch wants uint8 images [N, H, W, 3], got shape {shape}")
 
 
 def augment_crops(
@@ -516,6 +598,38 @@ def augment_crops(
     """Already cropped (and flipped) uint8 views [N, S, S, 3] -> normalised float32 views
     (`options.blur` applies here; crop scale and flip were the crop's, `random_crops_encoded`)."""
     return color_views(tf.cast(crops_uint8, tf.float32) / 255.0, version, image_size, as_seed(seed), options.blur)
+
+
+def views_from_crops(
+    crops_uint8: tf.Tensor,
+    color_seed: tf.Tensor,
+    version: str,
+    image_size: int,
+    blur: bool = True,
+    static_shapes: bool = False,
+) -> tf.Tensor:
+    """The colour stage of a batch of crop pairs: uint8 [N, 2, S, S, 3] -> float32 views, alike.
+
+    `color_seed`: int64 [2], one draw over the 2N crops in image-major order (the pairs cropped
+    from files), or [2, 2], view v of every image drawn from seed v (`crop_batch` per view).
+    The pipeline calls it on the host; the train step on the accelerator (`static_shapes`).
+    """
+    crops = tf.convert_to_tensor(crops_uint8)
+    n = tf.shape(crops)[0]
+    color_seed = tf.convert_to_tensor(color_seed)
+    if color_seed.shape.rank == 2:
+        floats = tf.cast(crops, tf.float32) / 255.0
+        views = tf.stack(
+            [color_views(floats[:, v], version, image_size, color_seed[v], blur, static_shapes) for v in range(2)],
+            axis=1,
+        )
+    else:
+        flat = tf.cast(tf.reshape(crops, [-1, image_size, image_size, 3]), tf.float32) / 255.0
+        views = tf.reshape(
+            color_views(flat, version, image_size, color_seed, blur, static_shapes), [n, 2, image_size, image_size, 3]
+        )
+    views.set_shape(crops.shape)
+    return views
 
 
 # ----------------------------------------------------------------------------------------------

@@ -192,8 +192,14 @@ def pretrain_dataset(
     start_step: int = 0,
     views: augment.ViewOptions = augment.OFFICIAL_VIEWS,
     with_ids: bool = False,
+    color_on_device: bool = False,
 ) -> tf.data.Dataset:
     """Two MoCo views per image: infinite batches float32 [local_batch, 2, S, S, 3].
+
+    `color_on_device`: the host only decodes, crops and flips; each batch is {"crops": uint8
+    [local_batch, 2, S, S, 3], "color_seed": int64 [2] or [2, 2]} (plus "ids"), and
+    `augment.views_from_crops(crops, color_seed, ...)` in the train step makes exactly the views
+    this pipeline would have made (same draws); a quarter of the bytes cross to the device.
 
     `views`: crop scale, flip and blur (default: the official recipe). `with_ids`: each batch is
     {"views": the views, "ids": int32 [local_batch]}, the index of each image in `split` (-1 for
@@ -250,13 +256,13 @@ def pretrain_dataset(
         ds = indices.batch(batch, drop_remainder=True).map(lambda i: (tf.gather(images, i), i))
         ds = _with_seeds(ds, base, 1, start_step)
 
-        def two_views(example, seed):
+        def crop_pairs(example, seed):
             images, ids = example
             s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-            pair = [augment.augment_batch(images, aug, image_size, s, views) for s in (s1, s2)]
-            return tf.stack(pair, axis=1), tf.cast(ids, tf.int32)
+            crops, color_seeds = zip(*(augment.crop_batch(images, image_size, s, views) for s in (s1, s2)), strict=True)
+            return tf.stack(crops, axis=1), tf.stack(color_seeds), tf.cast(ids, tf.int32)
 
-        ds = ds.map(two_views, num_parallel_calls=AUTOTUNE)
+        ds = ds.map(crop_pairs, num_parallel_calls=AUTOTUNE)
     else:
         if source.kind == "files":
             paths = tf.constant(data)
@@ -279,21 +285,17 @@ def pretrain_dataset(
             ds = _replace_undecodable(ds, indices.batch(batch, drop_remainder=True), paths, source.undecodable)
         else:  # TFDS records, not resumed exactly anyway (see the docstring)
             ds = ds.ignore_errors(log_warning=True).batch(batch, drop_remainder=True)
-        # ...then the colour ops on whole batches of views.
-        ds = _with_seeds(ds, base, 2, start_step)
-
-        def color(example, seed):
-            crops, ids = example
-            pair = augment.augment_crops(
-                tf.reshape(crops, [-1, image_size, image_size, 3]), aug, image_size, seed, views
-            )
-            return tf.reshape(pair, [batch, 2, image_size, image_size, 3]), ids
-
-        ds = ds.map(color, num_parallel_calls=AUTOTUNE)
-    if with_ids:
-        ds = ds.map(lambda pair, ids: {"views": pair, "ids": ids})
+        # ...then the colour ops on whole batches of views (below, or in the train step).
+        ds = _with_seeds(ds, base, 2, start_step).map(lambda example, seed: (example[0], seed, example[1]))
+    if color_on_device:
+        def element(crops, color_seed, ids):
+            return {"crops": crops, "color_seed": color_seed, **({"ids": ids} if with_ids else {})}
     else:
-        ds = ds.map(lambda pair, ids: pair)
+        def element(crops, color_seed, ids):
+            pair = augment.views_from_crops(crops, color_seed, aug, image_size, views.blur)
+            return {"views": pair, "ids": ids} if with_ids else pair
+
+    ds = ds.map(element, num_parallel_calls=AUTOTUNE)
     return _options(ds.prefetch(AUTOTUNE), input_context)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import keras
 import tensorflow as tf
@@ -149,6 +149,9 @@ class MoCo(keras.Model):
             trainable=False, aggregation="only_first_replica", name="queue_ids",
         )
         self._checkpoint_without_ids = False
+        # (crops, color_seed) -> views, run inside the step when the data holds crops
+        # ({"crops", "color_seed"}: colour augmentation on the accelerator); set by its user.
+        self.views_from_crops: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.pos_tracker = keras.metrics.Mean(name="logit_pos")
         self.neg_tracker = keras.metrics.Mean(name="logit_neg")
@@ -211,8 +214,9 @@ class MoCo(keras.Model):
     def train_step(self, data):
         """One step on a view pair (x_q, x_k), a tensor [N, 2, H, W, C], or a dict {"views": that
         tensor, "ids": int [N]} (`pretrain_dataset(with_ids=True)`): with ids the step also logs
-        `self_neg` and records the ids of the keys it enqueues (-1 without)."""
-        x_q, x_k, ids = _unpack(data)
+        `self_neg` and records the ids of the keys it enqueues (-1 without). Instead of "views",
+        {"crops", "color_seed"} are made into views here by `views_from_crops`."""
+        x_q, x_k, ids = _unpack(data, self.views_from_crops)
         replica = tf.distribute.get_replica_context()
         local_batch = x_q.shape[0]
         if local_batch is not None:  # static shapes: checked while tracing, before any compute
@@ -374,9 +378,9 @@ def check_queue_fits(queue_size: int, global_batch_size: int, symmetric: bool = 
         )
 
 
-def _unpack(data):
+def _unpack(data, views_from_crops=None):
     """(x_q, x_k, ids or None) from a pair, one tensor [N, 2, H, W, C] (the multi-worker-safe
-    form), or a dict {"views": that tensor, "ids": [N]}."""
+    form), or a dict {"views": that tensor, "ids": [N]} or {"crops", "color_seed", "ids"}."""
     if isinstance(data, (tuple, list)):
         data = [part for part in data if part is not None]  # train_on_batch passes (x, None, None)
         if len(data) == 1:
@@ -384,6 +388,11 @@ def _unpack(data):
         else:
             return data[0], data[1], None
     if isinstance(data, dict):
-        views = data["views"]
+        if "crops" in data:
+            if views_from_crops is None:
+                raise ValueError("the data holds crops, not views: set MoCo.views_from_crops to colour them")
+            views = views_from_crops(data["crops"], data["color_seed"])
+        else:
+            views = data["views"]
         return views[:, 0], views[:, 1], data.get("ids")
     return data[:, 0], data[:, 1], None

@@ -52,6 +52,7 @@ FORMAT_VERSION = 2
 Schedule = Literal["step", "cosine"]
 Augmentation = Literal["v1", "v2"]
 Precision = Literal["none", "bf16", "fp16"]
+ColorStage = Literal["auto", "host", "device"]
 
 
 class ConfigError(UserError):
@@ -139,6 +140,8 @@ class RuntimeConfig:
     tpu: str | None = None
     mixed_precision: Precision = "none"
     jit_compile: bool = False
+    # Where the colour augmentation runs; the views are the same either way (auto: device on GPU/TPU).
+    color_stage: ColorStage = "auto"
     checkpoint_every: int = 1000  # steps; also at every epoch end
     keep_checkpoints: int = 3
     log_every: int = 50
@@ -593,7 +596,8 @@ def _check_table(values: Mapping[str, Any]) -> None:
     for name in _OPTIONAL_POSITIVE_INTS:
         if values.get(name) is not None and values[name] < 1:
             raise ConfigError(f"--{name} must be positive (or unset), got {values[name]}")
-    for name, choices in (("aug", Augmentation), ("schedule", Schedule), ("mixed_precision", Precision)):
+    for name, choices in (("aug", Augmentation), ("schedule", Schedule), ("mixed_precision", Precision),
+                          ("color_stage", ColorStage)):
         if name in values and values[name] not in typing.get_args(choices):
             raise ConfigError(f"--{name} must be one of {', '.join(typing.get_args(choices))}, got {values[name]!r}")
 

@@ -83,6 +83,14 @@ def mirrored(devices: list[str] | None = None) -> tf.distribute.MirroredStrategy
     return tf.distribute.MirroredStrategy(devices, cross_device_ops=ops)
 
 
+def has_accelerator(strategy: tf.distribute.Strategy) -> bool:
+    """Whether the strategy's replicas run on GPUs or TPUs."""
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return True
+    devices = getattr(strategy.extended, "worker_devices", ()) or ()
+    return any(tf.DeviceSpec.from_string(d).device_type in ("GPU", "TPU") for d in devices)
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process writes checkpoints, logs and exports (one writer per cluster)."""
     resolver = getattr(strategy, "cluster_resolver", None)

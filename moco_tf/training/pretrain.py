@@ -12,6 +12,7 @@ the same model_dir resumes where the run stopped. `config` is a `PretrainConfig`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import random
 import signal
@@ -23,7 +24,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from moco_tf.data import pipelines, sources
+from moco_tf.data import augment, pipelines, sources
 from moco_tf.errors import RunInterrupted, UserError
 from moco_tf.evaluation import knn
 from moco_tf.models import backbones
@@ -163,6 +164,12 @@ def pretrain(
             lock.release()
 
 
+def _color_on_device(config: PretrainConfig, strategy: tf.distribute.Strategy) -> bool:
+    if config.runtime.color_stage == "auto":
+        return distribute.has_accelerator(strategy)
+    return config.runtime.color_stage == "device"
+
+
 def _train(
     config: PretrainConfig, saved: PretrainConfig | None, model_dir: str, strategy, chief: bool,
     source: sources.Source, steps_per_epoch: int, progress: str, init_weights: warm_start.Loader | None = None,
@@ -190,6 +197,12 @@ def _train(
         )
         optimizer = SGD(schedule, momentum=config.optim.sgd_momentum, weight_decay=config.optim.weight_decay)
         model.compile(optimizer=optimizer, jit_compile=config.runtime.jit_compile)
+        color_on_device = _color_on_device(config, strategy)
+        if color_on_device:
+            model.views_from_crops = functools.partial(
+                augment.views_from_crops, version=config.data.aug, image_size=config.data.image_size,
+                blur=config.data.view_options().blur, static_shapes=True,
+            )
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         # The data order's seed is part of the checkpoint, so a resumed run continues the same stream.
         # Created in scope: multi-worker strategies give every worker the chief's initial value.
@@ -269,6 +282,7 @@ def _train(
                 lambda context, start=step: pipelines.pretrain_dataset(
                     source, source.pretrain_split, config.data.image_size, config.data.aug, optim.batch_size, seed,
                     context, start_step=start, views=config.data.view_options(), with_ids=True,
+                    color_on_device=color_on_device,
                 )
             )
             result = model.fit(
