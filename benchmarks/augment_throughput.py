@@ -2,12 +2,16 @@
 
 Both read the same JPEG files from disk and end with two normalised float tensors per image;
 both get the same number of CPU workers, and they run one after the other in one invocation.
+A third side, "moco_tf_crops", is the host's share under --color_stage=device: decode, crop and
+flip to uint8 pairs, the colour stage left to the accelerator's train step.
 
 - 224x224: the CIFAR-10 test images, upscaled (bicubic, PIL) to a random shorter side in
   [256, 500] px and a random aspect ratio in [3/4, 4/3], saved as quality-90 JPEGs in a temp
   folder: ImageNet-like sizes. They are smoother than photos, so both sides decode them faster
   than real ImageNet files.
 - 32x32: the CIFAR-10 train JPEGs as they are.
+Without the CIFAR-10 archive (a GPU machine), the 224 images are smooth random colour fields of
+the same sizes instead, and --num_small=0 skips the 32x32 run.
 
 torchvision is not a dependency of moco_tf: its half runs in another interpreter, e.g.
     python3 -m venv /work/bench-venv
@@ -45,6 +49,21 @@ def prepare(workdir: str, num_large: int, num_small: int) -> tuple[str, str]:
 
     small_dir, large_dir = os.path.join(workdir, "cifar"), os.path.join(workdir, "large")
     per_class_large, per_class_small = num_large // 10, num_small // 10
+    rng = np.random.default_rng(0)
+    if not os.path.exists(CIFAR10_TAR):
+        if num_small:
+            raise SystemExit(f"{CIFAR10_TAR} is missing: the 32x32 run needs it (or pass --num_small=0)")
+        print(f"{CIFAR10_TAR} is missing: the 224 run uses synthetic colour fields")
+        for i in range(num_large):
+            os.makedirs(os.path.join(large_dir, f"c{i % 10}"), exist_ok=True)
+            short = int(rng.integers(256, 501))
+            w, h = short, int(short * np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+            y, x = np.mgrid[0:h, 0:w]
+            field = rng.uniform(0, 255, (1, 1, 3)) + rng.uniform(-0.3, 0.3, (1, 1, 3)) * (x + y)[..., None]
+            field += 20 * np.sin(x / rng.uniform(5, 40))[..., None]
+            image = Image.fromarray(np.clip(field, 0, 255).astype(np.uint8))
+            image.save(os.path.join(large_dir, f"c{i % 10}", f"{i}.jpg"), quality=90)
+        return large_dir, ""
     with tarfile.open(CIFAR10_TAR) as tar:
         members = []
         for m in tar:
@@ -55,7 +74,6 @@ def prepare(workdir: str, num_large: int, num_small: int) -> tuple[str, str]:
             if (split == "test" and index < per_class_large) or (split == "train" and index < per_class_small):
                 members.append(m)
         tar.extractall(small_dir, members=members, filter="data")
-    rng = np.random.default_rng(0)
     test_dir = os.path.join(small_dir, "test")
     for cls in sorted(os.listdir(test_dir)):
         os.makedirs(os.path.join(large_dir, cls))
@@ -72,7 +90,7 @@ def prepare(workdir: str, num_large: int, num_small: int) -> tuple[str, str]:
 # moco_tf
 
 
-def run_moco_tf(folder: str, image_size: int, batch: int, workers: int, seconds: float) -> dict:
+def run_moco_tf(folder: str, image_size: int, batch: int, workers: int, seconds: float, crops_only=False) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, ROOT)
     import tensorflow as tf
@@ -82,11 +100,14 @@ def run_moco_tf(folder: str, image_size: int, batch: int, workers: int, seconds:
     from moco_tf.data import pipelines, sources
 
     source = sources.make_source("folder", folder)
-    ds = pipelines.pretrain_dataset(source, "train", image_size, "v2", batch, seed=0)
+    ds = pipelines.pretrain_dataset(source, "train", image_size, "v2", batch, seed=0, color_on_device=crops_only)
     options = tf.data.Options()
     options.threading.private_threadpool_size = workers
     ds = ds.with_options(options)
-    return _time_batches(iter(ds), batch, seconds, lambda x: x.shape == (batch, 2, image_size, image_size, 3))
+    shape = (batch, 2, image_size, image_size, 3)
+    if crops_only:
+        return _time_batches(iter(ds), batch, seconds, lambda x: x["crops"].shape == shape)
+    return _time_batches(iter(ds), batch, seconds, lambda x: x.shape == shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,15 +185,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per side; the best counts")
     parser.add_argument("--num_large", type=int, default=1000, help="upscaled JPEGs for the 224 run")
     parser.add_argument("--num_small", type=int, default=10000, help="CIFAR train JPEGs for the 32 run")
-    parser.add_argument("--_worker", choices=["moco_tf", "torchvision"], help=argparse.SUPPRESS)
+    parser.add_argument("--_worker", choices=["moco_tf", "moco_tf_crops", "torchvision"], help=argparse.SUPPRESS)
     parser.add_argument("--_folder", help=argparse.SUPPRESS)
     parser.add_argument("--_size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--_batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args._worker:  # one measurement in a fresh process, printed as JSON
-        fn = run_moco_tf if args._worker == "moco_tf" else run_torchvision
-        print(json.dumps(fn(args._folder, args._size, args._batch, args.workers, args.seconds)))
+        measure = (args._folder, args._size, args._batch, args.workers, args.seconds)
+        if args._worker == "torchvision":
+            print(json.dumps(run_torchvision(*measure)))
+        else:
+            print(json.dumps(run_moco_tf(*measure, crops_only=args._worker == "moco_tf_crops")))
         return
 
     with tempfile.TemporaryDirectory() as workdir:
@@ -181,8 +205,12 @@ def main() -> None:
         took = time.perf_counter() - t
         print(f"prepared {args.num_large} upscaled + {args.num_small} CIFAR JPEGs in {took:.0f} s")
         print(f"load average before: {os.getloadavg()[0]:.2f} (the CPU may be shared)")
+        print("moco_tf: the whole pipeline (--color_stage=host); moco_tf_crops: the host's share under "
+              "--color_stage=device (decode, crop, flip; colour in the train step)")
         for size, folder, batch in ((224, large, 32), (32, small, 256)):
-            sides = [("moco_tf", sys.executable)]
+            if not folder or not args.num_small and size == 32:
+                continue
+            sides = [("moco_tf", sys.executable), ("moco_tf_crops", sys.executable)]
             if args.torch_python:
                 sides.append(("torchvision", args.torch_python))
             rates = {name: [] for name, _ in sides}
@@ -197,8 +225,9 @@ def main() -> None:
                 runs = ", ".join(f"{v:.1f}" for v in values)
                 print(f"{size}x{size} {name:12s} {max(values):8.1f} pairs/s (best of {runs}; batch {batch})")
             if args.torch_python:
-                ratio = max(rates["moco_tf"]) / max(rates["torchvision"])
-                print(f"{size}x{size} moco_tf / torchvision = {ratio:.2f}x")
+                for name in ("moco_tf", "moco_tf_crops"):
+                    ratio = max(rates[name]) / max(rates["torchvision"])
+                    print(f"{size}x{size} {name} / torchvision = {ratio:.2f}x")
 
 
 if __name__ == "__main__":

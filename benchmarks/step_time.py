@@ -7,9 +7,14 @@ With --torch the official step (tests/torch_reference.py: builder.py with the CI
 SplitBatchNorm and single-GPU key shuffle, SGD momentum 0.9) runs the same model from the same
 weights on the same batch; the two alternate round by round (a shared machine's load hits both)
 and the best round of each counts. The torch side uses CUDA when torch sees a GPU.
+
+--color_in_step feeds uint8 crop pairs and runs the v2 colour stage inside the step, as
+--color_stage=device does (the step's cost of moving the colour stage off the host).
+--mixed_precision bf16 / fp16 computes in that dtype (fp16 with Keras's loss scaling).
 """
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -17,17 +22,29 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from moco_tf.data import augment  # noqa: E402
 from moco_tf.models.moco import MoCo  # noqa: E402
 from moco_tf.training.optimizers import SGD  # noqa: E402
 
 LR, WD = 0.06, 5e-4
 
 
+POLICIES = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
 def time_moco_tf(model: MoCo, views: np.ndarray, steps: int) -> float:
-    dataset = tf.data.Dataset.from_tensors(tf.constant(views)).repeat()
+    if views.dtype == np.uint8:  # crop pairs: the colour stage in the step, a new draw each step
+        crops = tf.constant(views)
+        dataset = tf.data.Dataset.range(1 << 30).map(
+            lambda i: {"crops": crops, "color_seed": tf.stack([i, tf.constant(7, tf.int64)])}
+        )
+    else:
+        dataset = tf.data.Dataset.from_tensors(tf.constant(views)).repeat()
+    dataset = dataset.prefetch(2)
     start = time.perf_counter()
     model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
     return (time.perf_counter() - start) / steps
@@ -59,15 +76,25 @@ def main() -> None:
     parser.add_argument("--jit_compile", action="store_true")
     parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference step")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for each framework (0: all cores)")
+    parser.add_argument("--color_in_step", action="store_true", help="uint8 crops in, v2 colour stage in the step")
+    parser.add_argument("--mixed_precision", choices=sorted(POLICIES), default="none")
+    parser.add_argument("--queue_size", type=int, default=4096)
     args = parser.parse_args()
+    keras.mixed_precision.set_global_policy(POLICIES[args.mixed_precision])
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
 
-    model = MoCo(args.arch, queue_size=4096, momentum=0.99, temperature=0.1, mlp=args.mlp, width=args.width,
+    model = MoCo(args.arch, queue_size=args.queue_size, momentum=0.99, temperature=0.1, mlp=args.mlp, width=args.width,
                  cifar_stem=args.cifar_stem, bn_groups=args.bn_groups, image_size=args.image_size)  # fmt: skip
     model.compile(optimizer=SGD(LR, momentum=0.9, weight_decay=WD), jit_compile=args.jit_compile)
-    views = np.random.RandomState(0).randn(args.batch_size, 2, args.image_size, args.image_size, 3).astype("float32")
+    shape = (args.batch_size, 2, args.image_size, args.image_size, 3)
+    views = np.random.RandomState(0).randn(*shape).astype("float32")
+    crops = np.random.RandomState(0).randint(0, 256, shape).astype("uint8")
+    if args.color_in_step:
+        model.views_from_crops = functools.partial(
+            augment.views_from_crops, version="v2", image_size=args.image_size, static_shapes=True
+        )
     trainer = None
     if args.torch:
         import torch
@@ -79,14 +106,20 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         trainer = ref.DemoTrainer(model, LR, WD, device=device)  # before moco_tf's first step: same start
         time_torch(trainer, views, 2)  # warm up
-    time_moco_tf(model, views, 2)  # trace and warm up
+    if not args.color_in_step:
+        time_moco_tf(model, views, 2)  # trace and warm up
 
+    if args.color_in_step:
+        time_moco_tf(model, crops, 2)
     best = {"moco_tf": float("inf"), "torch": float("inf")}
     for _ in range(args.rounds):
-        best["moco_tf"] = min(best["moco_tf"], time_moco_tf(model, views, args.steps))
+        best["moco_tf"] = min(best["moco_tf"], time_moco_tf(model, crops if args.color_in_step else views, args.steps))
         if trainer is not None:
             best["torch"] = min(best["torch"], time_torch(trainer, views, args.steps))
     name = f"{args.arch}{'' if args.width == 64 else f' width {args.width}'} {args.image_size}x{args.image_size}"
+    name += " colour in step" if args.color_in_step else ""
+    name += f" {args.mixed_precision}" if args.mixed_precision != "none" else ""
+    name += " XLA" if args.jit_compile else ""
     for framework, seconds in best.items():
         if seconds < float("inf"):
             print(f"{framework:8s} {name} batch {args.batch_size}: {seconds:.3f} s/step, "

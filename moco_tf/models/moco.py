@@ -232,7 +232,8 @@ class MoCo(keras.Model):
         with tf.GradientTape() as tape:
             losses, stats = [], []
             for (query_view, _), (k_local, _) in zip(pairs, keys, strict=True):
-                q = tf.math.l2_normalize(self.encoder_q(query_view, training=True), axis=1)
+                # float32 from here on under mixed precision: the cosine logits are sums of D products.
+                q = tf.math.l2_normalize(tf.cast(self.encoder_q(query_view, training=True), self.queue.dtype), axis=1)
                 loss, l_pos, l_neg = info_nce(q, k_local, tf.stop_gradient(self.queue), self.temperature)
                 losses.append(loss)
                 stats.append((l_pos, l_neg))
