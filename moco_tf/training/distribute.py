@@ -87,7 +87,10 @@ def has_accelerator(strategy: tf.distribute.Strategy) -> bool:
     """Whether the strategy's replicas run on GPUs or TPUs."""
     if isinstance(strategy, tf.distribute.TPUStrategy):
         return True
-    devices = getattr(strategy.extended, "worker_devices", ()) or ()
+    try:
+        devices = strategy.extended.worker_devices
+    except RuntimeError:  # the default strategy: TF places ops on the first GPU, if there is one
+        return bool(tf.config.list_logical_devices("GPU"))
     return any(tf.DeviceSpec.from_string(d).device_type in ("GPU", "TPU") for d in devices)
 
 
