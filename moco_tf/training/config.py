@@ -361,13 +361,79 @@ def check_same_run(
 # the linear classification protocol (`python -m moco_tf.lincls`)
 
 
+class _EvaluationRecipe:
+    """What the lincls and finetune configs share: one flat section, all of it recipe unless marked
+    operational, written to and read from the model_dir's JSON file, read from the flags."""
+
+    RECIPE: ClassVar[bool] = True
+    unrecorded: frozenset[str]
+    _SEEDS: ClassVar[tuple[str, ...]] = ("seed",)
+    _LIMITS: ClassVar[tuple[str, ...]] = ("limit_val",)
+    _READS_OLD_FILES: ClassVar[bool] = False  # files from before format_version (see _from_old_file)
+
+    def flat(self) -> dict[str, Any]:
+        return {name: value for name, value, _ in _leaves(self, None)}
+
+    def recipe(self) -> dict[str, Any]:
+        return {name: value for name, value, recipe in _leaves(self, None) if recipe}
+
+    def _validate_common(self) -> dict[str, Any]:
+        _check_types([self])
+        values = self.flat()
+        _check_table(values)
+        for name in self._LIMITS:
+            if values[name] < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {values[name]}")
+        for name in self._SEEDS:
+            if values[name] is not None and not 0 <= values[name] < 2**31:
+                raise ConfigError(f"--{name} must be in [0, 2**31), got {values[name]}")
+        if values["image_size"] is not None and values["image_size"] < MIN_IMAGE_SIZE:
+            raise ConfigError(f"--image_size {values['image_size']} is too small (at least {MIN_IMAGE_SIZE})")
+        return values
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **_section_to_dict(self, self.unrecorded)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def _from_old_file(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """A file written before format_version, restated in today's meaning."""
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Any:
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"a config must be a JSON object, got {type(values).__name__}")
+        given = {k: v for k, v in values.items() if k != "format_version"}
+        old = "format_version" not in values and cls._READS_OLD_FILES
+        if old:
+            given = cls._from_old_file(given)
+        unrecorded: set[str] = set()
+        config = _section_from_dict(cls, given, None, unrecorded, ignore_unknown=old)
+        return dataclasses.replace(config, unrecorded=frozenset(unrecorded))
+
+    @classmethod
+    def from_json(cls, text: str) -> Any:
+        return cls.from_dict(_json_values(text))
+
+    @classmethod
+    def from_flags(cls, flag_values: Any) -> Any:
+        values = dict(flag_values.flag_values_dict() if hasattr(flag_values, "flag_values_dict") else flag_values)
+        names = {f.name for f in dataclasses.fields(cls)} - {"unrecorded"}
+        given = {k: v for k, v in values.items() if k in names}
+        if "milestones" in given:
+            given["milestones"] = parse_milestones(given["milestones"])
+        return _section_from_dict(cls, given, None, set(), flags=True)
+
+
 @dataclasses.dataclass
-class LinearConfig:
+class LinearConfig(_EvaluationRecipe):
     """Linear classification on a frozen encoder; defaults: the official protocol (main_lincls.py).
     Everything that changes the classifier's training is recipe: a rerun in the same model_dir
     resumes only with the same."""
 
-    RECIPE: ClassVar[bool] = True
     pretrained: str | None = None  # model_dir, checkpoint, TF-Hub export or .pth (record it absolute)
     dataset: str | None = None
     image_size: int | None = None  # None: the encoder's default (32 with the CIFAR stem, else 224)
@@ -386,57 +452,19 @@ class LinearConfig:
     model_dir: str | None = _operational(None)
     unrecorded: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
-    def flat(self) -> dict[str, Any]:
-        return {name: value for name, value, _ in _leaves(self, None)}
-
-    def recipe(self) -> dict[str, Any]:
-        return {name: value for name, value, recipe in _leaves(self, None) if recipe}
+    _LIMITS: ClassVar[tuple[str, ...]] = ("limit_train", "limit_val")
+    _READS_OLD_FILES: ClassVar[bool] = True
 
     def validate(self) -> None:
-        _check_types([self])
-        values = self.flat()
-        _check_table(values)
-        for name in ("limit_train", "limit_val"):
-            if values[name] < 0:
-                raise ConfigError(f"--{name} must be >= 0, got {values[name]}")
-        if values["seed"] is not None and not 0 <= values["seed"] < 2**31:
-            raise ConfigError(f"--seed must be in [0, 2**31), got {values['seed']}")
+        values = self._validate_common()
         if any(m < 1 for m in values["milestones"]):
             raise ConfigError(f"--milestones must be positive epochs, got {_shown(values['milestones'])}")
-        if values["image_size"] is not None and values["image_size"] < MIN_IMAGE_SIZE:
-            raise ConfigError(f"--image_size {values['image_size']} is too small (at least {MIN_IMAGE_SIZE})")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, **_section_to_dict(self, self.unrecorded)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> LinearConfig:
-        """From lincls_config.json; files of earlier versions record only pretrained, dataset,
-        image_size, precompute_features, batch_size, lr and epochs."""
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"a config must be a JSON object, got {type(values).__name__}")
-        given = {k: v for k, v in values.items() if k != "format_version"}
-        if "format_version" not in values:
-            given = _lr_per_256(given)
-        unrecorded: set[str] = set()
-        config = _section_from_dict(cls, given, None, unrecorded, ignore_unknown="format_version" not in values)
-        return dataclasses.replace(config, unrecorded=frozenset(unrecorded))
-
-    @classmethod
-    def from_json(cls, text: str) -> LinearConfig:
-        return cls.from_dict(_json_values(text))
-
-    @classmethod
-    def from_flags(cls, flag_values: Any) -> LinearConfig:
-        values = dict(flag_values.flag_values_dict() if hasattr(flag_values, "flag_values_dict") else flag_values)
-        names = {f.name for f in dataclasses.fields(cls)} - {"unrecorded"}
-        given = {k: v for k, v in values.items() if k in names}
-        if "milestones" in given:
-            given["milestones"] = parse_milestones(given["milestones"])
-        return _section_from_dict(cls, given, None, set(), flags=True)
+    def _from_old_file(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Files of earlier versions record only pretrained, dataset, image_size,
+        precompute_features, batch_size, and the lr as used (see _lr_per_256) and epochs."""
+        return _lr_per_256(values)
 
 
 def _lr_per_256(values: dict[str, Any]) -> dict[str, Any]:
@@ -454,13 +482,12 @@ def _lr_per_256(values: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclasses.dataclass
-class FinetuneConfig:
+class FinetuneConfig(_EvaluationRecipe):
     """Fine-tuning the whole encoder and a new head on a fraction of the labels; defaults: the
     SimCLR v1 semi-supervised recipe (`moco_tf.evaluation.finetune`). Recipe as for LinearConfig:
     a rerun in the same model_dir resumes only with the same. arch / width / cifar_stem are the
     backbone's (read from --pretrained, or given with --random_init)."""
 
-    RECIPE: ClassVar[bool] = True
     pretrained: str | None = None  # model_dir, checkpoint, TF-Hub export or .pth (absolute); None: random init
     random_init: bool = False
     arch: str = "resnet50"
@@ -486,58 +513,18 @@ class FinetuneConfig:
     overwrite_export: bool = _operational(False)
     unrecorded: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
-    def flat(self) -> dict[str, Any]:
-        return {name: value for name, value, _ in _leaves(self, None)}
-
-    def recipe(self) -> dict[str, Any]:
-        return {name: value for name, value, recipe in _leaves(self, None) if recipe}
+    _SEEDS: ClassVar[tuple[str, ...]] = ("seed", "subset_seed")
 
     def validate(self) -> None:
-        _check_types([self])
-        values = self.flat()
-        _check_table(values)
+        values = self._validate_common()
         if not 0.0 < values["label_fraction"] <= 1.0:
             raise ConfigError(f"--label_fraction must be in (0, 1], got {values['label_fraction']}")
-        for name in ("limit_val",):
-            if values[name] < 0:
-                raise ConfigError(f"--{name} must be >= 0, got {values[name]}")
         if values["eval_every"] < 1:
             raise ConfigError(f"--eval_every must be positive, got {values['eval_every']}")
-        for name in ("seed", "subset_seed"):
-            if values[name] is not None and not 0 <= values[name] < 2**31:
-                raise ConfigError(f"--{name} must be in [0, 2**31), got {values[name]}")
-        if values["image_size"] is not None and values["image_size"] < MIN_IMAGE_SIZE:
-            raise ConfigError(f"--image_size {values['image_size']} is too small (at least {MIN_IMAGE_SIZE})")
         if self.random_init == bool(self.pretrained):
             raise ConfigError("give either --pretrained=PATH or --random_init (with --arch, --width, --cifar_stem)")
         if self.random_init:
             _backbone({"arch": self.arch, "width": self.width, "cifar_stem": self.cifar_stem}, flags=True)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, **_section_to_dict(self, self.unrecorded)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> FinetuneConfig:
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"a config must be a JSON object, got {type(values).__name__}")
-        given = {k: v for k, v in values.items() if k != "format_version"}
-        unrecorded: set[str] = set()
-        config = _section_from_dict(cls, given, None, unrecorded)
-        return dataclasses.replace(config, unrecorded=frozenset(unrecorded))
-
-    @classmethod
-    def from_json(cls, text: str) -> FinetuneConfig:
-        return cls.from_dict(_json_values(text))
-
-    @classmethod
-    def from_flags(cls, flag_values: Any) -> FinetuneConfig:
-        values = dict(flag_values.flag_values_dict() if hasattr(flag_values, "flag_values_dict") else flag_values)
-        names = {f.name for f in dataclasses.fields(cls)} - {"unrecorded"}
-        given = {k: v for k, v in values.items() if k in names}
-        return _section_from_dict(cls, given, None, set(), flags=True)
 
 
 # ----------------------------------------------------------------------------------------------
