@@ -23,10 +23,13 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from step_time import add_model_args  # noqa: E402
 
 from moco_tf.models.losses import info_nce  # noqa: E402
 from moco_tf.models.moco import MoCo, self_negative_rate  # noqa: E402
@@ -47,14 +50,7 @@ def best_time(fn, rounds: int, repeat: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--image_size", type=int, default=32)
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--cifar_stem", action="store_true")
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--mlp", action="store_true")
-    parser.add_argument("--bn_groups", type=int, default=8)
-    parser.add_argument("--queue_size", type=int, default=4096)
+    add_model_args(parser)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--trace_dir", default=None, help="write a TF profiler trace of a few fit steps here")

@@ -62,8 +62,8 @@ def time_torch(trainer, views: np.ndarray, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model and batch flags shared with step_breakdown.py."""
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=256)
@@ -71,6 +71,12 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64, help="ResNet base channels (64 standard)")
     parser.add_argument("--mlp", action="store_true")
     parser.add_argument("--bn_groups", type=int, default=8)
+    parser.add_argument("--queue_size", type=int, default=4096)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(parser)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=1, help="timed rounds per framework; the best counts")
     parser.add_argument("--jit_compile", action="store_true")
@@ -78,7 +84,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for each framework (0: all cores)")
     parser.add_argument("--color_in_step", action="store_true", help="uint8 crops in, v2 colour stage in the step")
     parser.add_argument("--mixed_precision", choices=sorted(POLICIES), default="none")
-    parser.add_argument("--queue_size", type=int, default=4096)
     args = parser.parse_args()
     keras.mixed_precision.set_global_policy(POLICIES[args.mixed_precision])
     if args.threads:
