@@ -91,14 +91,14 @@ def test_pipeline_crops_then_step_colour_equals_host_views(kind, tmp_path):
         np.testing.assert_allclose(views, h["views"], atol=ATOL)
 
 
-def _tiny(model_dir, color_stage, jit_compile=False):
+def _tiny(model_dir, color_stage, jit_compile=False, strategy="default"):
     return PretrainConfig(
         model=ModelConfig(BackboneSpec("resnet18", width=8, cifar_stem=True), dim=16, queue_size=64,
                           moco_momentum=0.99, temperature=0.2, mlp=True, bn_groups=2),
         data=DataConfig(dataset="digits", aug="v2", image_size=16),
         optim=OptimConfig(epochs=1, batch_size=32, lr=0.06),
         runtime=RuntimeConfig(seed=1, model_dir=model_dir, steps_per_epoch=3, knn_every=0,
-                              color_stage=color_stage, jit_compile=jit_compile),
+                              color_stage=color_stage, jit_compile=jit_compile, strategy=strategy),
     )
 
 
@@ -114,6 +114,18 @@ def test_training_with_the_colour_stage_in_the_step(tmp_path):
         assert abs(runs[name][0] - loss) < 1e-4 * abs(loss), name
         np.testing.assert_allclose(runs[name][1], weights, atol=1e-4, err_msg=name)
         np.testing.assert_allclose(runs[name][2], queue, atol=1e-3, err_msg=name)
+
+
+def test_colour_stage_in_the_step_of_each_mirrored_replica(tmp_path):
+    """2 replicas (logical CPUs): each colours its own crops with its own batch's seed, as the
+    host pipeline would have."""
+    runs = {}
+    for stage in ("host", "device"):
+        model, history = moco_tf.pretrain(_tiny(str(tmp_path / stage), stage, strategy="mirrored"), progress="none")
+        assert model.distribute_strategy.num_replicas_in_sync == 2
+        runs[stage] = (history["loss"][0], model.queue.numpy())
+    assert abs(runs["device"][0] - runs["host"][0]) < 1e-4 * abs(runs["host"][0])
+    np.testing.assert_allclose(runs["device"][1], runs["host"][1], atol=1e-3)
 
 
 def test_auto_keeps_the_colour_stage_on_a_cpu_host(tmp_path):
