@@ -9,9 +9,8 @@ import tensorflow as tf
 
 from moco_tf.models.losses import info_nce
 from moco_tf.models.moco import MoCo
+from moco_tf.training.config import PRECISION_POLICIES
 from moco_tf.training.optimizers import SGD
-
-POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
 
 def _model(policy):
@@ -34,7 +33,7 @@ def _step(model, views):
 def test_one_mixed_step_against_float32(name):
     views = tf.constant(np.random.default_rng(0).normal(size=(16, 2, 16, 16, 3)), tf.float32)
     reference = _model("float32")
-    mixed = _model(POLICIES[name])
+    mixed = _model(PRECISION_POLICIES[name])
     for target, source in zip(mixed.weights, reference.weights, strict=True):
         target.assign(source)
     assert mixed.encoder_q.backbone.compute_dtype == ("bfloat16" if name == "bf16" else "float16")

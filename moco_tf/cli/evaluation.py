@@ -16,9 +16,7 @@ from moco_tf.evaluation.frozen import FrozenBackbone, replicate
 from moco_tf.interop.pretrained import load_backbone, load_for_evaluation
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.training import distribute
-from moco_tf.training.config import FinetuneConfig, LinearConfig, check_same_run
-
-POLICIES = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+from moco_tf.training.config import PRECISION_POLICIES, FinetuneConfig, LinearConfig, check_same_run
 
 
 @dataclasses.dataclass
@@ -39,7 +37,7 @@ def setup(flag_values: Any) -> Setup:
         flag_values.pretrained, flag_values.dataset, flag_values.data_dir, flag_values.strict_data
     )
     if strategy is not tf.distribute.get_strategy() or flag_values.mixed_precision != "none":
-        keras.mixed_precision.set_global_policy(POLICIES[flag_values.mixed_precision])
+        keras.mixed_precision.set_global_policy(PRECISION_POLICIES[flag_values.mixed_precision])
         backbone = replicate(backbone, BackboneSpec.from_dict(info).build, strategy)
     return Setup(strategy, distribute.is_chief(strategy), backbone, info, source)
 

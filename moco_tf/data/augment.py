@@ -552,8 +552,8 @@ def crop_batch(
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """The crop (and flip) of `augment_batch`: uint8 [N, H, W, 3] -> (uint8 crops [N, S, S, 3],
     the seed of their colour stage). `color_views(crops / 255, ..., that seed)` finishes the views."""
-    _check_batch(images_uint8)
     images = tf.convert_to_tensor(images_uint8)
+    _check_batch(images)
     s_crop, s_flip, s_color = split_seed(as_seed(seed), 3)
     n, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
     windows = sample_crop_windows(tf.fill([n], height), tf.fill([n], width), s_crop, scale=options.crop_scale)
@@ -582,8 +582,8 @@ def augment_batch(
     return color_views(tf.cast(crops, tf.float32) / 255.0, version, image_size, color_seed, blur=options.blur)
 
 
-def _check_batch(images) -> None:
-    shape = tf.convert_to_tensor(images).shape
+def _check_batch(images: tf.Tensor) -> None:
+    shape = images.shape
     if shape.rank != 4 or shape[-1] != 3:
         raise ValueError(f"augment_batch wants uint8 images [N, H, W, 3], got shape {shape}")
 

@@ -52,6 +52,8 @@ FORMAT_VERSION = 2
 Schedule = Literal["step", "cosine"]
 Augmentation = Literal["v1", "v2"]
 Precision = Literal["none", "bf16", "fp16"]
+# --mixed_precision -> the Keras dtype policy it sets (bf16 on TPU; fp16 with loss scaling).
+PRECISION_POLICIES: dict[str, str] = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 ColorStage = Literal["auto", "host", "device"]
 
 

@@ -30,11 +30,10 @@ from moco_tf.evaluation import knn
 from moco_tf.models import backbones
 from moco_tf.training import checkpoint, data_health, distribute, guardrails, runlock, warm_start
 from moco_tf.training.callbacks import CheckpointEvery, StepLines, StopOnNonFiniteLoss, StopOnSignal, TrainingLogs
-from moco_tf.training.config import PretrainConfig
+from moco_tf.training.config import PRECISION_POLICIES, PretrainConfig
 from moco_tf.training.optimizers import SGD
 from moco_tf.training.schedules import EpochSchedule, scaled_lr
 
-_POLICIES = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 # Progress while fit runs: Keras's interactive bar (a terminal), one plain line per log_every
 # steps (a log file: no carriage returns, no colours), or nothing (a non-chief worker).
 PROGRESS = ("bar", "lines", "none")
@@ -186,7 +185,7 @@ def _train(
         keras.utils.set_random_seed(config.runtime.seed)
     if config.runtime.deterministic:
         tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_global_policy(_POLICIES[config.runtime.mixed_precision])
+    keras.mixed_precision.set_global_policy(PRECISION_POLICIES[config.runtime.mixed_precision])
 
     with strategy.scope():
         model = checkpoint.build_model(config)
