@@ -24,19 +24,19 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from step_time import LR, POLICIES, WD, time_moco_tf  # noqa: E402
+from step_time import LR, WD, batch_data, time_moco_tf  # noqa: E402
 
 from moco_tf.data import augment  # noqa: E402
 from moco_tf.models.moco import MoCo  # noqa: E402
+from moco_tf.training.config import PRECISION_POLICIES  # noqa: E402
 from moco_tf.training.optimizers import SGD  # noqa: E402
 
 SIZE = 224
 
 
 def build(policy: str, jit: bool, color_in_step: bool) -> MoCo:
-    keras.mixed_precision.set_global_policy(POLICIES[policy])
+    keras.mixed_precision.set_global_policy(PRECISION_POLICIES[policy])
     # The official v2 recipe on one GPU: queue 65536, T 0.2, m 0.999, MLP head, no BN groups.
     model = MoCo("resnet50", queue_size=65536, momentum=0.999, temperature=0.2, mlp=True, image_size=SIZE)
     model.compile(optimizer=SGD(LR, momentum=0.9, weight_decay=WD), jit_compile=jit)
@@ -47,17 +47,10 @@ def build(policy: str, jit: bool, color_in_step: bool) -> MoCo:
     return model
 
 
-def batch_data(batch: int, color_in_step: bool) -> np.ndarray:
-    shape = (batch, 2, SIZE, SIZE, 3)
-    if color_in_step:
-        return np.random.RandomState(0).randint(0, 256, shape).astype("uint8")
-    return np.random.RandomState(0).randn(*shape).astype("float32")
-
-
 def measure(policy: str, jit: bool, batch: int, steps: int, color_in_step: bool = False) -> dict:
     tf.config.experimental.reset_memory_stats("GPU:0")
     model = build(policy, jit, color_in_step)
-    data = batch_data(batch, color_in_step)
+    data = batch_data((batch, 2, SIZE, SIZE, 3), color_in_step)
     start = time.perf_counter()
     time_moco_tf(model, data, 2)  # trace (and compile) + warm up
     warm = time.perf_counter() - start

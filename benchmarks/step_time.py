@@ -28,12 +28,19 @@ import tensorflow as tf  # noqa: E402
 
 from moco_tf.data import augment  # noqa: E402
 from moco_tf.models.moco import MoCo  # noqa: E402
+from moco_tf.training.config import PRECISION_POLICIES  # noqa: E402
 from moco_tf.training.optimizers import SGD  # noqa: E402
 
 LR, WD = 0.06, 5e-4
 
 
-POLICIES = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+def batch_data(shape: tuple[int, ...], color_in_step: bool) -> np.ndarray:
+    """A fixed batch of view pairs: uint8 crops for the colour stage in the step, else float32 views."""
+    if color_in_step:
+        return np.random.RandomState(0).randint(0, 256, shape).astype("uint8")
+    return np.random.RandomState(0).randn(*shape).astype("float32")
 
 
 def time_moco_tf(model: MoCo, views: np.ndarray, steps: int) -> float:
@@ -83,9 +90,9 @@ def main() -> None:
     parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference step")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for each framework (0: all cores)")
     parser.add_argument("--color_in_step", action="store_true", help="uint8 crops in, v2 colour stage in the step")
-    parser.add_argument("--mixed_precision", choices=sorted(POLICIES), default="none")
+    parser.add_argument("--mixed_precision", choices=sorted(PRECISION_POLICIES), default="none")
     args = parser.parse_args()
-    keras.mixed_precision.set_global_policy(POLICIES[args.mixed_precision])
+    keras.mixed_precision.set_global_policy(PRECISION_POLICIES[args.mixed_precision])
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
@@ -94,8 +101,8 @@ def main() -> None:
                  cifar_stem=args.cifar_stem, bn_groups=args.bn_groups, image_size=args.image_size)  # fmt: skip
     model.compile(optimizer=SGD(LR, momentum=0.9, weight_decay=WD), jit_compile=args.jit_compile)
     shape = (args.batch_size, 2, args.image_size, args.image_size, 3)
-    views = np.random.RandomState(0).randn(*shape).astype("float32")
-    crops = np.random.RandomState(0).randint(0, 256, shape).astype("uint8")
+    views = batch_data(shape, color_in_step=False)  # the torch step's input
+    data = batch_data(shape, color_in_step=True) if args.color_in_step else views  # moco_tf's
     if args.color_in_step:
         model.views_from_crops = functools.partial(
             augment.views_from_crops, version="v2", image_size=args.image_size, static_shapes=True
@@ -111,14 +118,10 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         trainer = ref.DemoTrainer(model, LR, WD, device=device)  # before moco_tf's first step: same start
         time_torch(trainer, views, 2)  # warm up
-    if not args.color_in_step:
-        time_moco_tf(model, views, 2)  # trace and warm up
-
-    if args.color_in_step:
-        time_moco_tf(model, crops, 2)
+    time_moco_tf(model, data, 2)  # trace and warm up
     best = {"moco_tf": float("inf"), "torch": float("inf")}
     for _ in range(args.rounds):
-        best["moco_tf"] = min(best["moco_tf"], time_moco_tf(model, crops if args.color_in_step else views, args.steps))
+        best["moco_tf"] = min(best["moco_tf"], time_moco_tf(model, data, args.steps))
         if trainer is not None:
             best["torch"] = min(best["torch"], time_torch(trainer, views, args.steps))
     name = f"{args.arch}{'' if args.width == 64 else f' width {args.width}'} {args.image_size}x{args.image_size}"

@@ -88,6 +88,19 @@ def image_folder(root, counts: dict[str, int], split: str) -> None:
             (folder / f"{i}.png").write_bytes(tf.io.encode_png(pixels).numpy())
 
 
+def labelled_folder_datasets(root, batch: int, image_size: int = 16):
+    """(train, val) labelled pipelines over a folder of 24 train and 4 test images in 2 classes,
+    train shuffled with augmentation. Files are read with ignore_errors: a dataset of unknown
+    length, the case where Keras 3 counted one optimizer iteration more per epoch than batches."""
+    from moco_tf.data import pipelines, sources
+
+    image_folder(root, {"a": 12, "b": 12}, "train")
+    image_folder(root, {"a": 2, "b": 2}, "test")
+    source = sources.make_source("folder", str(root))
+    train = pipelines.labelled_dataset(source, "train", image_size, batch, train_aug=True, shuffle=True, seed=0)
+    return train, pipelines.labelled_dataset(source, "test", image_size, batch)
+
+
 def tiny_backbone():
     """Any images -> features Keras model exports; this one saves in a fraction of a second."""
     import keras

@@ -15,7 +15,7 @@ from moco_tf.data import pipelines, sources
 from moco_tf.evaluation import linear
 from moco_tf.interop.pretrained import load_backbone
 from moco_tf.models.resnet import resnet
-from tests.helpers import image_folder, randomize, run, run_local_workers
+from tests.helpers import labelled_folder_datasets, randomize, run, run_local_workers
 from tests.torch_reference import tf_encoder_state
 
 BATCH = 16
@@ -80,13 +80,8 @@ def test_initialisation_and_schedule():
 
 
 def test_schedule_follows_the_epochs_on_image_files(tmp_path):
-    # Files are read with ignore_errors (a dataset of unknown length); Keras 3 counted one optimizer
-    # iteration more per epoch than there were batches, running the milestones early.
-    image_folder(tmp_path, {"a": 12, "b": 12}, "train")
-    image_folder(tmp_path, {"a": 2, "b": 2}, "test")
-    source = sources.make_source("folder", str(tmp_path))
-    train = pipelines.labelled_dataset(source, "train", 16, BATCH, train_aug=True, shuffle=True, seed=0)
-    val = pipelines.labelled_dataset(source, "test", 16, BATCH)
+    # Keras 3 ran the milestones early on such data (see labelled_folder_datasets).
+    train, val = labelled_folder_datasets(tmp_path, BATCH)
     backbone = resnet("resnet18", cifar_stem=True, width=8)
     model, rows = linear.train_linear(backbone, train, val, 2, steps_per_epoch=2, epochs=3, lr=3.0,
                                       milestones=(2,), log=lambda _: None)  # fmt: skip

@@ -17,7 +17,7 @@ from moco_tf.data import pipelines, sources, subsets
 from moco_tf.evaluation import finetune
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.training.config import FinetuneConfig, RunMismatchError
-from tests.helpers import image_folder, randomize, run
+from tests.helpers import image_folder, labelled_folder_datasets, randomize, run
 
 SPEC = BackboneSpec("resnet18", 8, True)
 BATCH = 16
@@ -116,13 +116,8 @@ def test_every_weight_and_bn_statistic_trains_and_evaluation_uses_the_moving_one
 
 
 def test_schedule_follows_the_epochs_on_image_files(tmp_path):
-    # Files are read with ignore_errors (a dataset of unknown length); Keras 3 then counted one
-    # optimizer iteration more per epoch than there were batches, running the schedule ahead.
-    image_folder(tmp_path, {"a": 12, "b": 12}, "train")
-    image_folder(tmp_path, {"a": 2, "b": 2}, "test")
-    source = sources.make_source("folder", str(tmp_path))
-    train = pipelines.labelled_dataset(source, "train", 16, BATCH, train_aug=True, shuffle=True, seed=0)
-    val = pipelines.labelled_dataset(source, "test", 16, BATCH)
+    # Keras 3 ran the schedule ahead on such data (see labelled_folder_datasets).
+    train, val = labelled_folder_datasets(tmp_path, BATCH)
     model = finetune.build_classifier(SPEC.build, 2, sample_shape=(16, 16, 3))
     results = finetune.finetune(model, train, val, steps_per_epoch=2, epochs=3, lr=0.05, eval_every=0)
     assert int(model.optimizer.iterations.numpy()) == 6  # 24 images, batch 16: 2 steps an epoch
