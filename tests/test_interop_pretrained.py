@@ -129,3 +129,150 @@ def test_model_dir_and_checkpoint(tmp_path):
         np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-5, atol=1e-5)
         # Rebuilt without the training-time input size and BN groups: any size evaluates.
         assert loaded(images(size=40)).shape == (3, 512)
+
+
+# ----------------------------------------------------------------------------------------------
+# exports are read as data: the graph is never loaded, so it never runs
+
+
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory):
+    """A width-8 ResNet-18 export with random BN statistics and a v2 head: (path, backbone)."""
+    backbone = resnet("resnet18", cifar_stem=True, width=8)
+    randomize(backbone, seed=3)
+    config = {"arch": "resnet18", "width": 8, "cifar_stem": True, "image_size": 32, "mlp": True, "dim": 16}
+    path = hub.export_backbone(backbone, str(tmp_path_factory.mktemp("exports") / "r18w8"), config,
+                               head=projection_head(64, 16, mlp=True))
+    return path, backbone
+
+
+def test_export_read_as_data_gives_the_exports_features(small_export, monkeypatch):
+    import tensorflow as tf
+
+    path, backbone = small_export
+    with monkeypatch.context() as patched:  # the loader must not load the SavedModel (it would run its graph)
+        patched.setattr(tf.saved_model, "load", _must_not_run)
+        loaded, info = load_backbone(path)
+    assert info["kind"] == "export" and info["width"] == 8 and info["feature_dim"] == 64
+    for ours, theirs in zip(loaded.model.weights, backbone.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs), err_msg=theirs.path)
+    # The reference: the export's own graph, loaded here in the test only.
+    x = np.random.RandomState(5).rand(4, 32, 32, 3).astype(np.float32)
+    theirs = tf.saved_model.load(path)(tf.constant(x), training=False).numpy()
+    ours = loaded((tf.constant(x) - MEAN) / STD).numpy()
+    difference = float(np.abs(ours - theirs).max())
+    print(f"rebuilt backbone vs the export's graph: max abs difference {difference:.3g} (features up to "
+          f"{np.abs(theirs).max():.3g})")
+    assert difference <= 1e-6
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("tf.saved_model.load called while loading an export")
+
+
+def _hostile_saved_model(directory, marker):
+    """A SavedModel whose __call__ writes `marker` (what loading it would run, as hub.KerasLayer does)."""
+    import tensorflow as tf
+
+    class Hostile(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.v = tf.Variable(1.0)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        def __call__(self, images):
+            tf.io.write_file(marker, "ran")
+            return tf.reduce_mean(images, axis=[1, 2]) * self.v
+
+    path = str(directory)
+    tf.saved_model.save(Hostile(), path)
+    return path
+
+
+def test_a_saved_model_that_writes_a_file_is_never_run(small_export, tmp_path):
+    import shutil
+
+    from moco_tf.interop.warm_start import load_initial_weights
+    from moco_tf.training.warm_start import InitFromError
+
+    export, _ = small_export
+    marker = str(tmp_path / "written_by_the_model")
+    hostile = _hostile_saved_model(tmp_path / "hostile", marker)
+    shutil.copytree(f"{export}/assets", f"{hostile}/assets", dirs_exist_ok=True)  # a copied moco_config.json
+    with pytest.raises(PretrainedError, match="its variables do not fit a resnet18") as error:
+        load_backbone(hostile)
+    assert "\n" not in str(error.value)
+    with pytest.raises(InitFromError, match="do not fit"):
+        load_initial_weights(hostile)  # train --init_from's reader
+    # With the export's own variables the network loads (they are data) and the graph still never runs.
+    shutil.rmtree(f"{hostile}/variables")
+    shutil.copytree(f"{export}/variables", f"{hostile}/variables")
+    loaded, info = load_backbone(hostile)
+    assert info["kind"] == "export" and loaded(images()).shape == (3, 64)
+    assert not (tmp_path / "written_by_the_model").exists()
+
+
+def _export_copy(export, tmp_path, config_changes=None, variables_from=None):
+    import json
+    import shutil
+
+    path = str(tmp_path / "copy")
+    shutil.copytree(export, path)
+    if config_changes is not None:
+        with open(f"{path}/assets/moco_config.json") as f:
+            config = json.load(f)
+        config.update(config_changes)
+        with open(f"{path}/assets/moco_config.json", "w") as f:
+            json.dump(config, f)
+    if variables_from is not None:
+        shutil.rmtree(f"{path}/variables")
+        shutil.copytree(f"{variables_from}/variables", f"{path}/variables")
+    return path
+
+
+def _export_of(tmp_path, name, backbone, **kwargs):
+    return hub.export_backbone(backbone, str(tmp_path / name), {"arch": "resnet18", "cifar_stem": True}, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"width": 10**6}, r"width must be at most 1024 channels"),
+        ({"width": 16}, r"its first variable has shape \[3, 3, 3, 8\], a resnet18 width 16 stem has 16 channels"),
+        ({"image_size": 10**5}, r"records image_size=100000: must be in \[16, 4096\]"),
+        ({"projection_dim": 2**40}, r"variables/102 is float32 \[64, 16\], expected float32 \[64, 1099511627776\]"),
+        ({"num_classes": 10}, r"104 variables where it has 106 \(variables/104 is missing"),
+        ({"projection_dim": None}, r"104 variables where it has 100 \(variables/100 is extra"),
+        ({"arch": "resnet34"}, r"do not fit a resnet34"),
+        ({"mlp": "yes"}, r"records mlp='yes': must be true or false"),
+    ],
+)
+def test_an_export_whose_config_or_variables_do_not_fit_is_refused_in_one_line(
+    small_export, tmp_path, change, message
+):
+    path = _export_copy(small_export[0], tmp_path, config_changes=change)
+    with pytest.raises(PretrainedError, match=message) as error:
+        load_backbone(path)
+    assert "\n" not in str(error.value) and path in str(error.value)
+
+
+def test_an_export_with_damaged_files_is_refused_in_one_line(small_export, tmp_path):
+    import glob
+
+    export = small_export[0]
+    garbled = _export_copy(export, tmp_path / "a")
+    with open(f"{garbled}/assets/moco_config.json", "w") as f:
+        f.write('{"arch": "resnet18", ')
+    truncated = _export_copy(export, tmp_path / "b")
+    data = glob.glob(f"{truncated}/variables/variables.data-*")[0]
+    with open(data, "r+b") as f:
+        f.truncate(1000)
+    noise = _export_copy(export, tmp_path / "c")
+    with open(f"{noise}/variables/variables.index", "wb") as f:
+        f.write(np.random.RandomState(0).bytes(300))
+    for path, message in ((garbled, "moco_config.json is not readable JSON"),
+                          (truncated, "its data files hold 1000"),
+                          (noise, "its variables are unreadable")):
+        with pytest.raises(PretrainedError, match=message) as error:
+            load_backbone(path)
+        assert "\n" not in str(error.value)

@@ -8,16 +8,18 @@ PATH may be
   ResNet state_dict (converted on the fly by `moco_tf.interop.torch`).
 
 Every kind comes back as the same thing: a moco_tf Keras ResNet taking ImageNet-normalised
-images, called in inference mode. An export takes [0, 1] images and normalises inside; rather
-than undo that (x * std + mean, then (x - mean) / std again, which is off by float rounding), the
-backbone is rebuilt from the export's config and its variables are copied in, and a forward pass
-through both confirms they agree.
+images, called in inference mode. Nothing loaded runs code of its own: a PyTorch file is read
+weights-only, and an export is read as data, never through `tf.saved_model.load` (which would run
+its graph): the backbone is rebuilt from the export's moco_config.json with moco_tf's code and its
+values read from the export's variables checkpoint; a folder whose variables do not fit the
+rebuilt network is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import keras
@@ -25,9 +27,11 @@ import numpy as np
 import tensorflow as tf
 
 from moco_tf.data import sources
+from moco_tf.data.sources import MIN_IMAGE_SIZE
 from moco_tf.errors import UserError
 from moco_tf.evaluation.frozen import FrozenBackbone
 from moco_tf.interop import torch as from_torch
+from moco_tf.interop.hub import CONFIG_ASSET
 from moco_tf.models.backbones import BackboneSpec, official_dataset
 from moco_tf.training.checkpoint import config_values, restore_model
 
@@ -109,52 +113,172 @@ def _from_model_dir(model_dir: str, checkpoint: str | None) -> tuple[keras.Model
 
 
 def _from_export(export_dir: str) -> tuple[keras.Model, dict[str, Any]]:
-    config_path = os.path.join(export_dir, "assets", "moco_config.json")
-    if not tf.io.gfile.exists(config_path):
-        raise PretrainedError(
-            f"--pretrained={export_dir} is a SavedModel but not a moco_tf export (no assets/moco_config.json): "
-            f"give {_ACCEPTED}"
-        )
-    with tf.io.gfile.GFile(config_path) as f:
-        config = json.load(f)
-    loaded = tf.saved_model.load(export_dir)
-    if not isinstance(config, dict):
-        raise PretrainedError(f"export {export_dir}: its moco_config.json is not a JSON object")
-    try:  # exports written before `width` existed are standard ResNets: from_dict fills it in
-        spec = BackboneSpec.from_dict(config)
-    except ValueError as error:
-        raise PretrainedError(f"export {export_dir}: its moco_config.json names no valid backbone ({error})") from None
-    arch, cifar_stem, width = spec.arch, spec.cifar_stem, spec.width
+    """An export read as data: its moco_config.json says which network to build with moco_tf's own
+    code, its variables checkpoint holds the values. The SavedModel's graph (saved_model.pb) is
+    never loaded: a graph may hold any op (a file write, say), and loading one runs them."""
+    config = read_export_config(export_dir)
+    spec = BackboneSpec.from_dict(config)
+    variables = ExportVariables(export_dir)
+    variables.check_first(spec)  # before building: a width the file does not hold is refused here
     backbone = spec.build()
-    # The export lists the backbone's variables first, in `backbone.weights` order, then the head's.
-    exported = list(loaded.variables)[: len(backbone.weights)]
-    shapes = [tuple(v.shape) for v in exported]
-    if shapes != [tuple(w.shape) for w in backbone.weights]:
-        raise PretrainedError(
-            f"export {export_dir}: its variables do not fit a {arch} (cifar_stem={cifar_stem}, width={width})"
-        )
-    for weight, variable in zip(backbone.weights, exported, strict=True):
-        weight.assign(variable)
-    _check_same_as_export(backbone, loaded, config, export_dir)
-    info = {"arch": arch, "cifar_stem": cifar_stem, "width": width, "kind": "export"}
+    expected = [(tuple(w.shape), w.dtype) for w in backbone.weights]
+    expected += _head_shapes(config, spec, variables.count - len(expected))
+    variables.check_matches(expected, spec)
+    variables.assign(backbone.weights)
+    info = {**spec.to_dict(), "kind": "export"}
     for key in ("image_size", "dataset"):
         if config.get(key) is not None:
             info[key] = config[key]
     return backbone, info
 
 
-def _check_same_as_export(backbone: keras.Model, loaded, config: dict, export_dir: str) -> None:
-    """The rebuilt backbone on normalised images must give the export's features on [0, 1] ones."""
-    pre = config.get("preprocessing", {})
-    spec = BackboneSpec.from_dict(config)
-    mean = np.array(config.get("mean", pre.get("mean", spec.mean)), np.float32)
-    std = np.array(config.get("std", pre.get("std", spec.std)), np.float32)
-    size = 32 if spec.cifar_stem else 64  # small enough to be quick, large enough for the ImageNet stem
-    images = np.random.RandomState(0).rand(2, size, size, 3).astype(np.float32)
-    ours = backbone((images - mean) / std, training=False).numpy()
-    theirs = loaded(tf.constant(images), training=False).numpy()
-    if not np.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * float(np.abs(theirs).max() + 1e-6)):
-        raise PretrainedError(f"export {export_dir}: rebuilding its backbone does not reproduce its features")
+# The largest moco_config.json read (a moco_tf export's is about 2 kB).
+_MAX_CONFIG_BYTES = 1 << 20
+# Recorded image sizes above this are no resolution an encoder was trained at (ImageNet's is 224);
+# evaluating at one would resize every image to it.
+MAX_RECORDED_IMAGE_SIZE = 4096
+
+
+def read_export_config(export_dir: str) -> dict[str, Any]:
+    """An export's assets/moco_config.json, its values checked (with the bounds of the flags that
+    set them) before anything is built; PretrainedError (one line) when it is missing or invalid."""
+    config_path = os.path.join(export_dir, "assets", CONFIG_ASSET)
+    if not tf.io.gfile.exists(config_path):
+        raise PretrainedError(
+            f"--pretrained={export_dir} is a SavedModel but not a moco_tf export (no assets/{CONFIG_ASSET}): "
+            f"give {_ACCEPTED}"
+        )
+    where = f"export {export_dir}: its {CONFIG_ASSET}"
+    try:
+        if tf.io.gfile.stat(config_path).length > _MAX_CONFIG_BYTES:
+            raise PretrainedError(f"{where} is larger than {_MAX_CONFIG_BYTES} bytes: not one moco_tf wrote")
+        with tf.io.gfile.GFile(config_path, "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except (OSError, tf.errors.OpError, UnicodeDecodeError, ValueError) as error:
+        if isinstance(error, PretrainedError):
+            raise
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise PretrainedError(f"{where} is not readable JSON ({first})") from None
+    if not isinstance(config, dict):
+        raise PretrainedError(f"{where} is not a JSON object")
+    try:  # exports written before `width` existed are standard ResNets: from_dict fills it in
+        BackboneSpec.from_dict(config)
+    except ValueError as error:
+        raise PretrainedError(f"{where} names no valid backbone ({error})") from None
+    for key in ("image_size", "projection_dim", "num_classes", "dim"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise PretrainedError(f"{where} records {key}={value!r}: must be a positive integer")
+    size = config.get("image_size")
+    if size is not None and not MIN_IMAGE_SIZE <= size <= MAX_RECORDED_IMAGE_SIZE:
+        raise PretrainedError(
+            f"{where} records image_size={size}: must be in [{MIN_IMAGE_SIZE}, {MAX_RECORDED_IMAGE_SIZE}]"
+        )
+    for key in ("mlp", "cifar_stem"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise PretrainedError(f"{where} records {key}={config[key]!r}: must be true or false")
+    if config.get("dataset") is not None and not isinstance(config["dataset"], str):
+        raise PretrainedError(f"{where} records dataset={config['dataset']!r}: must be a name")
+    return config
+
+
+def _head_shapes(config: Mapping[str, Any], spec: BackboneSpec, left: int) -> list[tuple[tuple[int, ...], Any]]:
+    """The shapes the export's variables after the backbone's must have: the MoCo projection head
+    when moco_config.json records projection_dim (`moco_tf.models.moco.projection_head`: fc, or
+    fc.0 and fc.2 for v2's MLP), then the fine-tuned classifier (a Dense) when it records
+    num_classes. Computed, not built: a huge recorded dim must not allocate anything."""
+    features, shapes = spec.feature_dim, []
+    dim, classes = config.get("projection_dim"), config.get("num_classes")
+    if dim is not None:
+        mlp = config.get("mlp")
+        if mlp is None:  # not recorded by every writer: v2's head has 4 variables, v1's 2
+            mlp = left - (2 if classes is not None else 0) == 4
+        if mlp:
+            shapes += [(features, features), (features,)]
+        shapes += [(features, dim), (dim,)]
+    if classes is not None:
+        shapes += [(features, classes), (classes,)]
+    return [(shape, "float32") for shape in shapes]
+
+
+class ExportVariables:
+    """The values in an export's variables checkpoint (variables/variables.{index,data-*}), read
+    with `tf.train.load_checkpoint` (a table of named tensors; nothing in it is run). moco_tf's
+    HubModule saves its `variables` list, so the i-th is keyed "variables/i/.ATTRIBUTES/VARIABLE_VALUE":
+    the backbone's in `backbone.weights` order, then the head's, then the classifier's."""
+
+    _OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
+
+    def __init__(self, export_dir: str):
+        self.export_dir = export_dir
+        prefix = os.path.join(export_dir, "variables", "variables")
+        try:
+            self._reader = tf.train.load_checkpoint(prefix)
+            shapes = self._reader.get_variable_to_shape_map()
+            dtypes = self._reader.get_variable_to_dtype_map()
+        except (tf.errors.OpError, ValueError, OSError) as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise PretrainedError(f"export {export_dir}: its variables are unreadable ({first})") from None
+        self.shapes = {k: tuple(v) for k, v in shapes.items() if k != self._OBJECT_GRAPH}
+        self.dtypes = {k: dtypes[k] for k in self.shapes}
+        self.count = sum(1 for k in self.shapes if _index(k) is not None)
+        declared = sum(int(np.prod(shape, dtype=np.float64)) * self.dtypes[k].size for k, shape in self.shapes.items())
+        stored = sum(tf.io.gfile.stat(p).length for p in tf.io.gfile.glob(prefix + ".data-*"))
+        if declared > stored:  # a truncated file, or an index claiming tensors it does not hold
+            raise PretrainedError(
+                f"export {export_dir}: its variables index declares {declared} bytes, its data files hold {stored} "
+                "(truncated or not moco_tf's)"
+            )
+
+    @staticmethod
+    def key(i: int) -> str:
+        return f"variables/{i}/.ATTRIBUTES/VARIABLE_VALUE"
+
+    def check_first(self, spec: BackboneSpec) -> None:
+        """The stem's kernel (the first variable) must have `width` output channels."""
+        first = self.shapes.get(self.key(0))
+        if not first or first[-1] != spec.width:
+            shown = list(first) if first else None
+            self._refuse(spec, f"its first variable has shape {shown}, a {spec.label} stem has {spec.width} channels")
+
+    def check_matches(self, expected: list[tuple[tuple[int, ...], Any]], spec: BackboneSpec) -> None:
+        """Exactly the variables `expected` lists ((shape, dtype) in order): none missing, none extra."""
+        names = [self.key(i) for i in range(len(expected))]
+        extra = sorted(set(self.shapes) - set(names), key=lambda k: (_index(k) is None, _index(k) or 0, k))
+        missing = [n for n in names if n not in self.shapes]
+        if missing or extra:
+            first = _short(extra[0]) + " is extra" if extra else _short(missing[0]) + " is missing"
+            self._refuse(spec, f"{len(self.shapes)} variables where it has {len(expected)} ({first})")
+        for name, (shape, dtype) in zip(names, expected, strict=True):
+            if self.shapes[name] != tuple(shape) or self.dtypes[name] != tf.as_dtype(dtype):
+                self._refuse(spec, f"{_short(name)} is {self.dtypes[name].name} {list(self.shapes[name])}, "
+                                   f"expected {tf.as_dtype(dtype).name} {list(shape)}")
+
+    def assign(self, weights: list[Any]) -> None:
+        try:
+            for i, weight in enumerate(weights):
+                weight.assign(self._reader.get_tensor(self.key(i)))
+        except tf.errors.OpError as error:  # a data file damaged after its index was written
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise PretrainedError(f"export {self.export_dir}: its variables are unreadable ({first})") from None
+
+    def _refuse(self, spec: BackboneSpec, why: str) -> None:
+        raise PretrainedError(
+            f"export {self.export_dir}: its variables do not fit a {spec.arch} (cifar_stem={spec.cifar_stem}, "
+            f"width={spec.width}): {why}; is it a moco_tf export?"
+        )
+
+
+def _short(key: str) -> str:
+    return key.split("/.ATTRIBUTES")[0]
+
+
+def _index(key: str) -> int | None:
+    """i for "variables/i/.ATTRIBUTES/VARIABLE_VALUE", else None."""
+    parts = key.split("/")
+    if len(parts) == 4 and parts[0] == "variables" and parts[1].isdigit() and key == ExportVariables.key(int(parts[1])):
+        return int(parts[1])
+    return None
 
 
 def _from_torch(path: str) -> tuple[keras.Model, dict[str, Any]]:

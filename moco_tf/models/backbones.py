@@ -33,6 +33,9 @@ IMAGENET_DATASET = "imagenet2012"
 CIFAR10_DATASET = "cifar10"
 
 STANDARD_WIDTH = resnet.STANDARD_WIDTH  # torchvision's base channels, the ones official weights fit
+# The widest ResNet a flag or a file may ask for (16x the standard; SimCLR's widest is 4x): a bound
+# on what is built before any memory is spent, for --width and for the width recorded in a file.
+MAX_WIDTH = 1024
 
 
 def default_image_size(cifar_stem: bool) -> int:
@@ -123,6 +126,9 @@ class BackboneSpec:
         get_backbone(self.arch)  # a ValueError naming the known archs
         if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
             raise ValueError(f"width must be a positive number of channels, got {self.width!r}")
+        if self.width > MAX_WIDTH:  # checked before anything is built: 10**6 channels is an out-of-memory
+            raise ValueError(f"width must be at most {MAX_WIDTH} channels ({MAX_WIDTH // 64}x the standard), "
+                             f"got {self.width}")
         if not isinstance(self.cifar_stem, bool):
             raise ValueError(f"cifar_stem must be true or false, got {self.cifar_stem!r}")
 
