@@ -72,6 +72,7 @@ def run_finetune(config: FinetuneConfig, strategy: tf.distribute.Strategy) -> di
     if config.export_dir:  # before training, not after it
         protected = [config.model_dir] if config.model_dir else []
         hub.check_export_target(config.export_dir, config.overwrite_export, protected)
+    own = bool(config.model_dir) and cli_evaluation.is_own_model_dir(config.model_dir, finetune.CONFIG_FILE)
     if config.model_dir:
         cli_evaluation.check_model_dir(config, finetune.CONFIG_FILE, chief)
     else:
@@ -82,9 +83,12 @@ def run_finetune(config: FinetuneConfig, strategy: tf.distribute.Strategy) -> di
         keras.utils.set_random_seed(seed)  # the head's initialisation
     batch = config.batch_size
     n_train = train_source.num_examples(train_source.train_split)
-    train_ds = labelled_dataset(
-        train_source, train_source.train_split, image_size, batch, train_aug=True, shuffle=True, seed=seed
-    )
+    def train_ds(epoch: int) -> tf.data.Dataset:  # each epoch's pass of (seed, epoch): exact resume with --seed
+        return labelled_dataset(
+            train_source, train_source.train_split, image_size, batch, train_aug=True, shuffle=True, seed=seed,
+            epoch=epoch,
+        )  # fmt: skip
+
     val_ds = labelled_dataset(source, source.eval_split, image_size, batch, subset=config.limit_val)
     lr = scaled_lr(config.lr, batch)
     print(
@@ -100,7 +104,7 @@ def run_finetune(config: FinetuneConfig, strategy: tf.distribute.Strategy) -> di
         model, train_ds, val_ds,
         steps_per_epoch=math.ceil(n_train / batch), epochs=epochs, lr=lr, momentum=config.sgd_momentum,
         nesterov=config.nesterov, weight_decay=config.weight_decay, model_dir=config.model_dir,
-        eval_every=config.eval_every, strategy=strategy, chief=chief,
+        eval_every=config.eval_every, strategy=strategy, chief=chief, repair_broken=own and chief,
     )  # fmt: skip
     final = finetune.evaluate(model, val_ds)
     print(f"final: {source.eval_split} top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%")

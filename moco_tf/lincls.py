@@ -17,6 +17,7 @@ float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -51,6 +52,7 @@ def train_from_flags(config: LinearConfig) -> None:
     milestones = sorted(config.milestones)
     image_size = FLAGS.image_size or info["image_size"]
     config = dataclasses.replace(config, image_size=image_size, pretrained=os.path.abspath(FLAGS.pretrained))
+    own = bool(config.model_dir) and cli_evaluation.is_own_model_dir(config.model_dir, linear.CONFIG_FILE)
     if config.model_dir:
         cli_evaluation.check_model_dir(config, linear.CONFIG_FILE, setup.chief)
     else:
@@ -58,20 +60,21 @@ def train_from_flags(config: LinearConfig) -> None:
     batch = FLAGS.batch_size
     seed = cli_evaluation.shared_seed(strategy, FLAGS.seed)
 
-    def split(name, limit, train):
+    def split(name, limit, train, epoch=0):
         return labelled_dataset(
             source, name, image_size, batch, train_aug=train and not FLAGS.precompute_features,
-            shuffle=train and not FLAGS.precompute_features, seed=seed, subset=limit,
+            shuffle=train and not FLAGS.precompute_features, seed=seed, subset=limit, epoch=epoch,
         )  # fmt: skip
 
-    train_ds = split(source.train_split, FLAGS.limit_train, True)
+    # Each epoch's pass built anew (order and crops of (seed, epoch)): exact resume with --seed.
+    train_ds = functools.partial(split, source.train_split, FLAGS.limit_train, True)
     val_ds = split(source.eval_split, FLAGS.limit_val, False)
     n_train = min(FLAGS.limit_train or math.inf, source.num_examples(source.train_split))
     classifier_backbone = backbone
     if FLAGS.precompute_features:
         print("precomputing features (no augmentation: not the official protocol)")
         train_ds, n_train = linear.feature_dataset(
-            backbone, train_ds, batch, shuffle=True, seed=seed, strategy=strategy
+            backbone, train_ds(0), batch, shuffle=True, seed=seed, strategy=strategy, per_epoch=True
         )
         val_ds, _ = linear.feature_dataset(backbone, val_ds, batch, shuffle=False, strategy=strategy)
         classifier_backbone = None
@@ -97,6 +100,7 @@ def train_from_flags(config: LinearConfig) -> None:
         strategy=strategy,
         chief=setup.chief,
         seed=seed,
+        repair_broken=own and setup.chief,
     )
     final = linear.evaluate(model, val_ds)
     print(f"final: val top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%  ({protocol})")

@@ -207,3 +207,70 @@ def test_cli_multi_worker_matches_one_device(tmp_path):
         worker_loss, worker_final = loss_and_final(out)
         assert worker_loss == pytest.approx(loss, rel=1e-3) and worker_final == final, out
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def _features(n=48, dim=8, seed=0):
+    rng = np.random.RandomState(seed)
+    return rng.randn(n, dim).astype(np.float32), rng.randint(0, 3, n)
+
+
+def test_stopped_and_resumed_with_a_seed_ends_as_uninterrupted(tmp_path):
+    """Each epoch's pass is batched_features(..., epoch=e) (the CLI's --precompute_features; the
+    official protocol's images: labelled_dataset(..., epoch=e), tests/test_finetune.py)."""
+    import functools
+
+    features, labels = _features()
+    passes = functools.partial(linear.batched_features, features, labels, 16, True, 5)
+    orders = [[y.tolist() for _, y in passes(e).as_numpy_iterator()] for e in (0, 1)]
+    assert orders[0] != orders[1]  # a new order every epoch
+    val = linear.batched_features(features[:16], labels[:16], 16, False)
+
+    def train(model_dir):
+        keras.utils.set_random_seed(5)
+        model, rows = linear.train_linear(None, passes, val, 3, 3, epochs=3, lr=3.0, milestones=(2,),
+                                          model_dir=str(model_dir), log=lambda _: None)  # fmt: skip
+        return model.fc.get_weights(), rows
+
+    straight, rows = train(tmp_path / "run")
+    for name in ("ckpt-3.index", "ckpt-3.data-00000-of-00001", "ckpt-2.index", "ckpt-2.data-00000-of-00001"):
+        (tmp_path / "run" / name).unlink()  # as if stopped after epoch 1
+    (tmp_path / "run" / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')
+    resumed, resumed_rows = train(tmp_path / "run")
+    difference = max(float(np.abs(a - b).max()) for a, b in zip(straight, resumed, strict=True))
+    print(f"lincls stopped after epoch 1 and resumed vs uninterrupted: max abs difference {difference:.3g}")
+    assert difference <= 1e-6 and [r["loss"] for r in resumed_rows] == [r["loss"] for r in rows]
+
+
+def test_broken_newest_checkpoint_is_named_moved_aside_only_when_asked(tmp_path):
+    features, labels = _features()
+    train_ds = linear.batched_features(features, labels, 16, True, 1)
+    run_dir = tmp_path / "run"
+
+    def train(repair):
+        lines = []
+        linear.train_linear(None, train_ds, train_ds, 3, 3, epochs=2, model_dir=str(run_dir), log=lines.append,
+                            repair_broken=repair)  # fmt: skip
+        return lines
+
+    def cut_short():  # what a kill in the middle of writing the data file leaves
+        data = run_dir / "ckpt-2.data-00000-of-00001"
+        data.write_bytes(data.read_bytes()[:20])
+
+    train(False)
+    cut_short()
+    kept = train(False)  # a folder not proven this command's own: named and skipped, nothing moved
+    assert kept[0].startswith(f"checkpoint {run_dir}/ckpt-2 is unreadable (")
+    assert kept[0].endswith("; using the previous one")
+    assert "epoch 1 of 2" in kept[1] and not (run_dir / "broken").exists()
+    cut_short()  # (the resumed run wrote its own ckpt-2)
+    moved = train(True)
+    assert moved[0].startswith(f"checkpoint {run_dir}/ckpt-2 is unreadable") and "epoch 1 of 2" in moved[1]
+    assert sorted(p.name for p in (run_dir / "broken").iterdir()) == ["ckpt-2.data-00000-of-00001", "ckpt-2.index"]
+    for name in ("ckpt-1", "ckpt-2"):
+        (run_dir / f"{name}.data-00000-of-00001").write_bytes(b"")
+    with pytest.raises(linear.CheckpointError, match="holds checkpoint files but none is readable") as error:
+        train(True)
+    assert "\n" not in str(error.value)
+    (run_dir / linear.RESULTS_FILE).write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(linear.CheckpointError, match=f"{run_dir}/lincls_results.json is not valid JSON"):
+        linear.read_results(str(run_dir / linear.RESULTS_FILE))

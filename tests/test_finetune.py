@@ -9,6 +9,7 @@ import math
 import os
 import types
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -16,6 +17,7 @@ import tensorflow as tf
 from moco_tf.data import pipelines, sources, subsets
 from moco_tf.evaluation import finetune
 from moco_tf.models.backbones import BackboneSpec
+from moco_tf.training.checkpoint import CheckpointError
 from moco_tf.training.config import FinetuneConfig, RunMismatchError
 from tests.helpers import image_folder, labelled_folder_datasets, randomize, run
 
@@ -243,3 +245,50 @@ def test_command_line_random_init_export_and_mistakes(tmp_path):
         result = run("-m", "moco_tf.finetune", "--dataset=digits", *argv)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error:"), result.stderr
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def _drop_newest_checkpoint(ckpt_dir) -> None:
+    """As if killed during epoch 2: epoch 1's checkpoint is the newest one on disk and recorded."""
+    for name in ("ckpt-2.index", "ckpt-2.data-00000-of-00001"):
+        os.remove(ckpt_dir / name)
+    (ckpt_dir / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\nall_model_checkpoint_paths: "ckpt-1"\n')
+
+
+def test_stopped_and_resumed_with_a_seed_ends_as_uninterrupted(tmp_path):
+    """Each epoch's pass is labelled_dataset(..., epoch=e): a resume trains on the very passes an
+    uninterrupted run does (before, every epoch of a folder repeated the first one's order and
+    crops, and a resumed run of digits replayed the first epoch's order)."""
+    source = sources.make_source("digits")
+
+    def passes(epoch):
+        return pipelines.labelled_dataset(source, "train", 32, BATCH, train_aug=True, shuffle=True, seed=7,
+                                          subset=32, epoch=epoch)  # fmt: skip
+
+    first, second = ([y.numpy().tolist() for _, y in passes(e)] for e in (0, 1))
+    assert first != second  # a new order every epoch
+    val = pipelines.labelled_dataset(source, "test", 32, BATCH, subset=16)
+
+    def run_finetune(model_dir):
+        keras.utils.set_random_seed(7)
+        model = finetune.build_classifier(SPEC.build, 10)
+        finetune.finetune(model, passes, val, steps_per_epoch=2, epochs=2, lr=0.1, model_dir=str(model_dir),
+                          eval_every=0, log=lambda _: None, tensorboard=False)  # fmt: skip
+        return model
+
+    straight = [np.array(w) for w in run_finetune(tmp_path / "run").weights]
+    _drop_newest_checkpoint(tmp_path / "run" / "checkpoints")
+    resumed = [np.array(w) for w in run_finetune(tmp_path / "run").weights]
+    difference = max(float(np.abs(a - b).max()) for a, b in zip(straight, resumed, strict=True))
+    print(f"finetune stopped after epoch 1 and resumed vs uninterrupted: max abs difference {difference:.3g}")
+    assert difference <= 1e-6
+
+
+def test_a_garbled_results_file_is_one_line_naming_it(tmp_path):
+    # (a broken newest checkpoint: tests/test_evaluation_linear.py, through the same `linear.resume`)
+    (tmp_path / finetune.RESULTS_FILE).write_text('[{"epoch": 1,')
+    with pytest.raises(CheckpointError, match=f"{tmp_path}/finetune_results.json is not valid JSON") as error:
+        finetune.read_results(str(tmp_path))
+    assert "\n" not in str(error.value)
+    (tmp_path / finetune.RESULTS_FILE).write_text('{"epoch": 1}')
+    with pytest.raises(CheckpointError, match="does not hold moco_tf results"):
+        finetune.read_results(str(tmp_path))

@@ -15,10 +15,11 @@ COMMAND_LINES = ("train", "knn", "lincls", "finetune", "export", "convert", "plo
 # Stable public paths that only re-export a library module (DESIGN.md's public API).
 ALIASES = {"resnet": "models.resnet", "augment": "data.augment", "optimizers": "training.optimizers"}
 # Lowest first. The optimizer and the schedules import nothing of moco_tf: the linear protocol
-# (evaluation) trains with them too, so they sit with the ground floor, not with training.
+# (evaluation) trains with them too, so they sit with the ground floor, not with training; the
+# checkpoint finder too (lincls and finetune resume as train does).
 LEVELS = {
     "errors": 0, "_quiet_tf_startup": 0,
-    "models": 1, "data": 1, "training.optimizers": 1, "training.schedules": 1,
+    "models": 1, "data": 1, "training.optimizers": 1, "training.schedules": 1, "training.checkpoint_files": 1,
     "evaluation": 2,
     "training": 3,
     "interop": 4,

@@ -4,6 +4,7 @@ pretrained encoder on them, from the flags of `define_evaluation_flags`."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 from typing import Any
@@ -16,7 +17,7 @@ from moco_tf.evaluation.frozen import FrozenBackbone, replicate
 from moco_tf.interop.pretrained import load_backbone, load_for_evaluation
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.training import distribute
-from moco_tf.training.config import PRECISION_POLICIES, FinetuneConfig, LinearConfig, check_same_run
+from moco_tf.training.config import FORMAT_VERSION, PRECISION_POLICIES, FinetuneConfig, LinearConfig, check_same_run
 
 
 @dataclasses.dataclass
@@ -57,6 +58,18 @@ def shared_seed(strategy: tf.distribute.Strategy, seed: int | None) -> int | Non
     with strategy.scope():  # a variable made in scope starts with the chief's value on every worker
         drawn = tf.Variable(random.SystemRandom().randrange(2**31), dtype=tf.int64, trainable=False)
     return int(drawn.numpy())
+
+
+def is_own_model_dir(model_dir: str, config_file: str) -> bool:
+    """Whether model_dir already holds this command's config_file with moco_tf's format marker:
+    only then may a resume move files in it (a broken checkpoint into broken/). Call it before
+    `check_model_dir`, which writes that file for a new run."""
+    try:
+        with tf.io.gfile.GFile(os.path.join(model_dir, config_file), "rb") as f:
+            values = json.loads(f.read().decode("utf-8"))
+    except (OSError, tf.errors.OpError, UnicodeDecodeError, ValueError):  # absent, unreadable or not JSON
+        return False
+    return isinstance(values, dict) and values.get("format_version") == FORMAT_VERSION
 
 
 def check_model_dir(config: LinearConfig | FinetuneConfig, config_file: str, chief: bool) -> None:

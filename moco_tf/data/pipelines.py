@@ -165,11 +165,16 @@ def _epoch_indices(num: int, input_context, base: tf.Tensor, start: int) -> tf.d
     return tf.data.Dataset.counter(start=first_epoch).flat_map(epoch)
 
 
-def _record_shuffle_seed(seed: int | None, start_step: int) -> int | None:
-    """The TFDS shuffle seed of a stream resumed at `start_step` (see `pretrain_dataset`)."""
-    if seed is None or start_step == 0:
+def pass_seed(seed: int | None, k: int) -> int | None:
+    """A shuffle seed made of (seed, k): the TFDS shuffle seed of a stream resumed at step k (see
+    `pretrain_dataset`), the shuffle seed of pass k of a labelled split (`labelled_dataset`'s
+    epoch, the linear protocol's precomputed features). seed itself for k = 0; None stays None."""
+    if seed is None or k == 0:
         return seed
-    return int(np.random.SeedSequence([seed, start_step]).generate_state(1)[0] >> 1)
+    return int(np.random.SeedSequence([seed, k]).generate_state(1)[0] >> 1)
+
+
+_record_shuffle_seed = pass_seed  # its name before the labelled passes used it too
 
 
 def _options(ds: tf.data.Dataset, input_context) -> tf.data.Dataset:
@@ -300,12 +305,13 @@ def pretrain_dataset(
 
 
 def _labelled_order(
-    total: int, input_context, subset: int, shuffle: bool, repeat: bool, base: tf.Tensor
+    total: int, input_context, subset: int, shuffle: bool, repeat: bool, base: tf.Tensor, first_epoch: int = 0
 ) -> tuple[tf.data.Dataset, int | None]:
     """The file indices `labelled_dataset` reads, and their number (None: repeated forever).
 
     This pipeline's shard (every num_input_pipelines-th), thinned to `subset` evenly spaced
-    ones; shuffled, if asked, by a stateless permutation per epoch seeded by (`base`, epoch)."""
+    ones; shuffled, if asked, by a stateless permutation per epoch seeded by (`base`, epoch),
+    epochs counted from `first_epoch`."""
     n_shards, shard = (
         (input_context.num_input_pipelines, input_context.input_pipeline_id) if input_context else (1, 0)
     )
@@ -322,7 +328,7 @@ def _labelled_order(
         seed = tf.random.experimental.stateless_fold_in(perm_base, e)
         return tf.data.Dataset.from_tensor_slices(tf.random.experimental.stateless_shuffle(local, seed=seed))
 
-    epochs = tf.data.Dataset.counter() if repeat else tf.data.Dataset.range(1)
+    epochs = tf.data.Dataset.counter(first_epoch) if repeat else tf.data.Dataset.range(first_epoch, first_epoch + 1)
     return epochs.flat_map(epoch), None if repeat else int(local.shape[0])
 
 
@@ -338,6 +344,7 @@ def labelled_dataset(
     shuffle: bool = False,
     seed: int | None = None,
     subset: int = 0,
+    epoch: int = 0,
 ) -> tf.data.Dataset:
     """(images float32 [b, S, S, 3] normalised, labels int32 [b]) from a labelled split.
 
@@ -349,8 +356,16 @@ def labelled_dataset(
     A file of a folder that does not decode is left out (an evaluation needs no fixed
     positions, and a replacement would count an image twice) and recorded in
     `source.undecodable`, which names it (log and summaries).
+    `epoch`: which pass over the split this is. Its order (with `shuffle`) and augmentation are
+    functions of (seed, epoch) alone, so a run that builds each epoch's pass anew (the linear
+    protocol, fine-tuning) sees a new order and new crops every epoch, and a resumed run gets
+    exactly the passes an uninterrupted one would (a TFDS split: the same shuffle seeds, exact as
+    far as TFDS's own reading order is).
     """
     _check_image_size(source, image_size)
+    if not isinstance(epoch, int | np.integer) or epoch < 0:
+        raise DataError(f"epoch={epoch} must be a pass count >= 0")
+    epoch = int(epoch)
     if not source.num_classes:
         raise DataError(f"{source.name} has no labels: kNN and linear evaluation need class subfolders")
     batch = _local_batch(batch_size, input_context)
@@ -360,7 +375,7 @@ def labelled_dataset(
     if files:
         # An order of file indices that is a pure function of the seed: read a second time
         # beside the decoded stream, it names the files that failed to decode.
-        order, length = _labelled_order(total, input_context, subset, shuffle, repeat, base)
+        order, length = _labelled_order(total, input_context, subset, shuffle, repeat, base, epoch)
         paths, labels = (tf.constant(x) for x in source.splits[split])
         ds = order.map(
             lambda i: (tf.io.read_file(tf.gather(paths, i)), tf.gather(labels, i)), num_parallel_calls=AUTOTUNE
@@ -369,12 +384,14 @@ def labelled_dataset(
         # The first N of a folder or TFDS split sorted by class would be one or two classes.
         ds = source.examples(split, input_context).shard(total // subset, 0).take(subset)
         if shuffle:
-            ds = ds.shuffle(subset, seed=seed)
+            ds = ds.shuffle(subset, seed=pass_seed(seed, epoch))
     else:
-        ds = source.examples(split, input_context, shuffle=shuffle, seed=seed)
+        ds = source.examples(split, input_context, shuffle=shuffle, seed=pass_seed(seed, epoch))
     if repeat and not files:
         ds = ds.repeat()
-    ds = _with_seeds(ds, base, 3)
+    # Augmentation seeds fold in the element's index in the stream of passes: pass `epoch` starts
+    # after `epoch` whole passes (an upper bound of a shard's size: distinct seeds either way).
+    ds = _with_seeds(ds, base, 3, start=epoch * total)
     encoded = source.kind != "arrays"
 
     def transform(example, seed):

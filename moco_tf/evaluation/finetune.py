@@ -18,7 +18,6 @@ optimizer and epoch are checkpointed in model_dir after every epoch, and a rerun
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
@@ -27,7 +26,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from moco_tf.evaluation.linear import _finite_datasets, compile_classifier, exact_epochs, write_json
+from moco_tf.evaluation import linear
+from moco_tf.evaluation.linear import EpochData, _finite_datasets, compile_classifier, fit_epochs, resume, write_json
+from moco_tf.training.checkpoint_files import CHECKPOINT_DIR
 from moco_tf.training.optimizers import SGD
 from moco_tf.training.schedules import EpochSchedule
 
@@ -125,10 +126,10 @@ def build_classifier(
 class _EpochEnd(keras.callbacks.Callback):
     """Saves everything after every epoch, appends the epoch's numbers, prints one line."""
 
-    def __init__(self, manager, epoch: tf.Variable, results: list, log, model_dir: str | None):
+    def __init__(self, manager, epoch: tf.Variable, results: list, log, model_dir: str | None, epochs: int):
         super().__init__()
         self.manager, self.epoch, self.results, self.log, self.model_dir = manager, epoch, results, log, model_dir
-        self.lr = None
+        self.epochs, self.lr = epochs, None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.lr = float(self.model.optimizer.learning_rate)
@@ -150,14 +151,14 @@ class _EpochEnd(keras.callbacks.Callback):
             write_json(os.path.join(self.model_dir, RESULTS_FILE), self.results)
         val = f"  val top-1 {row['val_top1']:.2f}%  top-5 {row['val_top5']:.2f}%" if "val_top1" in row else ""
         self.log(
-            f"epoch {epoch + 1}/{self.params['epochs']}  lr {row['lr']:.4g}  loss {row['loss']:.4f}  "
+            f"epoch {epoch + 1}/{self.epochs}  lr {row['lr']:.4g}  loss {row['loss']:.4f}  "
             f"train top-1 {row['train_top1']:.2f}%{val}"
         )
 
 
 def finetune(
     model: FineTuneClassifier,
-    train_ds: tf.data.Dataset,
+    train_ds: EpochData,
     val_ds: tf.data.Dataset,
     steps_per_epoch: int,
     epochs: int,
@@ -171,17 +172,22 @@ def finetune(
     strategy: tf.distribute.Strategy | None = None,
     chief: bool = True,
     tensorboard: bool = True,
+    repair_broken: bool = False,
 ) -> list[dict]:
     """Train every weight of `model` (see the module docstring); resumes from the newest
     checkpoint in `model_dir`. Returns one results row per epoch done (this run's and the
     resumed ones').
 
-    train_ds / val_ds: finite (images, labels) batches; train_ds is one epoch.
+    train_ds / val_ds: finite (images, labels) batches; train_ds is one epoch, or a function
+        epoch -> that epoch's batches (exact resume with a seed: see `linear.fit_epochs`).
     steps_per_epoch: batches in one pass of train_ds (the schedule counts epochs in steps).
     lr: the rate used (not scaled here; the command line scales its per-256 --lr).
     eval_every: top-1/top-5 on val_ds every N epochs and after the last; 0: never (call `evaluate`).
     strategy: the model must have been made in its scope (`build_classifier`); `chief`: whether
         this process writes files. tensorboard: epoch scalars in model_dir/logs.
+    repair_broken: move a broken newest checkpoint into model_dir/checkpoints/broken/ (it is
+        always named and skipped); only for a model_dir proven to be this command's own
+        (`moco_tf.cli.evaluation.is_own_model_dir`).
     """
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
@@ -191,33 +197,21 @@ def finetune(
     manager, results = None, []
     if model_dir:
         checkpoint = tf.train.Checkpoint(backbone=model.backbone, fc=model.fc, optimizer=optimizer, epoch=epoch)
-        manager = tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=2)
-        if manager.latest_checkpoint:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        manager, latest = resume(checkpoint, os.path.join(model_dir, CHECKPOINT_DIR), repair_broken, log)
+        if latest:
             results = read_results(model_dir)[: int(epoch.numpy())]
-            log(f"resuming from {manager.latest_checkpoint} (epoch {int(epoch.numpy())} of {epochs} done)")
+            log(f"resuming from {latest} (epoch {int(epoch.numpy())} of {epochs} done)")
     compile_classifier(model, optimizer, int(model.fc.units), strategy)
-    train_ds = exact_epochs(train_ds, steps_per_epoch)
     done = int(epoch.numpy())
     if done < epochs:
-        callbacks: list = [_EpochEnd(manager if chief else None, epoch, results, log, model_dir)]
+        callbacks: list = [_EpochEnd(manager if chief else None, epoch, results, log, model_dir, epochs)]
         if tensorboard and model_dir and chief:
             callbacks.append(
                 keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), write_graph=False, profile_batch=0)
             )
         # Validate on epochs eval_every, 2 x eval_every, ... and on the last one (0: never).
         val_epochs = sorted({e for e in range(eval_every, epochs + 1, eval_every)} | {epochs}) if eval_every else []
-        with _finite_datasets():
-            model.fit(
-                train_ds,
-                epochs=epochs,
-                initial_epoch=done,
-                validation_data=val_ds if val_epochs else None,
-                validation_freq=val_epochs or 1,
-                callbacks=callbacks,
-                shuffle=False,  # the dataset shuffles itself each epoch
-                verbose=0,
-            )
+        fit_epochs(model, train_ds, steps_per_epoch, done, epochs, val_ds, val_epochs, callbacks)
     return results
 
 
@@ -229,8 +223,5 @@ def evaluate(model: FineTuneClassifier, val_ds: tf.data.Dataset) -> dict[str, fl
 
 
 def read_results(model_dir: str) -> list[dict[str, Any]]:
-    path = os.path.join(model_dir, RESULTS_FILE)
-    if not tf.io.gfile.exists(path):
-        return []
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    """model_dir's results rows ([] when none); a garbled file is one line naming it."""
+    return linear.read_results(os.path.join(model_dir, RESULTS_FILE))

@@ -17,6 +17,7 @@ a CPU, but not the official protocol (no random crops), so its numbers are label
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import warnings
@@ -27,8 +28,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from moco_tf.data.pipelines import pass_seed
 from moco_tf.evaluation.frozen import FrozenBackbone
 from moco_tf.evaluation.knn import extract_features
+from moco_tf.training.checkpoint_files import CheckpointError, newest_intact
 from moco_tf.training.optimizers import SGD
 from moco_tf.training.schedules import EpochSchedule
 
@@ -108,9 +111,9 @@ def make_optimizer(
 class _Checkpointer(keras.callbacks.Callback):
     """Saves classifier + optimizer + epoch after every epoch; appends the epoch's numbers."""
 
-    def __init__(self, manager: tf.train.CheckpointManager | None, epoch: tf.Variable, results: list, log):
+    def __init__(self, manager: tf.train.CheckpointManager | None, epoch: tf.Variable, results: list, log, epochs: int):
         super().__init__()
-        self.manager, self.epoch, self.results, self.log = manager, epoch, results, log
+        self.manager, self.epoch, self.results, self.log, self.epochs = manager, epoch, results, log, epochs
         self.lr = None
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -132,14 +135,19 @@ class _Checkpointer(keras.callbacks.Callback):
             self.manager.save(checkpoint_number=epoch + 1)
             write_json(os.path.join(self.manager.directory, RESULTS_FILE), self.results)
         self.log(
-            f"epoch {epoch + 1}/{self.params['epochs']}  lr {row['lr']:.4g}  loss {row['loss']:.4f}  "
+            f"epoch {epoch + 1}/{self.epochs}  lr {row['lr']:.4g}  loss {row['loss']:.4f}  "
             f"train top-1 {row['train_top1']:.2f}%  val top-1 {row['val_top1']:.2f}%  top-5 {row['val_top5']:.2f}%"
         )
 
 
+# One pass over the training data: a dataset, or a function of the epoch giving that epoch's pass
+# (`labelled_dataset(..., epoch=e)`), whose order and crops then depend on (seed, epoch) alone.
+EpochData = tf.data.Dataset | Callable[[int], tf.data.Dataset]
+
+
 def train_linear(
     backbone: FrozenBackbone | None,
-    train_ds: tf.data.Dataset,
+    train_ds: EpochData,
     val_ds: tf.data.Dataset,
     num_classes: int,
     steps_per_epoch: int,
@@ -153,16 +161,22 @@ def train_linear(
     strategy: tf.distribute.Strategy | None = None,
     chief: bool = True,
     seed: int | None = None,
+    repair_broken: bool = False,
 ) -> tuple[LinearClassifier, list[dict]]:
     """Train a linear classifier on `backbone` (None: the datasets hold features); resumes from
     the latest checkpoint in `model_dir`. Returns the classifier and one results row per epoch.
 
-    train_ds / val_ds: finite (inputs, labels) batches; train_ds is iterated once per epoch.
+    train_ds / val_ds: finite (inputs, labels) batches; train_ds is iterated once per epoch, or
+        is a function epoch -> that epoch's batches: then, with a seed, a run stopped after any
+        epoch and resumed ends exactly as an uninterrupted one (`fit_epochs`).
     steps_per_epoch: batches in one pass of train_ds (the schedule counts epochs in steps).
     lr: the rate used, not scaled here (`python -m moco_tf.lincls` scales its per-256 --lr by the batch size).
     strategy: the classifier and its optimizer are made in its scope, and `fit` splits every
         (global) batch over its replicas and workers; `chief`: whether this process writes files.
     seed: of the classifier's initialisation (None: unseeded), so a run with a seed repeats.
+    repair_broken: a broken newest checkpoint (named through `log`, the previous one used) is
+        moved into model_dir/broken/; only for a model_dir proven to be this command's own
+        (`moco_tf.cli.evaluation.is_own_model_dir`, checked before the run writes its config). Otherwise it stays.
     """
     strategy = strategy or tf.distribute.get_strategy()
     inputs, labels = next(iter(val_ds.take(1)))
@@ -178,25 +192,42 @@ def train_linear(
     manager, results = None, []
     if model_dir:
         checkpoint = tf.train.Checkpoint(fc=model.fc, optimizer=optimizer, epoch=epoch)
-        manager = tf.train.CheckpointManager(checkpoint, model_dir, max_to_keep=2)
-        if manager.latest_checkpoint:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-            results = _read_results(model_dir)[: int(epoch.numpy())]
-            log(f"resuming from {manager.latest_checkpoint} (epoch {int(epoch.numpy())} of {epochs} done)")
+        manager, latest = resume(checkpoint, model_dir, repair_broken, log)
+        if latest:
+            results = read_results(os.path.join(model_dir, RESULTS_FILE))[: int(epoch.numpy())]
+            log(f"resuming from {latest} (epoch {int(epoch.numpy())} of {epochs} done)")
     compile_classifier(model, optimizer, num_classes, strategy)
-    train_ds = exact_epochs(train_ds, steps_per_epoch)
-    if int(epoch.numpy()) < epochs:
+    callback = _Checkpointer(manager if chief else None, epoch, results, log, epochs)
+    fit_epochs(model, train_ds, steps_per_epoch, int(epoch.numpy()), epochs, val_ds, range(1, epochs + 1), [callback])
+    return model, results
+
+
+def fit_epochs(
+    model: keras.Model,
+    train_ds: EpochData,
+    steps_per_epoch: int,
+    done: int,
+    epochs: int,
+    val_ds: tf.data.Dataset | None,
+    val_epochs: Sequence[int],
+    callbacks: list,
+) -> None:
+    """`model.fit` over epochs done+1 .. epochs, one epoch per call: each epoch's pass is built
+    anew from train_ds(epoch) (a dataset is used as it is), so a resumed run trains on the very
+    passes an uninterrupted one would, rather than starting the data's sequence over. The train
+    step is traced once (the passes share one element spec). Validates after the epochs listed."""
+    for e in range(done, epochs):
+        data = train_ds(e) if callable(train_ds) else train_ds
         with _finite_datasets():
             model.fit(
-                train_ds,
-                epochs=epochs,
-                initial_epoch=int(epoch.numpy()),
-                validation_data=val_ds,
-                callbacks=[_Checkpointer(manager if chief else None, epoch, results, log)],
+                exact_epochs(data, steps_per_epoch),
+                epochs=e + 1,
+                initial_epoch=e,
+                validation_data=val_ds if e + 1 in val_epochs else None,
+                callbacks=callbacks,
                 shuffle=False,  # the dataset shuffles itself each epoch
                 verbose=0,
             )
-    return model, results
 
 
 def compile_classifier(
@@ -257,20 +288,31 @@ def feature_dataset(
     shuffle: bool,
     seed: int | None = None,
     strategy: tf.distribute.Strategy | None = None,
-) -> tuple[tf.data.Dataset, int]:
+    per_epoch: bool = False,
+) -> tuple[EpochData, int]:
     """Precompute features of `ds` once (over `strategy`'s replicas, see `extract_features`);
-    (batched (features, labels) dataset, number of examples)."""
+    (batched (features, labels) dataset, number of examples). per_epoch: instead of the dataset,
+    the function epoch -> that epoch's pass (`batched_features`), for an exact resume."""
     features, labels = extract_features(backbone, ds, strategy=strategy)
+    if per_epoch:
+        return functools.partial(batched_features, features, labels, batch_size, shuffle, seed), len(labels)
     return batched_features(features, labels, batch_size, shuffle, seed), len(labels)
 
 
 def batched_features(
-    features: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int | None = None
+    features: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    shuffle: bool,
+    seed: int | None = None,
+    epoch: int = 0,
 ) -> tf.data.Dataset:
-    """Features already extracted as a batched (features, labels) dataset, reshuffled each epoch if asked."""
+    """Features already extracted as a batched (features, labels) dataset, reshuffled each epoch if
+    asked; `epoch`: which pass, its order seeded by (seed, epoch) (a function of the epoch for
+    `train_linear` is `functools.partial(batched_features, features, labels, batch, True, seed)`)."""
     out = tf.data.Dataset.from_tensor_slices((features, np.asarray(labels).astype(np.int32)))
     if shuffle:
-        out = out.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        out = out.shuffle(len(labels), seed=pass_seed(seed, epoch), reshuffle_each_iteration=True)
     return out.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -280,9 +322,40 @@ def write_json(path: str, value: Any) -> None:
         json.dump(value, f, indent=2)
 
 
-def _read_results(model_dir: str) -> list:
-    path = os.path.join(model_dir, RESULTS_FILE)
+def read_results(path: str) -> list[dict[str, Any]]:
+    """The per-epoch rows of a results file (lincls_results.json, finetune_results.json); [] when
+    absent. A garbled one is a CheckpointError (one line naming the file)."""
     if not tf.io.gfile.exists(path):
         return []
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            rows = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(
+            f"{path} is not valid JSON ({first}); restore it, or move it away to resume without the earlier rows"
+        ) from None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise CheckpointError(f"{path} does not hold moco_tf results (a list of rows); restore it or move it away")
+    return rows
+
+
+def resume(
+    checkpoint: tf.train.Checkpoint, ckpt_dir: str, repair_broken: bool, log: Callable[[str], None]
+) -> tuple[tf.train.CheckpointManager, str | None]:
+    """(manager, prefix restored or None) for an evaluation run's checkpoints in ckpt_dir, as train
+    resumes (`training.checkpoint.newest_intact`): the newest checkpoint that reads through is
+    restored; a broken newer one is named through `log`, and with `repair_broken` moved into
+    ckpt_dir/broken/. Checkpoint files none of which reads raise CheckpointError (one line)."""
+    latest = newest_intact(ckpt_dir, log=log, repair=repair_broken)
+    # Made after the repair: the manager reads the `checkpoint` record, now listing intact ones only.
+    manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=2)
+    if latest:
+        try:
+            checkpoint.restore(latest).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as error:  # a checkpoint of another network
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise CheckpointError(
+                f"checkpoint {latest} is not this run's ({first[:200]}); use a new --model_dir"
+            ) from None
+    return manager, latest

@@ -8,33 +8,37 @@ A model_dir holding checkpoint files never silently starts over at step 0."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import tensorflow as tf
 
-from moco_tf.errors import RunFailed, UserError
+from moco_tf.errors import RunFailed
 from moco_tf.models.moco import MoCo
 from moco_tf.training import config as config_module
+from moco_tf.training.checkpoint_files import (  # also re-exported: where earlier versions had them
+    _CKPT_TEMP,
+    _reason,
+    _warn,
+)
+from moco_tf.training.checkpoint_files import BROKEN_DIR as BROKEN_DIR
+from moco_tf.training.checkpoint_files import CHECKPOINT_DIR as CHECKPOINT_DIR
+from moco_tf.training.checkpoint_files import CheckpointError as CheckpointError
+from moco_tf.training.checkpoint_files import checkpoint_files as checkpoint_files
+from moco_tf.training.checkpoint_files import is_disk_full as is_disk_full
+from moco_tf.training.checkpoint_files import newest_intact as newest_intact
+from moco_tf.training.checkpoint_files import unreadable as unreadable
 from moco_tf.training.config import ConfigError, PretrainConfig
 from moco_tf.training.optimizers import SGD
 
 CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-BROKEN_DIR = "broken"  # where unreadable checkpoints are moved, inside CHECKPOINT_DIR
 # Which settings make a run another run, and how two runs are compared: training.config.
 check_same_run = config_module.check_same_run
-
-
-class CheckpointError(UserError):
-    """A model_dir's config or checkpoints cannot be used or written; the message says which file."""
 
 
 def read_config(model_dir: str) -> PretrainConfig | None:
@@ -179,94 +183,6 @@ def restore_model(model_dir: str) -> tuple[MoCo, PretrainConfig]:
     # The optimizer is not needed to use the weights: expect_partial() skips it quietly.
     tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
     return model, config
-
-
-# ----------------------------------------------------------------------------------------------
-# finding, verifying and repairing checkpoints
-
-_CKPT_FILE = re.compile(r"^ckpt-(\d+)\.(index|data-\d+-of-\d+)$")
-_CKPT_TEMP = re.compile(r"^ckpt-\d+_temp$")
-
-
-def _reason(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error):
-        return "no space left on device"
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def is_disk_full(error: BaseException) -> bool:
-    return _reason(error) == "no space left on device"
-
-
-def checkpoint_files(ckpt_dir: str) -> dict[int, list[str]]:
-    """step -> the ckpt-STEP.* files on disk (index and data), whatever the `checkpoint` record says."""
-    found: dict[int, list[str]] = {}
-    if not tf.io.gfile.isdir(ckpt_dir):
-        return found
-    for name in tf.io.gfile.listdir(ckpt_dir):
-        match = _CKPT_FILE.match(name)
-        if match:
-            found.setdefault(int(match.group(1)), []).append(name)
-    return found
-
-
-def unreadable(prefix: str) -> str | None:
-    """Why the checkpoint at `prefix` cannot be restored (reads every tensor), or None if it can."""
-    try:
-        reader = tf.train.load_checkpoint(prefix)
-        for name in reader.get_variable_to_shape_map():
-            reader.get_tensor(name)
-    except Exception as error:  # noqa: BLE001 - TF raises IndexError, DataLossError, NotFoundError, ...
-        return _reason(error)
-    return None
-
-
-def newest_intact(ckpt_dir: str, log: Callable[[str], None] | None = None, repair: bool = False) -> str | None:
-    """The prefix of the newest checkpoint in ckpt_dir that reads through, or None when there are no
-    checkpoint files at all. Broken newer ones are reported by file name (through `log`); with
-    `repair` (the one process that owns the run) they are moved into ckpt_dir/broken/ and the
-    `checkpoint` record is rewritten to the intact ones, so CheckpointManager keeps counting right.
-
-    Raises CheckpointError when checkpoint files exist but none is readable: starting at step 0 over
-    them would silently lose the run."""
-    files = checkpoint_files(ckpt_dir)
-    broken, intact = [], []
-    for step in sorted(files, reverse=True):
-        prefix = os.path.join(ckpt_dir, f"ckpt-{step}")
-        if f"ckpt-{step}.index" not in files[step]:
-            problem = "no .index file (interrupted while being written)"
-        else:
-            problem = unreadable(prefix) if not intact else None  # older ones are not needed to start
-        if problem:
-            broken.append(step)
-            if log:
-                log(f"checkpoint {prefix} is unreadable ({problem}); using the previous one")
-        else:
-            intact.append(prefix)
-    if files and not intact:
-        raise CheckpointError(
-            f"{ckpt_dir} holds checkpoint files but none is readable; refusing to start over at step 0 "
-            f"(move the folder away to start a new run)"
-        )
-    if repair and (broken or intact):
-        aside = os.path.join(ckpt_dir, BROKEN_DIR)
-        for step in broken:
-            tf.io.gfile.makedirs(aside)
-            for name in files[step]:
-                tf.io.gfile.rename(os.path.join(ckpt_dir, name), os.path.join(aside, name), overwrite=True)
-        # Relative names, oldest first, as CheckpointManager writes the record (written atomically);
-        # rewritten only when it does not list exactly the intact checkpoints.
-        names = [os.path.basename(p) for p in intact]
-        state = tf.train.get_checkpoint_state(ckpt_dir)
-        recorded = [os.path.basename(p) for p in state.all_model_checkpoint_paths] if state else []
-        if recorded != names[::-1] or os.path.basename(state.model_checkpoint_path) != names[0]:
-            tf.compat.v1.train.update_checkpoint_state(ckpt_dir, names[0], all_model_checkpoint_paths=names[::-1])
-    return intact[0] if intact else None
 
 
 def remove_leftovers(ckpt_dir: str, model_dir: str) -> list[str]:
