@@ -222,7 +222,10 @@ def define_lincls_flags() -> None:
         "extract features once (eval transform, no augmentation) and train on them: fast on CPU, "
         "but NOT the official protocol",
     )
-    flags.DEFINE_integer("seed", None, "seed of the data order, augmentation and the classifier's initialisation")
+    flags.DEFINE_integer(
+        "seed", None, "seed of the data order, augmentation and the classifier's initialisation (each epoch's of "
+        "(seed, epoch)): with it a run stopped and resumed ends as an uninterrupted one"
+    )
     # Names that mean something else in `moco_tf.train`: defined only to be refused in one line.
     for name, use in _LINCLS_REFUSED.items():
         if name not in flags.FLAGS:
@@ -276,7 +279,10 @@ def define_finetune_flags() -> None:
     flags.DEFINE_float("sgd_momentum", 0.9, "SGD momentum")
     flags.DEFINE_bool("nesterov", True, "Nesterov momentum (SimCLR's fine-tuning)")
     flags.DEFINE_float("weight_decay", 0.0, "SGD weight decay, PyTorch style (SimCLR's fine-tuning: none)")
-    flags.DEFINE_integer("seed", None, "seed of the head's initialisation, the data order and augmentation")
+    flags.DEFINE_integer(
+        "seed", None, "seed of the head's initialisation, the data order and augmentation (each epoch's of "
+        "(seed, epoch)): with it a run stopped and resumed ends as an uninterrupted one"
+    )
     flags.DEFINE_integer("eval_every", 1, "top-1 / top-5 on the eval split every N epochs (and after the last)")
     flags.DEFINE_string(
         "export_dir", None, "at the end, write the fine-tuned backbone + head here as a TF-Hub SavedModel"
