@@ -199,7 +199,7 @@ def test_a_saved_model_that_writes_a_file_is_never_run(small_export, tmp_path):
     marker = str(tmp_path / "written_by_the_model")
     hostile = _hostile_saved_model(tmp_path / "hostile", marker)
     shutil.copytree(f"{export}/assets", f"{hostile}/assets", dirs_exist_ok=True)  # a copied moco_config.json
-    with pytest.raises(PretrainedError, match="its variables do not fit a resnet18") as error:
+    with pytest.raises(PretrainedError, match="its variables do not fit a resnet18 .*: it has no variables/0") as error:
         load_backbone(hostile)
     assert "\n" not in str(error.value)
     with pytest.raises(InitFromError, match="do not fit"):

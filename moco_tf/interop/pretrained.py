@@ -237,8 +237,11 @@ class ExportVariables:
     def check_first(self, spec: BackboneSpec) -> None:
         """The stem's kernel (the first variable) must have `width` output channels."""
         first = self.shapes.get(self.key(0))
+        if first is None:
+            count = len(self.shapes)
+            self._refuse(spec, f"it has no {_short(self.key(0))} ({count} variables, none in an export's layout)")
         if not first or first[-1] != spec.width:
-            shown = list(first) if first else None
+            shown = list(first)
             self._refuse(spec, f"its first variable has shape {shown}, a {spec.label} stem has {spec.width} channels")
 
     def check_matches(self, expected: list[tuple[tuple[int, ...], Any]], spec: BackboneSpec) -> None:
