@@ -13,7 +13,8 @@ updated) and in inference mode for evaluation.
 
 Top-1 / top-5 on the eval split every `eval_every` epochs and at the end; backbone, head,
 optimizer and epoch are checkpointed in model_dir after every epoch, and a rerun resumes
-(from the last finished epoch; the epoch's data order starts again from the seed's first).
+(from the last finished epoch; given each epoch's pass as a function of the epoch, as the
+command line does, it trains on the very data an uninterrupted run would: exact with a seed).
 """
 
 from __future__ import annotations
