@@ -274,3 +274,17 @@ def test_broken_newest_checkpoint_is_named_moved_aside_only_when_asked(tmp_path)
     (run_dir / linear.RESULTS_FILE).write_bytes(b"\xff\xfe garbage")
     with pytest.raises(linear.CheckpointError, match=f"{run_dir}/lincls_results.json is not valid JSON"):
         linear.read_results(str(run_dir / linear.RESULTS_FILE))
+
+
+def test_only_a_folder_holding_the_commands_own_config_is_its_model_dir(tmp_path):
+    from moco_tf.cli.evaluation import is_own_model_dir
+    from moco_tf.training.config import LinearConfig
+
+    path = tmp_path / linear.CONFIG_FILE
+    assert not is_own_model_dir(str(tmp_path), linear.CONFIG_FILE)  # nothing there yet
+    for foreign in (b'{"lr": 30}', b"\xff\xfe", b"[1, 2]", b'{"format_version": "2"}'):  # a user's, garbled, ...
+        path.write_bytes(foreign)
+        assert not is_own_model_dir(str(tmp_path), linear.CONFIG_FILE), foreign
+    path.write_text(LinearConfig(pretrained="/x", dataset="digits").to_json())
+    assert is_own_model_dir(str(tmp_path), linear.CONFIG_FILE)
+    assert not is_own_model_dir(str(tmp_path), "finetune_config.json")
