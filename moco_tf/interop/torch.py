@@ -628,7 +628,11 @@ def official_checkpoint(encoder) -> dict[str, Any]:
     numbers and booleans: `torch.load(weights_only=True)` reads it all)."""
     import torch
 
-    state = torch_state_dict(encoder.backbone, encoder.head)
+    state = {k: torch.from_numpy(v) for k, v in torch_state_dict(encoder.backbone, encoder.head).items()}
+    for key in [k for k in state if k.endswith(".running_var")]:
+        # torchvision's BatchNorm2d has this buffer; without it a strict load reports it missing
+        # (main_lincls.py asserts missing_keys == {"fc.weight", "fc.bias"}). No counterpart here.
+        state[key.removesuffix("running_var") + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
     marker = {
         "format": "official MoCo checkpoint layout (query encoder only)",
         "width": encoder.spec.width,
@@ -643,7 +647,7 @@ def official_checkpoint(encoder) -> dict[str, Any]:
     return {
         "epoch": encoder.epochs,
         "arch": encoder.spec.arch,
-        "state_dict": {f"module.encoder_q.{k}": torch.from_numpy(v) for k, v in state.items()},
+        "state_dict": {f"module.encoder_q.{k}": v for k, v in state.items()},
         PTH_MARKER: marker,
     }
 

@@ -121,7 +121,22 @@ def _model_dir_head(path: str) -> tuple[keras.Model, dict[str, Any]]:
     run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(path))
     values["source"] = f"moco_tf model_dir {os.path.abspath(run_dir)}"
     values.update(mlp=model.mlp, dim=model.dim)
+    finished = _finished_epochs(path)
+    if finished is not None:
+        values["epochs"] = finished  # what the official "epoch" means: epochs completed
     return model.encoder_q.head, values
+
+
+def _finished_epochs(path: str) -> int | None:
+    """The `epoch` counter (epochs completed) of the checkpoint a model_dir / prefix restores."""
+    from moco_tf.training.checkpoint import CHECKPOINT_DIR, newest_intact
+
+    path = os.path.normpath(path)
+    prefix = path if os.path.isfile(path + ".index") else newest_intact(os.path.join(path, CHECKPOINT_DIR))
+    try:
+        return int(tf.train.load_checkpoint(prefix).get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+    except Exception:  # no counter recorded (a converted model_dir): the run's config says
+        return None
 
 
 def _export_head(path: str, backbone_count: int, spec: BackboneSpec) -> tuple[keras.Model | None, dict[str, Any]]:
@@ -196,6 +211,6 @@ def check_existing_file(
     if os.path.isdir(target):
         raise ExportTargetError(f"{refusing} it is a folder; give a file path for the {what}")
     if not is_ours(target):
-        raise ExportTargetError(f"{refusing} it is not a {what} written by moco_tf; choose another path")
+        raise ExportTargetError(f"{refusing} it is no {what} written by moco_tf; choose another path")
     if not overwrite:
         raise ExportTargetError(f"{what} {target} already exists; pass {overwrite_flag} to replace it")
