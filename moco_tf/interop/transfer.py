@@ -52,8 +52,8 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         raise MissingExtraError(
-            f"{purpose} needs {module}, which is not installed: pip install \"moco_tf[{extra}]\" "
-            f"(or pip install {EXTRAS[extra]})"
+            f"{purpose} needs {module}, which is not installed: pip install {EXTRAS[extra]} "
+            f"(moco_tf's extra {extra}: pip install \".[{extra}]\" in its checkout)"
         ) from None
 
 
