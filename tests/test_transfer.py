@@ -322,3 +322,10 @@ def test_cli_refuses_in_one_line(made, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert re.search(r"^error: refusing to replace .*/p: it is a folder", result.stderr.strip().splitlines()[-1])
     assert os.listdir(tmp_path / "p") == ["notes.txt"]
+
+
+@pytest.mark.slow  # about a minute on 2 cores: outside the CI budget
+def test_keras_hub_example_trains_retinanet_and_deeplab(preset):
+    result = run("export/keras_hub_example.py", f"--preset={preset}", "--steps=1", "--batch_size=2", "--image_size=96")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "retinanet loss" in result.stdout and "deeplabv3 loss" in result.stdout, result.stdout
