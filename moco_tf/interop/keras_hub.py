@@ -136,6 +136,9 @@ def write_preset(encoder: Encoder, target: str, overwrite: bool = False) -> str:
         safetensors_numpy.save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(os.path.join(path, WEIGHTS_FILE), 0o666 & ~umask)  # safetensors creates it 0600
 
     write_replacing(target, write, lambda: _check_existing(target, overwrite), what="KerasHub preset")
     return target
