@@ -308,6 +308,17 @@ def test_files_not_written_by_moco_tf_are_never_replaced(made, encoder, tmp_path
     assert foreign_onnx.read_bytes() == b"not onnx" and (tmp_path / "folder" / "notes.txt").read_text() == "mine"
 
 
+def test_a_file_moved_aside_by_a_killed_replacement_is_put_back(made, tmp_path):
+    # A kill between the two renames of write_replacing: the old file sits in the staging folder.
+    target = str(tmp_path / "m.pth.tar")
+    staging = tmp_path / ".m.pth.tar.abcd1234.tmp"
+    staging.mkdir()
+    with open(made["pth"], "rb") as f:
+        (staging / "old").write_bytes(f.read())
+    to_torch.check_pth_target(target, overwrite=True)
+    assert os.listdir(tmp_path) == ["m.pth.tar"] and to_torch.is_moco_tf_checkpoint(target)
+
+
 def test_a_missing_extra_is_one_line_naming_pip():
     with pytest.raises(transfer.MissingExtraError) as raised:
         transfer.require("no_such_module_for_moco_tf", "onnx", "--format=onnx")
