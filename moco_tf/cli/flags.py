@@ -332,9 +332,23 @@ def define_export_flags() -> None:
     """Every flag of `moco_tf.export`."""
     if "export_dir" in flags.FLAGS:
         return
-    flags.DEFINE_string("model_dir", None, "moco_tf model_dir to export (written by training)")
-    flags.DEFINE_string("export_dir", None, "folder to create, e.g. export/moco_v2_r50")
-    flags.DEFINE_bool("overwrite", False, "replace an existing export_dir")
+    flags.DEFINE_string(
+        "model_dir", None,
+        "encoder to export: a moco_tf model_dir or checkpoint (DIR/checkpoints/ckpt-N), a TF-Hub export from "
+        "moco_tf or a PyTorch checkpoint (.pth / .pth.tar): anything --pretrained takes",
+    )
+    flags.DEFINE_string("pretrained", None, "the same as --model_dir (give one of the two)")
+    flags.DEFINE_string(
+        "export_dir", None,
+        "what to create: a folder for --format=hub / keras_hub (export/moco_v2_r50), a file for --format=pth "
+        "(moco_v2_r50.pth.tar) / onnx (moco_v2_r50.onnx)",
+    )
+    flags.DEFINE_enum(
+        "format", "hub", ["hub", "keras_hub", "pth", "onnx"],
+        "hub: TF-Hub SavedModel; keras_hub: KerasHub preset (ResNetBackbone / ImageClassifier.from_preset); "
+        "pth: official MoCo .pth.tar (PyTorch, detectron2); onnx: ONNX model (opset 17)",
+    )
+    flags.DEFINE_bool("overwrite", False, "replace an existing export_dir (only one moco_tf wrote)")
 
 
 def define_convert_flags() -> None:

@@ -430,7 +430,7 @@ def _remove_staging(staging: str, target: str) -> None:
     if not os.path.lexists(target):
         for entry in _OLD_ENTRIES:
             old = os.path.join(staging, entry)
-            if os.path.isdir(old):
+            if os.path.isdir(old) or os.path.isfile(old):  # an export folder, or a .pth.tar / .onnx
                 os.rename(old, target)
                 break
     shutil.rmtree(staging, ignore_errors=True)
@@ -500,7 +500,7 @@ def recover_leftovers(target: str, is_complete: Callable[[str], bool]) -> list[s
             os.rename(newest, target)
             done.append(f"restored {target}, which an interrupted replacement had moved to {newest}")
     for staging in leftovers:
-        if not os.path.lexists(target) and any(os.path.isdir(os.path.join(staging, e)) for e in _OLD_ENTRIES):
+        if not os.path.lexists(target) and any(os.path.exists(os.path.join(staging, e)) for e in _OLD_ENTRIES):
             continue  # an old version we could not verify, and nothing in its place: keep it
         shutil.rmtree(staging, ignore_errors=True)
         done.append(f"removed {staging}, left by an interrupted write of {target}")

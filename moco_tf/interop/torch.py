@@ -596,3 +596,95 @@ def _config_from_checkpoint(path: str, checkpoint: Mapping[str, Any], report: Lo
     if version in OFFICIAL_RECIPES and not report.cifar_stem:
         config.update(OFFICIAL_RECIPES[version])
     return config
+
+
+# ---------------------------------------------------------------- moco_tf -> official checkpoint
+#
+# The inverse of the reading above, through the same key table (`_targets`): each torch key's
+# Keras variable, brought back to torch's layout.
+
+_TO_TORCH = {_same: _same, _conv_kernel: lambda x: np.transpose(x, (3, 2, 0, 1)), _dense_kernel: np.transpose}
+
+# The entry of a checkpoint written by moco_tf that says so (and how it was made); a .pth.tar
+# without it is never replaced.
+PTH_MARKER = "moco_tf"
+
+
+def torch_state_dict(backbone: keras.Model, head: keras.Model | None = None) -> dict[str, np.ndarray]:
+    """torchvision-named weights (numpy, torch layouts) of a moco_tf backbone and its MoCo head
+    (`fc`, or `fc.0` and `fc.2`, as the official code names them)."""
+    targets = dict(_targets(backbone))
+    if head is not None:
+        targets.update(_targets(_built_head(head, int(backbone.output.shape[-1]))))
+    return {
+        key: np.ascontiguousarray(_TO_TORCH[transform](np.asarray(variable, np.float32)))
+        for key, (variable, transform) in targets.items()
+    }
+
+
+def official_checkpoint(encoder) -> dict[str, Any]:
+    """The official MoCo checkpoint layout of a `moco_tf.interop.transfer.Encoder`: {"epoch",
+    "arch", "state_dict" {"module.encoder_q.*": tensor}} plus the `moco_tf` entry (plain strings,
+    numbers and booleans: `torch.load(weights_only=True)` reads it all)."""
+    import torch
+
+    state = {k: torch.from_numpy(v) for k, v in torch_state_dict(encoder.backbone, encoder.head).items()}
+    for key in [k for k in state if k.endswith(".running_var")]:
+        # torchvision's BatchNorm2d has this buffer; without it a strict load reports it missing
+        # (main_lincls.py asserts missing_keys == {"fc.weight", "fc.bias"}). No counterpart here.
+        state[key.removesuffix("running_var") + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+    marker = {
+        "format": "official MoCo checkpoint layout (query encoder only)",
+        "width": encoder.spec.width,
+        "cifar_stem": encoder.spec.cifar_stem,
+        "mlp": bool(encoder.head is not None and len(encoder.head.weights) == 4),
+        "head": encoder.head is not None,
+    }
+    for key in ("source", "moco_version", "dataset", "image_size"):
+        value = encoder.config.get(key)
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            marker[key] = value
+    return {
+        "epoch": encoder.epochs,
+        "arch": encoder.spec.arch,
+        "state_dict": {f"module.encoder_q.{k}": v for k, v in state.items()},
+        PTH_MARKER: marker,
+    }
+
+
+def is_moco_tf_checkpoint(path: str) -> bool:
+    """Whether `path` is a .pth.tar written by `write_official_checkpoint` (its `moco_tf` entry)."""
+    try:
+        import torch
+
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable, not torch's, or pickling code: not ours
+        return False
+    return isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(PTH_MARKER), Mapping)
+
+
+def check_pth_target(path: str, overwrite: bool = False, protected=()) -> None:
+    from moco_tf.interop.transfer import check_file_target, require
+
+    require("torch", "torch", "--format=pth")
+    check_file_target(path, overwrite, protected, is_moco_tf_checkpoint, "PyTorch checkpoint")
+
+
+def write_official_checkpoint(encoder, path: str, overwrite: bool = False) -> str:
+    """Write `encoder` (a `moco_tf.interop.transfer.Encoder`) as an official MoCo `.pth.tar`, which
+    `moco_tf.convert`, main_lincls.py, convert-pretrain-to-detectron2.py and a torchvision ResNet
+    read. Atomic (staging beside, then rename); an existing file is replaced only when moco_tf
+    wrote it and overwrite was asked."""
+    from moco_tf.interop.transfer import check_existing_file, require
+
+    torch = require("torch", "torch", "--format=pth")
+    path = os.path.normpath(path)
+    check_pth_target(path, overwrite, encoder.protected)
+    checkpoint = official_checkpoint(encoder)
+    write_replacing(
+        path,
+        lambda new: torch.save(checkpoint, new),
+        lambda: check_existing_file(path, overwrite, is_moco_tf_checkpoint, "PyTorch checkpoint"),
+        what="PyTorch checkpoint",
+    )
+    return path
