@@ -258,9 +258,13 @@ class ExportVariables:
                                    f"expected {tf.as_dtype(dtype).name} {list(shape)}")
 
     def assign(self, weights: list[Any]) -> None:
+        for i, weight in enumerate(weights):
+            weight.assign(self.read(i))
+
+    def read(self, i: int) -> np.ndarray:
+        """The i-th variable's value."""
         try:
-            for i, weight in enumerate(weights):
-                weight.assign(self._reader.get_tensor(self.key(i)))
+            return self._reader.get_tensor(self.key(i))
         except tf.errors.OpError as error:  # a data file damaged after its index was written
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise PretrainedError(f"export {self.export_dir}: its variables are unreadable ({first})") from None

@@ -27,7 +27,6 @@ from moco_tf.errors import UserError
 from moco_tf.interop.hub import (
     ExportTargetError,
     Protected,
-    read_config,
     recover_leftovers,
     refuse_overlap,
 )
@@ -140,21 +139,22 @@ def _finished_epochs(path: str) -> int | None:
 
 
 def _export_head(path: str, backbone_count: int, spec: BackboneSpec) -> tuple[keras.Model | None, dict[str, Any]]:
-    config = read_config(path)
-    if not isinstance(config, dict):
-        return None, {}
+    """The export's MoCo head, read as data like its backbone (`interop.pretrained.ExportVariables`):
+    the SavedModel's graph is never loaded, so nothing in it runs."""
+    from moco_tf.interop.pretrained import ExportVariables, read_export_config
+
+    config = read_export_config(path)
     config = {k: v for k, v in config.items() if k not in ("preprocessing", "signatures", "keras3_endpoints")}
     projection = config.get("projection_dim")
     if not projection or config.get("num_classes"):
         return None, config
-    # The export lists the backbone's variables first, then the head's (moco_tf.interop.hub).
-    rest = list(tf.saved_model.load(path).variables)[backbone_count:]
-    mlp = len(rest) == 4
+    variables = ExportVariables(path)
+    # The export lists the backbone's variables first, then the head's (moco_tf.interop.hub);
+    # load_backbone has already checked that they are all there with the shapes of this head.
+    mlp = variables.count - backbone_count == 4
     head = projection_head(spec.feature_dim, int(projection), mlp)
-    if [tuple(v.shape) for v in rest] != [tuple(w.shape) for w in head.weights]:
-        return None, config
-    for weight, variable in zip(head.weights, rest, strict=True):
-        weight.assign(variable)
+    for i, weight in enumerate(head.weights):
+        weight.assign(variables.read(backbone_count + i))
     config.update(mlp=mlp, dim=int(projection))
     return head, config
 
