@@ -41,6 +41,7 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     cli.reject_extra_arguments(argv)
     cli_flags.refuse_finetune_flags()
+    cli_flags.check_numbers(FLAGS)
     config = FinetuneConfig.from_flags(FLAGS)
     config.validate()  # before the strategy: a worker with bad flags must not look like a lost peer
     with distribute.peer_failures():

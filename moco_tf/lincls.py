@@ -38,6 +38,7 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     cli.reject_extra_arguments(argv)
     cli_flags.refuse_renamed_lincls_flags()
+    cli_flags.check_numbers(FLAGS)
     config = LinearConfig.from_flags(FLAGS)
     config.validate()  # before the strategy: a worker with bad flags must not look like a lost peer
     with distribute.peer_failures():  # a lost worker of a multi-worker run: one line, not a traceback

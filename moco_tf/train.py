@@ -81,6 +81,7 @@ def train_from_flags() -> keras.Model:
 def main(argv: list[str]) -> None:
     cli.reject_extra_arguments(argv)
     cli_flags.refuse_ambiguous_momentum()
+    cli_flags.check_numbers(FLAGS)  # the memory of --image_size x --batch_size: PretrainConfig.validate
     with distribute.peer_failures():  # a lost worker of a multi-worker run: one line, not a traceback
         train_from_flags()
 

@@ -17,7 +17,7 @@ ALIASES = {"resnet": "models.resnet", "augment": "data.augment", "optimizers": "
 # Lowest first. The optimizer and the schedules import nothing of moco_tf: the linear protocol
 # (evaluation) trains with them too, so they sit with the ground floor, not with training.
 LEVELS = {
-    "errors": 0, "_quiet_tf_startup": 0,
+    "errors": 0, "_quiet_tf_startup": 0, "outputs": 0,
     "models": 1, "data": 1, "training.optimizers": 1, "training.schedules": 1,
     "evaluation": 2,
     "training": 3,

@@ -220,6 +220,8 @@ class PretrainConfig:
         if values["warmup_epochs"] > values["epochs"]:
             raise ConfigError(f"--warmup_epochs {values['warmup_epochs']} is more than --epochs {values['epochs']}")
         check_queue_fits(values["queue_size"], values["batch_size"], values["symmetric"])
+        check_memory(values["image_size"], values["batch_size"], 2, values["queue_size"], values["dim"],
+                     values["arch"], values["width"])
         if any(m < 1 for m in values["milestones"]):
             raise ConfigError(f"--milestones must be positive epochs, got {_shown(values['milestones'])}")
         if values["image_size"] < MIN_IMAGE_SIZE:
@@ -319,6 +321,43 @@ def parse_milestones(milestones: Any) -> tuple[int, ...]:
         raise ConfigError(f"--milestones must be epochs (integers), got {_shown(items)}") from None
 
 
+# What one run may ask of a host's memory for any one of: a batch of input views (float32), the
+# queue, the weights of one encoder (with the key encoder and the SGD buffer: x3). A value that
+# needs more is a typo (an extra zero, --image_size=100000), refused before anything is built.
+MEMORY_BUDGET = 64 << 30
+# Parameters of the registered backbones at width 64 (torchvision's counts); they grow with width**2.
+_PARAMS_AT_WIDTH_64 = {"resnet18": 11.7e6, "resnet34": 21.8e6, "resnet50": 25.6e6, "resnet101": 44.5e6,
+                       "resnet152": 60.2e6}
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):,.1f} GiB"
+
+
+def check_memory(
+    image_size: int | None = None, batch_size: int = 1, views: int = 1,
+    queue_size: int = 0, dim: int = 0, arch: str | None = None, width: int | None = None,
+) -> None:
+    """Refuses, naming the flag and the memory it would take, settings whose batch of views, queue
+    or weights cannot fit MEMORY_BUDGET; the same rule for flags and for values read from files."""
+    if image_size:
+        need = float(batch_size) * views * image_size * image_size * 3 * 4
+        if need > MEMORY_BUDGET:
+            raise ConfigError(
+                f"--image_size {image_size} needs {_gib(need)} for one batch of {batch_size} x {views} view(s) "
+                f"(more than {_gib(MEMORY_BUDGET)}): give a smaller --image_size or --batch_size"
+            )
+    if queue_size and dim:
+        need = float(queue_size) * dim * 4
+        if need > MEMORY_BUDGET:
+            raise ConfigError(f"--queue_size {queue_size} x --dim {dim} needs {_gib(need)} (more than "
+                              f"{_gib(MEMORY_BUDGET)})")
+    if width:
+        need = 3 * 4 * _PARAMS_AT_WIDTH_64.get(arch or "", max(_PARAMS_AT_WIDTH_64.values())) * (width / 64) ** 2
+        if need > MEMORY_BUDGET:
+            raise ConfigError(f"--width {width} needs about {_gib(need)} of weights (more than {_gib(MEMORY_BUDGET)})")
+
+
 def check_queue_fits(queue_size: int, global_batch_size: int, symmetric: bool = False) -> None:
     """queue_size must be a multiple of the keys enqueued per step (so the queue pointer wraps):
     the model's own rule (moco.check_queue_fits), worded for the flags."""
@@ -391,6 +430,7 @@ class _EvaluationRecipe:
                 raise ConfigError(f"--{name} must be in [0, 2**31), got {values[name]}")
         if values["image_size"] is not None and values["image_size"] < MIN_IMAGE_SIZE:
             raise ConfigError(f"--image_size {values['image_size']} is too small (at least {MIN_IMAGE_SIZE})")
+        check_memory(values["image_size"], values["batch_size"], arch=values.get("arch"), width=values.get("width"))
         return values
 
     def to_dict(self) -> dict[str, Any]:
@@ -539,9 +579,11 @@ def _json_values(text: str) -> Any:
 
 # ranges, checked once (NaN included: absl takes "nan")
 
+# Flags of every command line (train, knn, lincls, finetune, plot), by name: one meaning per name.
 _POSITIVE_INTS = ("epochs", "batch_size", "queue_size", "dim", "bn_groups", "image_size", "log_every",
-                  "keep_checkpoints", "knn_k")
-_NON_NEGATIVE_INTS = ("warmup_epochs", "checkpoint_every", "knn_every")
+                  "keep_checkpoints", "knn_k", "k", "grid_queries", "grid_neighbours", "eval_every", "width")
+_NON_NEGATIVE_INTS = ("warmup_epochs", "checkpoint_every", "knn_every", "limit_train", "limit_val")
+MAX_INT = 2**31 - 1  # any integer setting above is a typo; seeds end there too
 _OPTIONAL_POSITIVE_INTS = ("steps_per_epoch", "max_steps")
 _FLOAT_RANGES = {  # name: (low, high, low inclusive, high inclusive, wording)
     "lr": (0.0, math.inf, False, False, "> 0"),
@@ -550,6 +592,7 @@ _FLOAT_RANGES = {  # name: (low, high, low inclusive, high inclusive, wording)
     "sgd_momentum": (0.0, 1.0, True, False, "in [0, 1)"),
     "weight_decay": (0.0, math.inf, True, False, ">= 0"),
     "knn_t": (0.0, math.inf, False, False, "> 0"),
+    "t": (0.0, math.inf, False, False, "> 0"),
     "crop_min_scale": (0.0, 1.0, False, True, "in (0, 1]"),
     "stop_grace_s": (0.0, math.inf, False, False, "> 0"),
     "peer_timeout": (0.0, math.inf, False, False, "> 0"),
@@ -569,8 +612,17 @@ def _check_types(sections: list[Any]) -> None:
                 _typed(field.name, getattr(section, field.name), hints[field.name], flags=True)
 
 
+def check_ranges(values: Mapping[str, Any]) -> None:
+    """The range table above for any settings by flag name (flags of a command line, or values read
+    from a file): a ConfigError naming the first one out of range."""
+    _check_table(values)
+
+
 def _check_table(values: Mapping[str, Any]) -> None:
     """The range checks of the table above, for the settings `values` has; choices of Literal fields."""
+    for name, value in values.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_INT:
+            raise ConfigError(f"--{name} must be at most 2**31 - 1, got {value}")
     for name, (low, high, low_in, high_in, wording) in _FLOAT_RANGES.items():
         if name in values:
             value = values[name]
