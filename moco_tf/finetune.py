@@ -44,6 +44,9 @@ def main(argv: list[str]) -> None:
     cli_flags.check_numbers(FLAGS)
     config = FinetuneConfig.from_flags(FLAGS)
     config.validate()  # before the strategy: a worker with bad flags must not look like a lost peer
+    cli_evaluation.check_model_dir_first(
+        config.model_dir, "finetune", FinetuneConfig, finetune.CONFIG_FILE, finetune.RESULTS_FILE, finetune.FINAL_FILE
+    )
     with distribute.peer_failures():
         strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.peer_timeout)
         run_finetune(config, strategy)

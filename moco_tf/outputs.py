@@ -148,7 +148,7 @@ def check_output(
     for folder in protected:  # a run folder of this command whose files may not exist yet
         root = os.path.realpath(folder)
         inner = os.path.relpath(real, root).split(os.sep)
-        if inner[0] != ".." and (inner == [] or inner[0] in RUN_FOLDERS or (len(inner) == 1 and inner[0] in RUN_FILES)):
+        if inner[0] != ".." and (inner[0] in RUN_FOLDERS or (len(inner) == 1 and inner[0] in RUN_FILES)):
             why = why or f"a bookkeeping file of the run in {folder}"
     if why:
         raise OutputError(f"{shown} is {why}: pick another path")

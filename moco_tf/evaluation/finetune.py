@@ -18,7 +18,6 @@ optimizer and epoch are checkpointed in model_dir after every epoch, and a rerun
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from moco_tf.evaluation.linear import _finite_datasets, compile_classifier, exact_epochs, write_json
+from moco_tf.evaluation.linear import _finite_datasets, compile_classifier, exact_epochs, read_results_file, write_json
 from moco_tf.training.optimizers import SGD
 from moco_tf.training.schedules import EpochSchedule
 
@@ -229,8 +228,4 @@ def evaluate(model: FineTuneClassifier, val_ds: tf.data.Dataset) -> dict[str, fl
 
 
 def read_results(model_dir: str) -> list[dict[str, Any]]:
-    path = os.path.join(model_dir, RESULTS_FILE)
-    if not tf.io.gfile.exists(path):
-        return []
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    return read_results_file(os.path.join(model_dir, RESULTS_FILE))

@@ -17,7 +17,6 @@ a CPU, but not the official protocol (no random crops), so its numbers are label
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from moco_tf import outputs
 from moco_tf.evaluation.frozen import FrozenBackbone
 from moco_tf.evaluation.knn import extract_features
 from moco_tf.training.optimizers import SGD
@@ -275,14 +275,31 @@ def batched_features(
 
 
 def write_json(path: str, value: Any) -> None:
-    """`value` as indented JSON at `path` (any tf.io.gfile path, e.g. gs://)."""
-    with tf.io.gfile.GFile(path, "w") as f:
-        json.dump(value, f, indent=2)
+    """`value` as indented JSON at `path` (any tf.io.gfile path, e.g. gs://), atomically and marked
+    `"format": "moco_tf.<file name>"` (`moco_tf.outputs`), so a kill leaves the old or the new file."""
+    outputs.write_json(path, value, results_kind(path))
+
+
+def results_kind(path: str) -> str:
+    """The format marker of a results file: its name without .json (lincls_results, finetune_final)."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def legacy_results(value: Any) -> bool:
+    """A per-epoch results list as moco_tf wrote it before results were marked: objects with an epoch."""
+    return isinstance(value, list) and all(isinstance(row, dict) and "epoch" in row for row in value)
+
+
+def read_results_file(path: str) -> list[dict[str, Any]]:
+    """The per-epoch rows of a results file (none when it is absent); a garbled file or another
+    program's is a one-line OutputError naming it, never read as rows nor overwritten."""
+    if not tf.io.gfile.exists(path):
+        return []
+    rows = outputs.read_json(path, results_kind(path), legacy=legacy_results)
+    if not legacy_results(rows):
+        raise outputs.OutputError(f"{path} does not hold per-epoch results; restore or remove it")
+    return rows
 
 
 def _read_results(model_dir: str) -> list:
-    path = os.path.join(model_dir, RESULTS_FILE)
-    if not tf.io.gfile.exists(path):
-        return []
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    return read_results_file(os.path.join(model_dir, RESULTS_FILE))

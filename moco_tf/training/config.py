@@ -269,6 +269,7 @@ class PretrainConfig:
         if not isinstance(values, Mapping):
             raise ConfigError(f"a config must be a JSON object, got {type(values).__name__}")
         if "format_version" not in values:
+            _check_old_file(values, set(PretrainConfig().flat()) | _OLD_PRETRAIN_KEYS)
             return _from_flat(values, flags=False)
         version = values["format_version"]
         if version != FORMAT_VERSION:
@@ -451,6 +452,7 @@ class _EvaluationRecipe:
         given = {k: v for k, v in values.items() if k != "format_version"}
         old = "format_version" not in values and cls._READS_OLD_FILES
         if old:
+            _check_old_file(values, {f.name for f in _fields(cls)})
             given = cls._from_old_file(given)
         unrecorded: set[str] = set()
         config = _section_from_dict(cls, given, None, unrecorded, ignore_unknown=old)
@@ -570,6 +572,20 @@ class FinetuneConfig(_EvaluationRecipe):
 
 
 # ----------------------------------------------------------------------------------------------
+# Keys of config files from before format_version besides today's flag names.
+_OLD_PRETRAIN_KEYS = frozenset({"momentum", "moco_version", "source", "extensions"})
+
+
+def _check_old_file(values: Mapping[str, Any], known: set[str]) -> None:
+    """A config without format_version is read as one of moco_tf's earlier versions only when every
+    key is a setting moco_tf had: another program's config.json is refused, never read as ours."""
+    foreign = sorted(set(values) - set(known))
+    if foreign:
+        raise ConfigError(
+            f"not a moco_tf config: no format_version, and key(s) moco_tf never writes ({', '.join(foreign[:3])})"
+        )
+
+
 def _json_values(text: str) -> Any:
     try:
         return json.loads(text)
