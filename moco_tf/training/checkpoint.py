@@ -53,7 +53,7 @@ def read_config(model_dir: str) -> PretrainConfig | None:
         raise CheckpointError(f"{path} does not hold a moco_tf config (a JSON object); use a new --model_dir")
     try:
         config = PretrainConfig.from_dict(values)
-        config.validate()  # a value read from the file has the bounds of the flag that set it
+        config.check_bounds()  # a value read from the file has the bounds of the flag that set it
     except ConfigError as error:
         raise CheckpointError(f"{path}: {error}; restore it or use a new --model_dir") from None
     return config

@@ -227,6 +227,17 @@ class PretrainConfig:
         if values["image_size"] < MIN_IMAGE_SIZE:
             raise ConfigError(f"--image_size {values['image_size']} is too small (at least {MIN_IMAGE_SIZE})")
 
+    def check_bounds(self) -> None:
+        """Each value within the bounds of its flag, the memory budget included (not the rules that
+        tie flags together: a file may leave some unrecorded); for configs read from files."""
+        _check_types([getattr(self, s) for s in self.SECTIONS])
+        values = self.flat()
+        _check_table(values)
+        if values["seed"] is not None and not 0 <= values["seed"] < 2**31:
+            raise ConfigError(f"--seed must be in [0, 2**31), got {values['seed']}")
+        check_memory(values["image_size"], values["batch_size"], 2, values["queue_size"], values["dim"],
+                     values["arch"], values["width"])
+
     def check_replicas(self, replicas: int) -> None:
         """The global batch must split evenly over the replicas, and each replica's over bn_groups."""
         batch, groups = self.optim.batch_size, self.model.bn_groups
