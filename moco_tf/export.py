@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from moco_tf import cli
+from moco_tf import cli, outputs
 from moco_tf.cli import flags as cli_flags
 from moco_tf.interop.hub import export_model_dir
 
@@ -21,6 +21,7 @@ def main(argv: list[str]) -> None:
     cli.reject_extra_arguments(argv)
     if not FLAGS.model_dir or not FLAGS.export_dir:
         raise cli.UsageError("both --model_dir and --export_dir are required")
+    outputs.check_output_folder(FLAGS.export_dir, "--export_dir")
     path = export_model_dir(FLAGS.model_dir, FLAGS.export_dir, overwrite=FLAGS.overwrite)
     print(f"exported {path}")
 

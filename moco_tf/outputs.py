@@ -158,6 +158,17 @@ def check_output(
         )
 
 
+def check_output_folder(path: str | None, flag: str) -> None:
+    """The part of the rule that folders written whole (exports, new model_dirs) share with files:
+    never a run's bookkeeping (its config files, run.lock, its checkpoints/). What may already be
+    there is the folder's writer's to check (moco_tf.interop.hub for exports)."""
+    if not path or "://" in path:
+        return
+    why = _bookkeeping(os.path.realpath(os.path.abspath(path)))
+    if why:
+        raise OutputError(f"{flag}={path} is {why}: pick another path")
+
+
 # ----------------------------------------------------------------------------------------------
 # writing
 

@@ -43,10 +43,12 @@ def read_config(model_dir: str) -> PretrainConfig | None:
     path = os.path.join(model_dir, CONFIG_FILE)
     if not tf.io.gfile.exists(path):
         return None
-    with tf.io.gfile.GFile(path) as f:
-        text = f.read()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        raw = f.read()
     try:
-        values = json.loads(text)
+        values = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not a moco_tf config (not UTF-8 text); use a new --model_dir") from None
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is not valid JSON ({error}); restore it or use a new --model_dir") from None
     if not isinstance(values, dict):
