@@ -190,6 +190,11 @@ def _table(w) -> dict[str, list[dict]]:
     add("finetune", [f"--model_dir={w['lincls_garbled']}"], "lincls run")
     add("lincls", [f"--model_dir={w['finetune_garbled']}"], "finetune run")
     add("plot", [f"--model_dir={w['notes']}"], w["notes"])
+    # A run folder inside the image folder it trains on (it would become a class of the data).
+    inside = ["--dataset=folder", f"--data_dir={w['folder']}", f"--model_dir={w['folder']}/run"]
+    table["train"].append({"args": inside, "names": ["inside --data_dir"]})
+    for command in ("lincls", "finetune"):
+        add(command, inside, "inside --data_dir")
     for name in ("folder", "notes", "run", "foreign_ckpt", "foreign_config"):
         table["convert"].append({"args": [f"--torch_checkpoint={w['garbage_pth']}", f"--model_dir={w[name]}"],
                                  "names": [w[name]]})

@@ -226,6 +226,7 @@ class PretrainConfig:
             raise ConfigError(f"--milestones must be positive epochs, got {_shown(values['milestones'])}")
         if values["image_size"] < MIN_IMAGE_SIZE:
             raise ConfigError(f"--image_size {values['image_size']} is too small (at least {MIN_IMAGE_SIZE})")
+        check_outside_data({**values, "model_dir": values["model_dir"] or self.default_model_dir()})
 
     def check_bounds(self) -> None:
         """Each value within the bounds of its flag, the memory budget included (not the rules that
@@ -370,6 +371,26 @@ def check_memory(
             raise ConfigError(f"--width {width} needs about {_gib(need)} of weights (more than {_gib(MEMORY_BUDGET)})")
 
 
+def check_outside_data(values: Mapping[str, Any]) -> None:
+    """Refuses a --model_dir or --export_dir inside a folder dataset's --data_dir: every subfolder
+    there is a class, so the run's own folder would become one on the next run (other classes,
+    another recipe, a broken resume). Refused rather than left out of the listing: the data
+    folder stays the user's images only, and what a run trains on never depends on its outputs."""
+    data_dir = values.get("data_dir")
+    if values.get("dataset") != "folder" or not data_dir or "://" in data_dir:
+        return
+    root = os.path.realpath(data_dir)
+    for name in ("model_dir", "export_dir"):
+        path = values.get(name)
+        if path and "://" not in path:
+            real = os.path.realpath(path)
+            if real == root or real.startswith(root + os.sep):
+                raise ConfigError(
+                    f"--{name}={path} is inside --data_dir={data_dir}, where every folder is a class of images: "
+                    f"put it outside the data"
+                )
+
+
 def check_queue_fits(queue_size: int, global_batch_size: int, symmetric: bool = False) -> None:
     """queue_size must be a multiple of the keys enqueued per step (so the queue pointer wraps):
     the model's own rule (moco.check_queue_fits), worded for the flags."""
@@ -443,6 +464,7 @@ class _EvaluationRecipe:
         if values["image_size"] is not None and values["image_size"] < MIN_IMAGE_SIZE:
             raise ConfigError(f"--image_size {values['image_size']} is too small (at least {MIN_IMAGE_SIZE})")
         check_memory(values["image_size"], values["batch_size"], arch=values.get("arch"), width=values.get("width"))
+        check_outside_data(values)
         return values
 
     def to_dict(self) -> dict[str, Any]:
