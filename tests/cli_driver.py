@@ -3,6 +3,7 @@ instead of one per case) and reports, per case, the exit code, stderr and whethe
 escaped. Used by tests/test_bad_inputs.py:
 
     python tests/cli_driver.py train cases.json results.json
+    python tests/cli_driver.py all cases.json results.json   # {command: cases}, every command in turn
 
 cases.json: [{"args": [...], "env": {...}, "lock": "DIR"?}, ...]; "lock" holds DIR's run lock from
 another open file (as a second run would see it) during the case. A case {"numeric": {"args": [...],
@@ -57,13 +58,37 @@ def _expand(command: str, cases: list[dict]) -> list[dict]:
     return out
 
 
+def _forget_flags() -> None:
+    """Deletes every moco_tf flag, so the next command line defines its own (several command lines
+    in one process: one TensorFlow start-up for all of them)."""
+    from absl import flags
+
+    from moco_tf.cli import flags as cli_flags
+
+    if flags.FLAGS.is_parsed():
+        flags.FLAGS.unparse_flags()
+    for flag in list(flags.FLAGS.get_flags_for_module(cli_flags.__name__)):
+        delattr(flags.FLAGS, flag.name)
+
+
 def main() -> None:
+    command, cases_path, results_path = sys.argv[1:]
+    if command == "all":  # cases.json: {command: [cases]}; results.json: {command: [results]}
+        results = {}
+        for name, cases in json.load(open(cases_path)).items():
+            _forget_flags()
+            results[name] = run_cases(name, cases)
+    else:
+        results = run_cases(command, json.load(open(cases_path)))
+    json.dump(results, open(results_path, "w"))
+
+
+def run_cases(command: str, cases: list[dict]) -> list[dict]:
     from absl import flags
 
     from moco_tf.training import runlock
 
-    command, cases_path, results_path = sys.argv[1:]
-    cases = _expand(command, json.load(open(cases_path)))
+    cases = _expand(command, cases)
     entry = _entry(command)
     results = []
     for case in cases:
@@ -88,7 +113,7 @@ def main() -> None:
             os.environ.update(saved_env)
         results.append({"code": code, "stderr": err.getvalue(), "stdout": out.getvalue(), "traceback": escaped,
                         "args": case["args"], "flag": case.get("flag"), "value": case.get("value")})
-    json.dump(results, open(results_path, "w"))
+    return results
 
 
 if __name__ == "__main__":

@@ -14,15 +14,14 @@ against one shared table of hostile inputs, each expected to be refused before a
 Checks, per case: a nonzero exit status, exactly one line on stderr and no traceback, the line
 naming the hostile input (its flag or its path) so a later, unrelated failure does not pass; and
 for the whole table: every file the harness did not create is byte-for-byte unchanged and no new
-file appeared outside the scratch folder. Every case of one command runs in one process
-(tests/cli_driver.py), the seven processes side by side; the base arguments of each command fail
+file appeared outside the scratch folder. Every case runs in one process (tests/cli_driver.py
+`all`: one TensorFlow start-up for the seven command lines); the base arguments of each command fail
 late on purpose (no data, no model), so a check missing from the front shows as a wrong message,
 not as minutes of training.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import os
@@ -210,12 +209,13 @@ def _table(w) -> dict[str, list[dict]]:
     return table
 
 
-def _run(command: str, cases: list[dict], folder: str) -> list[dict]:
-    cases_path, results_path = os.path.join(folder, f"{command}.json"), os.path.join(folder, f"{command}.out.json")
+def _run(table: dict[str, list[dict]], folder: str) -> dict[str, list[dict]]:
+    """Every command's cases in one process (one TensorFlow start-up: the cheapest on 2 cores)."""
+    cases_path, results_path = os.path.join(folder, "cases.json"), os.path.join(folder, "results.json")
     with open(cases_path, "w") as f:
-        json.dump(cases, f)
+        json.dump(table, f)
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "cli_driver.py"), command, cases_path, results_path],
+        [sys.executable, os.path.join(ROOT, "tests", "cli_driver.py"), "all", cases_path, results_path],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -224,9 +224,7 @@ def _run(command: str, cases: list[dict], folder: str) -> list[dict]:
 
 def test_every_command_refuses_every_hostile_input_in_one_line_before_work(world, tmp_path):
     table = _table(world)
-    with concurrent.futures.ThreadPoolExecutor(len(COMMANDS)) as pool:
-        runs = {c: pool.submit(_run, c, table[c], str(tmp_path)) for c in COMMANDS}
-        results = {c: runs[c].result() for c in COMMANDS}
+    results = _run(table, str(tmp_path))
     failures, sizes = [], {}
     for command in COMMANDS:
         wanted = [case for case in table[command] if "numeric" not in case]
