@@ -178,6 +178,7 @@ def _table(w) -> dict[str, list[dict]]:
         if name != "run":
             add("train", [f"--model_dir={w[name]}"], w[name], *names)
             add("export", [f"--model_dir={w[name]}"], w[name])
+            table["knn"].append({"args": [f"--pretrained={w[name]}", "--dataset=digits"], "names": [w[name]]})
         for command in ("lincls", "finetune"):
             if name not in ("lincls_garbled", "huge_queue", "huge_width", "garbled_config"):
                 add(command, [f"--model_dir={w[name]}"], w[name])
