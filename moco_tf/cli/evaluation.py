@@ -90,7 +90,8 @@ def check_model_dir_first(
     for name, other in outputs.RUN_CONFIG_FILES.items():
         if other != command and os.path.exists(os.path.join(model_dir, name)):
             raise ConfigError(
-                f"--model_dir={model_dir} holds a {other} run ({name}), not a {command} run; use another --model_dir"
+                f"--model_dir={model_dir} holds {name} (the file of a {other} run), so it is not a {command} run; "
+                "use another --model_dir"
             )
     own = os.path.join(model_dir, config_file)
     if os.path.exists(own):
