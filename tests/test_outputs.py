@@ -154,3 +154,14 @@ def test_a_symbolic_link_loop_in_an_image_folder_is_skipped(tmp_path):
     os.symlink(".", tmp_path / "b" / "self")
     source = make_source("folder", str(tmp_path))
     assert source.num_classes == 2 and source.num_examples("train") == 4
+
+
+def test_values_an_export_records_have_the_bounds_of_their_flags():
+    from moco_tf.training.config import ConfigError, check_recorded
+
+    check_recorded({"arch": "resnet18", "width": 64, "image_size": 224, "dim": 128, "moco_version": "v2"}, "x")
+    for bad, flag in (({"arch": "resnet50", "width": 10**6}, "--width"), ({"queue_size": 2**40, "dim": 128},
+                      "--queue_size"), ({"image_size": -3}, "--image_size"), ({"temperature": float("nan")},
+                      "--temperature")):
+        with pytest.raises(ConfigError, match=f"export e: {flag}"):
+            check_recorded(bad, "export e")

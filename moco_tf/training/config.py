@@ -371,6 +371,22 @@ def check_memory(
             raise ConfigError(f"--width {width} needs about {_gib(need)} of weights (more than {_gib(MEMORY_BUDGET)})")
 
 
+def check_recorded(values: Mapping[str, Any], where: str) -> None:
+    """Settings a file records by flag name (an export's assets/moco_config.json, a converted
+    checkpoint's record) within the bounds of their flags, memory budget included, before anything
+    is built from them; a ConfigError naming `where` and the setting."""
+    numbers = {k: v for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    try:
+        _check_table(numbers)
+        for name, value in numbers.items():
+            if not math.isfinite(value):
+                raise ConfigError(f"--{name} must be a finite number, got {value}")
+        check_memory(numbers.get("image_size"), 1, 1, numbers.get("queue_size", 0), numbers.get("dim", 0),
+                     values.get("arch") if isinstance(values.get("arch"), str) else None, numbers.get("width"))
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
 def check_outside_data(values: Mapping[str, Any]) -> None:
     """Refuses a --model_dir or --export_dir inside a folder dataset's --data_dir: every subfolder
     there is a class, so the run's own folder would become one on the next run (other classes,
