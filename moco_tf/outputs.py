@@ -132,7 +132,7 @@ def check_output(
         raise OutputError(f"{flag} is empty: give a file path")
     if "://" in path:
         return
-    shown = f"{flag}={path}"
+    shown = f"{flag}={path}" if flag.startswith("-") else f"{flag} {path}"  # a flag, or words ("the results file")
     if os.path.islink(path):
         raise OutputError(f"{shown} is a symbolic link: give the path of a real file (not replacing the link)")
     if os.path.isdir(path):

@@ -102,7 +102,7 @@ def check_model_dir_first(
             "use another --model_dir"
         )
     read_results_file(os.path.join(model_dir, results_file))
-    outputs.check_output(os.path.join(model_dir, final_file), "--model_dir's result", "json",
+    outputs.check_output(os.path.join(model_dir, final_file), "the results file", "json",
                          is_own=_legacy_final)
 
 
