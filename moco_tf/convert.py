@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from moco_tf import cli
+from moco_tf import cli, outputs
 from moco_tf.cli import flags as cli_flags
 from moco_tf.interop.torch import convert_to_export, convert_to_model_dir, load_torch_state_dict
 
@@ -27,6 +27,8 @@ def main(argv: list[str]) -> None:
         raise cli.UsageError("--torch_checkpoint is required")
     if bool(FLAGS.export_dir) == bool(FLAGS.model_dir):
         raise cli.UsageError("give exactly one of --export_dir and --model_dir")
+    outputs.check_output_folder(FLAGS.export_dir, "--export_dir")
+    outputs.check_output_folder(FLAGS.model_dir, "--model_dir")
     if FLAGS.export_dir:
         path = convert_to_export(FLAGS.torch_checkpoint, FLAGS.export_dir, FLAGS.overwrite)
         print(f"exported {path}")

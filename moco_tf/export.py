@@ -21,7 +21,7 @@ import os
 
 from absl import flags
 
-from moco_tf import cli
+from moco_tf import cli, outputs
 from moco_tf.cli import flags as cli_flags
 
 FLAGS = flags.FLAGS
@@ -74,7 +74,9 @@ def export(source: str, target: str, format: str = "hub", overwrite: bool = Fals
 
 def main(argv: list[str]) -> None:
     cli.reject_extra_arguments(argv)
-    path = export(_source(), FLAGS.export_dir, FLAGS.format, FLAGS.overwrite)
+    source = _source()
+    outputs.check_output_folder(FLAGS.export_dir, "--export_dir")
+    path = export(source, FLAGS.export_dir, FLAGS.format, FLAGS.overwrite)
     print(f"exported {path} ({FLAGS.format})")
 
 

@@ -21,7 +21,7 @@ import keras
 import tensorflow as tf
 from absl import flags, logging
 
-from moco_tf import cli
+from moco_tf import cli, outputs
 from moco_tf.cli import evaluation as cli_evaluation
 from moco_tf.cli import flags as cli_flags
 from moco_tf.data import sources, subsets
@@ -41,8 +41,16 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     cli.reject_extra_arguments(argv)
     cli_flags.refuse_finetune_flags()
+    cli_flags.check_numbers(FLAGS)
+    outputs.check_output_folder(FLAGS.export_dir, "--export_dir")
     config = FinetuneConfig.from_flags(FLAGS)
     config.validate()  # before the strategy: a worker with bad flags must not look like a lost peer
+    cli_evaluation.check_model_dir_first(
+        config.model_dir, "finetune", FinetuneConfig, finetune.CONFIG_FILE, finetune.RESULTS_FILE, finetune.FINAL_FILE
+    )
+    if config.export_dir:  # before anything is loaded (run_finetune checks again: tests call it directly)
+        protected = [config.model_dir] if config.model_dir else []
+        hub.check_export_target(config.export_dir, config.overwrite_export, protected)
     with distribute.peer_failures():
         strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.peer_timeout)
         run_finetune(config, strategy)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from absl import flags, logging
 
-from moco_tf import cli
+from moco_tf import cli, outputs
 from moco_tf.cli import evaluation as cli_evaluation
 from moco_tf.cli import flags as cli_flags
 from moco_tf.data.pipelines import labelled_dataset
@@ -29,6 +29,9 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
     cli.reject_extra_arguments(argv)
+    cli_flags.check_numbers(FLAGS, image_batch="batch_size")
+    if FLAGS.retrieval_grid:  # before the evaluation, not after it
+        outputs.check_output(FLAGS.retrieval_grid, "--retrieval_grid", "png")
     with distribute.peer_failures():  # a lost worker of a multi-worker run: one line, not a traceback
         evaluate_from_flags()
 

@@ -34,13 +34,18 @@ from moco_tf.training.config import LinearConfig
 from moco_tf.training.schedules import scaled_lr
 
 FLAGS = flags.FLAGS
+FINAL_FILE = "lincls_final.json"
 
 
 def main(argv: list[str]) -> None:
     cli.reject_extra_arguments(argv)
     cli_flags.refuse_renamed_lincls_flags()
+    cli_flags.check_numbers(FLAGS)
     config = LinearConfig.from_flags(FLAGS)
     config.validate()  # before the strategy: a worker with bad flags must not look like a lost peer
+    cli_evaluation.check_model_dir_first(
+        FLAGS.model_dir, "lincls", LinearConfig, linear.CONFIG_FILE, linear.RESULTS_FILE, FINAL_FILE
+    )
     with distribute.peer_failures():  # a lost worker of a multi-worker run: one line, not a traceback
         train_from_flags(config)
 
@@ -111,7 +116,7 @@ def train_from_flags(config: LinearConfig) -> None:
         sys.exit(3)
     print(f"sanity check passed: all {count} backbone variables (BN statistics included) equal {FLAGS.pretrained}")
     if FLAGS.model_dir and setup.chief:
-        linear.write_json(os.path.join(FLAGS.model_dir, "lincls_final.json"), {**final, "protocol": protocol})
+        linear.write_json(os.path.join(FLAGS.model_dir, FINAL_FILE), {**final, "protocol": protocol})
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -12,7 +12,7 @@ import os
 
 from absl import flags
 
-from moco_tf import cli
+from moco_tf import cli, outputs
 from moco_tf.cli import flags as cli_flags
 from moco_tf.evaluation import curves
 
@@ -20,16 +20,12 @@ FLAGS = flags.FLAGS
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def check_out(path: str) -> None:
-    """Never replaces a user's file: only a PNG (an earlier plot) may be overwritten."""
-    if not path.lower().endswith(".png"):
+def check_out(path: str, model_dir: str | None = None) -> None:
+    """Never replaces a user's file (a photo included) nor the run's own: only a PNG that moco_tf
+    wrote may be overwritten (`moco_tf.outputs`)."""
+    if not path or not path.lower().endswith(".png"):
         raise cli.UsageError(f"--out={path} must be a .png file")
-    if os.path.isdir(path):
-        raise cli.UsageError(f"--out={path} is a folder: give a file name")
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            if f.read(len(PNG_MAGIC)) != PNG_MAGIC:
-                raise cli.UsageError(f"--out={path} exists and is not a PNG: not replacing it")
+    outputs.check_output(path, "--out", "png", protected=[model_dir] if model_dir else [])
 
 
 def main(argv: list[str]) -> None:
@@ -38,7 +34,8 @@ def main(argv: list[str]) -> None:
         raise cli.UsageError("--model_dir is required")
     if not os.path.isdir(FLAGS.model_dir):
         raise cli.UsageError(f"--model_dir={FLAGS.model_dir} is not a folder")
-    check_out(FLAGS.out)
+    check_out(FLAGS.out, FLAGS.model_dir)
+    cli_flags.check_numbers(FLAGS)
     panels = curves.plot(FLAGS.model_dir, FLAGS.out, FLAGS.title, FLAGS.steps_per_epoch)
     print(f"wrote {FLAGS.out}: {', '.join(panels)}")
 

@@ -14,7 +14,7 @@ import sys
 import keras
 from absl import flags, logging
 
-from moco_tf import cli
+from moco_tf import cli, outputs
 from moco_tf.cli import flags as cli_flags
 from moco_tf.data.sources import DataError
 from moco_tf.interop import hub
@@ -81,6 +81,8 @@ def train_from_flags() -> keras.Model:
 def main(argv: list[str]) -> None:
     cli.reject_extra_arguments(argv)
     cli_flags.refuse_ambiguous_momentum()
+    cli_flags.check_numbers(FLAGS)  # the memory of --image_size x --batch_size: PretrainConfig.validate
+    outputs.check_output_folder(FLAGS.export_dir, "--export_dir")  # the rest: hub, before training
     with distribute.peer_failures():  # a lost worker of a multi-worker run: one line, not a traceback
         train_from_flags()
 

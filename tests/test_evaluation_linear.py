@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from moco_tf import outputs
 from moco_tf.data import pipelines, sources
 from moco_tf.evaluation import linear
 from moco_tf.interop.pretrained import load_backbone
@@ -272,8 +273,9 @@ def test_broken_newest_checkpoint_is_named_moved_aside_only_when_asked(tmp_path)
         train(True)
     assert "\n" not in str(error.value)
     (run_dir / linear.RESULTS_FILE).write_bytes(b"\xff\xfe garbage")
-    with pytest.raises(linear.CheckpointError, match=f"{run_dir}/lincls_results.json is not valid JSON"):
-        linear.read_results(str(run_dir / linear.RESULTS_FILE))
+    with pytest.raises(outputs.OutputError, match=f"{run_dir}/lincls_results.json is not a moco_tf") as error:
+        linear.read_results_file(str(run_dir / linear.RESULTS_FILE))
+    assert "\n" not in str(error.value)
 
 
 def test_only_a_folder_holding_the_commands_own_config_is_its_model_dir(tmp_path):

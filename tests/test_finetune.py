@@ -17,7 +17,7 @@ import tensorflow as tf
 from moco_tf.data import pipelines, sources, subsets
 from moco_tf.evaluation import finetune
 from moco_tf.models.backbones import BackboneSpec
-from moco_tf.training.checkpoint import CheckpointError
+from moco_tf.outputs import OutputError
 from moco_tf.training.config import FinetuneConfig, RunMismatchError
 from tests.helpers import image_folder, labelled_folder_datasets, randomize, run
 
@@ -286,9 +286,9 @@ def test_stopped_and_resumed_with_a_seed_ends_as_uninterrupted(tmp_path):
 def test_a_garbled_results_file_is_one_line_naming_it(tmp_path):
     # (a broken newest checkpoint: tests/test_evaluation_linear.py, through the same `linear.resume`)
     (tmp_path / finetune.RESULTS_FILE).write_text('[{"epoch": 1,')
-    with pytest.raises(CheckpointError, match=f"{tmp_path}/finetune_results.json is not valid JSON") as error:
+    with pytest.raises(OutputError, match=f"{tmp_path}/finetune_results.json is not a moco_tf") as error:
         finetune.read_results(str(tmp_path))
     assert "\n" not in str(error.value)
     (tmp_path / finetune.RESULTS_FILE).write_text('{"epoch": 1}')
-    with pytest.raises(CheckpointError, match="does not hold moco_tf results"):
+    with pytest.raises(OutputError, match=f"{tmp_path}/finetune_results.json is not a moco_tf"):
         finetune.read_results(str(tmp_path))

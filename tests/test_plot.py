@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from moco_tf.cli import UsageError
+from moco_tf.errors import UserError
 from moco_tf.evaluation import curves
 from moco_tf.evaluation.pictures import summary_scalar
 from moco_tf.plot import PNG_MAGIC, check_out
@@ -78,7 +79,7 @@ def test_no_events_is_one_line_and_no_user_file_is_replaced(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path} holds no TensorBoard scalars")
     notes = tmp_path / "notes.png"
     notes.write_text("my notes")
-    with pytest.raises(UsageError, match="is not a PNG: not replacing it"):
+    with pytest.raises(UserError, match="exists and was not written by moco_tf: not replacing it"):
         check_out(str(notes))
     assert notes.read_text() == "my notes"
     with pytest.raises(UsageError, match="must be a .png file"):

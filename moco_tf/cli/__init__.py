@@ -64,4 +64,19 @@ def run(
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
 
-    app.run(wrapped, argv=argv)
+    try:
+        app.run(wrapped, argv=argv)
+    except (UnicodeError, OSError) as error:  # reading the flags: a --flagfile of bytes, not text
+        if os.environ.get(TRACEBACK_VARIABLE):
+            raise
+        given = [a.split("=", 1)[1] for a in (argv or sys.argv) if a.startswith(("--flagfile=", "-flagfile="))]
+        where = f" of --flagfile={', '.join(given)}" if given else ""
+        print(f"error: cannot read the flags{where}: {_one_line(error)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, UnicodeDecodeError):  # absl does not say which file: the bytes it could not read
+        return f"not UTF-8 text (byte {error.object[error.start:error.start + 1]!r} at offset {error.start})"
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

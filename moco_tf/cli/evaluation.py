@@ -12,12 +12,21 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from moco_tf import outputs
 from moco_tf.data.sources import Source
 from moco_tf.evaluation.frozen import FrozenBackbone, replicate
+from moco_tf.evaluation.linear import read_results_file
 from moco_tf.interop.pretrained import load_backbone, load_for_evaluation
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.training import distribute
-from moco_tf.training.config import FORMAT_VERSION, PRECISION_POLICIES, FinetuneConfig, LinearConfig, check_same_run
+from moco_tf.training.config import (
+    FORMAT_VERSION,
+    PRECISION_POLICIES,
+    ConfigError,
+    FinetuneConfig,
+    LinearConfig,
+    check_same_run,
+)
 
 
 @dataclasses.dataclass
@@ -72,15 +81,66 @@ def is_own_model_dir(model_dir: str, config_file: str) -> bool:
     return isinstance(values, dict) and values.get("format_version") == FORMAT_VERSION
 
 
+def _read_config(config_type: type, path: str) -> LinearConfig | FinetuneConfig:
+    """The run config at `path`, its values within the bounds of their flags; a one-line error
+    naming the file when it is garbled or not moco_tf's."""
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            saved = config_type.from_json(f.read().decode("utf-8"))
+        saved._validate_common()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a moco_tf config (not UTF-8 text); use another --model_dir") from None
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}; restore it or use another --model_dir") from None
+    return saved
+
+
+def check_model_dir_first(
+    model_dir: str | None, command: str, config_type: type, config_file: str, results_file: str, final_file: str
+) -> None:
+    """Before anything is loaded or built: refuses a --model_dir that is a file, a run of another
+    command (its config file, e.g. a pretraining run's config.json), checkpoints without this
+    command's config (another project's), a config file or results that are garbled or not moco_tf's,
+    and a final-results path holding a file moco_tf did not write."""
+    if not model_dir or "://" in model_dir or not os.path.exists(model_dir):
+        return
+    if not os.path.isdir(model_dir):
+        raise ConfigError(f"--model_dir={model_dir} is not a folder")
+    for name, other in outputs.RUN_CONFIG_FILES.items():
+        if other != command and os.path.exists(os.path.join(model_dir, name)):
+            raise ConfigError(
+                f"--model_dir={model_dir} holds {name} (the file of a {other} run), so it is not a {command} run; "
+                "use another --model_dir"
+            )
+    own = os.path.join(model_dir, config_file)
+    if os.path.exists(own):
+        _read_config(config_type, own)
+    elif os.path.exists(os.path.join(model_dir, "checkpoint")) or os.path.isdir(os.path.join(model_dir, "checkpoints")):
+        raise ConfigError(
+            f"--model_dir={model_dir} holds checkpoints but no moco_tf {config_file}: not touching them; "
+            "use another --model_dir"
+        )
+    read_results_file(os.path.join(model_dir, results_file))
+    outputs.check_output(os.path.join(model_dir, final_file), "the results file", "json",
+                         is_own=_legacy_final)
+
+
+def _legacy_final(path: str) -> bool:
+    """A final-results file of an earlier moco_tf (no format marker): an object with top1 and top5."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(value, dict) and {"top1", "top5"} <= set(value)
+
+
 def check_model_dir(config: LinearConfig | FinetuneConfig, config_file: str, chief: bool) -> None:
     """Refuses to resume a run of another recipe (on every worker); the chief records a new run's
-    config as model_dir/config_file."""
+    config as model_dir/config_file (atomically)."""
     path = os.path.join(config.model_dir, config_file)
     if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            check_same_run(type(config).from_json(f.read()), config, config.model_dir)
+        check_same_run(_read_config(type(config), path), config, config.model_dir)
         return
     if chief:
-        tf.io.gfile.makedirs(config.model_dir)
-        with tf.io.gfile.GFile(path, "w") as f:
-            f.write(config.to_json())
+        outputs.write_atomic(path, config.to_json().encode())

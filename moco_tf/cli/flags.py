@@ -3,6 +3,8 @@ export and convert. Each `define_*` defines its command line's flags once per pr
 
 from __future__ import annotations
 
+import math
+
 from absl import flags
 
 from moco_tf.errors import UserError
@@ -359,3 +361,26 @@ def define_convert_flags() -> None:
     flags.DEFINE_string("export_dir", None, "write a TF-Hub export here")
     flags.DEFINE_string("model_dir", None, "write a moco_tf model_dir here (training / lincls resume)")
     flags.DEFINE_bool("overwrite", False, "replace an existing export_dir / model_dir")
+
+
+def check_numbers(flag_values: flags.FlagValues = flags.FLAGS, image_batch: str | None = None) -> None:
+    """Every integer and float flag of this command line (walked from the definitions above, so a
+    new flag is covered) against one rule, before anything is read or built: training.config's
+    range table where it names the flag; otherwise finite and >= 0 (no moco_tf number means
+    anything below 0), seeds in [0, 2**31), nothing above 2**31 - 1. With `image_batch` (the
+    batch flag's name) the batch of --image_size images must also fit in memory."""
+    from moco_tf.training import config as config_module
+
+    values = {}
+    for flag in flag_values.get_flags_for_module(__name__):
+        numeric = isinstance(flag.parser, flags.IntegerParser | flags.FloatParser)
+        if numeric and flag.value is not None and not isinstance(flag.value, bool):
+            values[flag.name] = flag.value
+    config_module.check_ranges(values)
+    for name, value in sorted(values.items()):
+        if "seed" in name and not 0 <= value < 2**31:
+            raise UserError(f"--{name} must be in [0, 2**31), got {value}")
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"--{name} must be a finite number >= 0, got {value}")
+    if image_batch and values.get("image_size"):
+        config_module.check_memory(values["image_size"], values.get(image_batch, 1))

@@ -320,14 +320,33 @@ def _entries(folder: str) -> tuple[list[str], list[str]]:
 def _walk_files(root: str) -> list[str]:
     """Every file path under `root`, folder by folder in sorted order of the folders' paths
     (the order sorted(tf.io.gfile.walk(root)) gave: a resumed run needs the same order)."""
-    folders, pending = [], [root]
+    folders: list[tuple[str, list[str]]] = []
+    pending: list[tuple[str, frozenset[str]]] = [(root, _ancestors(root))]
     while pending:
-        folder = pending.pop()
+        folder, above = pending.pop()
+        if "://" not in folder:
+            # A symbolic link to a folder above it (a loop) is skipped: followed, it would list the
+            # same images again and again until the path is too long. Other links are followed.
+            real = os.path.realpath(folder)
+            if real in above:
+                continue
+            above = above | {real}
         subfolders, files = _entries(folder)
         folders.append((folder, files))
-        pending += [os.path.join(folder, sub) for sub in subfolders]
+        pending += [(os.path.join(folder, sub), above) for sub in subfolders]
     # One join per folder, not per file (os.path.join is most of a 100k-file listing's time).
     return [prefix + f for folder, files in sorted(folders) for prefix in [os.path.join(folder, "")] for f in files]
+
+
+def _ancestors(folder: str) -> frozenset[str]:
+    """The real paths of the folders above `folder` (a link to one of them is a loop)."""
+    if "://" in folder:
+        return frozenset()
+    found, path = set(), os.path.dirname(os.path.realpath(folder))
+    while path not in found:
+        found.add(path)
+        path = os.path.dirname(path)
+    return frozenset(found)
 
 
 def _class_names(folder: str) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from collections.abc import Mapping
 import numpy as np
 import tensorflow as tf
 
+from moco_tf import outputs
 from moco_tf.errors import UserError
 
 # (panel title, series drawn in it); a series is "<run>/<tag>" as `read_scalars` names it.
@@ -164,7 +166,8 @@ def plot(model_dir: str, out: str, title: str | None = None, steps_per_epoch_: i
         ax.set_visible(False)
     fig.suptitle(title or os.path.basename(os.path.normpath(model_dir)), fontsize=11)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=80)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, metadata={"Software": None})  # ours is outputs' marker
     plt.close(fig)
+    outputs.write_png(out, buffer.getvalue())  # atomic: a kill leaves the previous plot or this one
     return [t for t, _ in panels]

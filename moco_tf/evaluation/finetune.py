@@ -27,8 +27,15 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from moco_tf.evaluation import linear
-from moco_tf.evaluation.linear import EpochData, _finite_datasets, compile_classifier, fit_epochs, resume, write_json
+from moco_tf.evaluation.linear import (
+    EpochData,
+    _finite_datasets,
+    compile_classifier,
+    fit_epochs,
+    read_results_file,
+    resume,
+    write_json,
+)
 from moco_tf.training.checkpoint_files import CHECKPOINT_DIR
 from moco_tf.training.optimizers import SGD
 from moco_tf.training.schedules import EpochSchedule
@@ -225,4 +232,4 @@ def evaluate(model: FineTuneClassifier, val_ds: tf.data.Dataset) -> dict[str, fl
 
 def read_results(model_dir: str) -> list[dict[str, Any]]:
     """model_dir's results rows ([] when none); a garbled file is one line naming it."""
-    return linear.read_results(os.path.join(model_dir, RESULTS_FILE))
+    return read_results_file(os.path.join(model_dir, RESULTS_FILE))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from moco_tf import outputs
 from moco_tf.data.pipelines import pass_seed
 from moco_tf.evaluation.frozen import FrozenBackbone
 from moco_tf.evaluation.knn import extract_features
@@ -194,7 +194,7 @@ def train_linear(
         checkpoint = tf.train.Checkpoint(fc=model.fc, optimizer=optimizer, epoch=epoch)
         manager, latest = resume(checkpoint, model_dir, repair_broken, log)
         if latest:
-            results = read_results(os.path.join(model_dir, RESULTS_FILE))[: int(epoch.numpy())]
+            results = read_results_file(os.path.join(model_dir, RESULTS_FILE))[: int(epoch.numpy())]
             log(f"resuming from {latest} (epoch {int(epoch.numpy())} of {epochs} done)")
     compile_classifier(model, optimizer, num_classes, strategy)
     callback = _Checkpointer(manager if chief else None, epoch, results, log, epochs)
@@ -317,26 +317,29 @@ def batched_features(
 
 
 def write_json(path: str, value: Any) -> None:
-    """`value` as indented JSON at `path` (any tf.io.gfile path, e.g. gs://)."""
-    with tf.io.gfile.GFile(path, "w") as f:
-        json.dump(value, f, indent=2)
+    """`value` as indented JSON at `path` (any tf.io.gfile path, e.g. gs://), atomically and marked
+    `"format": "moco_tf.<file name>"` (`moco_tf.outputs`), so a kill leaves the old or the new file."""
+    outputs.write_json(path, value, results_kind(path))
 
 
-def read_results(path: str) -> list[dict[str, Any]]:
-    """The per-epoch rows of a results file (lincls_results.json, finetune_results.json); [] when
-    absent. A garbled one is a CheckpointError (one line naming the file)."""
+def results_kind(path: str) -> str:
+    """The format marker of a results file: its name without .json (lincls_results, finetune_final)."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def legacy_results(value: Any) -> bool:
+    """A per-epoch results list as moco_tf wrote it before results were marked: objects with an epoch."""
+    return isinstance(value, list) and all(isinstance(row, dict) and "epoch" in row for row in value)
+
+
+def read_results_file(path: str) -> list[dict[str, Any]]:
+    """The per-epoch rows of a results file (none when it is absent); a garbled file or another
+    program's is a one-line OutputError naming it, never read as rows nor overwritten."""
     if not tf.io.gfile.exists(path):
         return []
-    try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            rows = json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise CheckpointError(
-            f"{path} is not valid JSON ({first}); restore it, or move it away to resume without the earlier rows"
-        ) from None
-    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-        raise CheckpointError(f"{path} does not hold moco_tf results (a list of rows); restore it or move it away")
+    rows = outputs.read_json(path, results_kind(path), legacy=legacy_results)
+    if not legacy_results(rows):
+        raise outputs.OutputError(f"{path} does not hold per-epoch results; restore or remove it")
     return rows
 
 

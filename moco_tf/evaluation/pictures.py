@@ -3,12 +3,12 @@ files, and TensorBoard scalar and image records written without the tensorboard 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from moco_tf import outputs
 from moco_tf.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
 _RIGHT, _WRONG, _QUERY = (40, 170, 60), (220, 30, 30), (255, 255, 255)
@@ -68,12 +68,9 @@ def retrieval_grid(
 
 
 def write_png(image: np.ndarray, path: str) -> str:
-    """Write a uint8 [H, W, 3] image as PNG (any tf.io.gfile path, e.g. gs://)."""
-    parent = os.path.dirname(path)
-    if parent:
-        tf.io.gfile.makedirs(parent)
-    tf.io.write_file(path, tf.io.encode_png(image))
-    return path
+    """Write a uint8 [H, W, 3] image as PNG (any tf.io.gfile path, e.g. gs://), marked as moco_tf's
+    and atomically (`moco_tf.outputs`)."""
+    return outputs.write_png(path, tf.io.encode_png(image).numpy())
 
 
 # tf.summary.scalar / image live in the tensorboard package, which training does not need;

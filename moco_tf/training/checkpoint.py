@@ -18,6 +18,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from moco_tf import outputs
 from moco_tf.errors import RunFailed
 from moco_tf.models.moco import MoCo
 from moco_tf.training import config as config_module
@@ -46,18 +47,41 @@ def read_config(model_dir: str) -> PretrainConfig | None:
     path = os.path.join(model_dir, CONFIG_FILE)
     if not tf.io.gfile.exists(path):
         return None
-    with tf.io.gfile.GFile(path) as f:
-        text = f.read()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        raw = f.read()
     try:
-        values = json.loads(text)
+        values = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not a moco_tf config (not UTF-8 text); use a new --model_dir") from None
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is not valid JSON ({error}); restore it or use a new --model_dir") from None
     if not isinstance(values, dict):
         raise CheckpointError(f"{path} does not hold a moco_tf config (a JSON object); use a new --model_dir")
     try:
-        return PretrainConfig.from_dict(values)
+        config = PretrainConfig.from_dict(values)
+        config.check_bounds()  # a value read from the file has the bounds of the flag that set it
     except ConfigError as error:
         raise CheckpointError(f"{path}: {error}; restore it or use a new --model_dir") from None
+    return config
+
+
+def check_run_folder(model_dir: str, saved: PretrainConfig | None) -> None:
+    """Refuses, before anything in it is moved or written, a model_dir that is not a pretraining
+    run of moco_tf's: one of another command (lincls, finetune), or checkpoints without moco_tf's
+    config.json (another project's, or a run whose config was lost)."""
+    for name, command in outputs.RUN_CONFIG_FILES.items():
+        if command != "train" and tf.io.gfile.exists(os.path.join(model_dir, name)):
+            raise CheckpointError(
+                f"{model_dir} holds a {command} run ({name}), not a pretraining run; use another --model_dir"
+            )
+    if saved is not None:
+        return
+    for folder in (os.path.join(model_dir, CHECKPOINT_DIR), model_dir):
+        if checkpoint_files(folder) or tf.io.gfile.exists(os.path.join(folder, "checkpoint")):
+            raise CheckpointError(
+                f"{folder} holds checkpoints but {model_dir} has no moco_tf {CONFIG_FILE}: not touching them "
+                "(restore the config.json, or use another --model_dir)"
+            )
 
 
 def write_config(model_dir: str, config: PretrainConfig) -> None:

@@ -220,10 +220,24 @@ class PretrainConfig:
         if values["warmup_epochs"] > values["epochs"]:
             raise ConfigError(f"--warmup_epochs {values['warmup_epochs']} is more than --epochs {values['epochs']}")
         check_queue_fits(values["queue_size"], values["batch_size"], values["symmetric"])
+        check_memory(values["image_size"], values["batch_size"], 2, values["queue_size"], values["dim"],
+                     values["arch"], values["width"])
         if any(m < 1 for m in values["milestones"]):
             raise ConfigError(f"--milestones must be positive epochs, got {_shown(values['milestones'])}")
         if values["image_size"] < MIN_IMAGE_SIZE:
             raise ConfigError(f"--image_size {values['image_size']} is too small (at least {MIN_IMAGE_SIZE})")
+        check_outside_data({**values, "model_dir": values["model_dir"] or self.default_model_dir()})
+
+    def check_bounds(self) -> None:
+        """Each value within the bounds of its flag, the memory budget included (not the rules that
+        tie flags together: a file may leave some unrecorded); for configs read from files."""
+        _check_types([getattr(self, s) for s in self.SECTIONS])
+        values = self.flat()
+        _check_table(values)
+        if values["seed"] is not None and not 0 <= values["seed"] < 2**31:
+            raise ConfigError(f"--seed must be in [0, 2**31), got {values['seed']}")
+        check_memory(values["image_size"], values["batch_size"], 2, values["queue_size"], values["dim"],
+                     values["arch"], values["width"])
 
     def check_replicas(self, replicas: int) -> None:
         """The global batch must split evenly over the replicas, and each replica's over bn_groups."""
@@ -267,6 +281,7 @@ class PretrainConfig:
         if not isinstance(values, Mapping):
             raise ConfigError(f"a config must be a JSON object, got {type(values).__name__}")
         if "format_version" not in values:
+            _check_old_file(values, set(PretrainConfig().flat()) | _OLD_PRETRAIN_KEYS)
             return _from_flat(values, flags=False)
         version = values["format_version"]
         if version != FORMAT_VERSION:
@@ -317,6 +332,79 @@ def parse_milestones(milestones: Any) -> tuple[int, ...]:
         return tuple(int(m) for m in items)
     except ValueError:
         raise ConfigError(f"--milestones must be epochs (integers), got {_shown(items)}") from None
+
+
+# What one run may ask of a host's memory for any one of: a batch of input views (float32), the
+# queue, the weights of one encoder (with the key encoder and the SGD buffer: x3). A value that
+# needs more is a typo (an extra zero, --image_size=100000), refused before anything is built.
+MEMORY_BUDGET = 64 << 30
+# Parameters of the registered backbones at width 64 (torchvision's counts); they grow with width**2.
+_PARAMS_AT_WIDTH_64 = {"resnet18": 11.7e6, "resnet34": 21.8e6, "resnet50": 25.6e6, "resnet101": 44.5e6,
+                       "resnet152": 60.2e6}
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):,.1f} GiB"
+
+
+def check_memory(
+    image_size: int | None = None, batch_size: int = 1, views: int = 1,
+    queue_size: int = 0, dim: int = 0, arch: str | None = None, width: int | None = None,
+) -> None:
+    """Refuses, naming the flag and the memory it would take, settings whose batch of views, queue
+    or weights cannot fit MEMORY_BUDGET; the same rule for flags and for values read from files."""
+    if image_size:
+        need = float(batch_size) * views * image_size * image_size * 3 * 4
+        if need > MEMORY_BUDGET:
+            raise ConfigError(
+                f"--image_size {image_size} needs {_gib(need)} for one batch of {batch_size} x {views} view(s) "
+                f"(more than {_gib(MEMORY_BUDGET)}): give a smaller --image_size or --batch_size"
+            )
+    if queue_size and dim:
+        need = float(queue_size) * dim * 4
+        if need > MEMORY_BUDGET:
+            raise ConfigError(f"--queue_size {queue_size} x --dim {dim} needs {_gib(need)} (more than "
+                              f"{_gib(MEMORY_BUDGET)})")
+    if width:
+        need = 3 * 4 * _PARAMS_AT_WIDTH_64.get(arch or "", max(_PARAMS_AT_WIDTH_64.values())) * (width / 64) ** 2
+        if need > MEMORY_BUDGET:
+            raise ConfigError(f"--width {width} needs about {_gib(need)} of weights (more than {_gib(MEMORY_BUDGET)})")
+
+
+def check_recorded(values: Mapping[str, Any], where: str) -> None:
+    """Settings a file records by flag name (an export's assets/moco_config.json, a converted
+    checkpoint's record) within the bounds of their flags, memory budget included, before anything
+    is built from them; a ConfigError naming `where` and the setting."""
+    numbers = {k: v for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    try:
+        _check_table(numbers)
+        for name, value in numbers.items():
+            if not math.isfinite(value):
+                raise ConfigError(f"--{name} must be a finite number, got {value}")
+        check_memory(numbers.get("image_size"), 1, 1, numbers.get("queue_size", 0), numbers.get("dim", 0),
+                     values.get("arch") if isinstance(values.get("arch"), str) else None, numbers.get("width"))
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def check_outside_data(values: Mapping[str, Any]) -> None:
+    """Refuses a --model_dir or --export_dir inside a folder dataset's --data_dir: every subfolder
+    there is a class, so the run's own folder would become one on the next run (other classes,
+    another recipe, a broken resume). Refused rather than left out of the listing: the data
+    folder stays the user's images only, and what a run trains on never depends on its outputs."""
+    data_dir = values.get("data_dir")
+    if values.get("dataset") != "folder" or not data_dir or "://" in data_dir:
+        return
+    root = os.path.realpath(data_dir)
+    for name in ("model_dir", "export_dir"):
+        path = values.get(name)
+        if path and "://" not in path:
+            real = os.path.realpath(path)
+            if real == root or real.startswith(root + os.sep):
+                raise ConfigError(
+                    f"--{name}={path} is inside --data_dir={data_dir}, where every folder is a class of images: "
+                    f"put it outside the data"
+                )
 
 
 def check_queue_fits(queue_size: int, global_batch_size: int, symmetric: bool = False) -> None:
@@ -391,6 +479,8 @@ class _EvaluationRecipe:
                 raise ConfigError(f"--{name} must be in [0, 2**31), got {values[name]}")
         if values["image_size"] is not None and values["image_size"] < MIN_IMAGE_SIZE:
             raise ConfigError(f"--image_size {values['image_size']} is too small (at least {MIN_IMAGE_SIZE})")
+        check_memory(values["image_size"], values["batch_size"], arch=values.get("arch"), width=values.get("width"))
+        check_outside_data(values)
         return values
 
     def to_dict(self) -> dict[str, Any]:
@@ -411,6 +501,7 @@ class _EvaluationRecipe:
         given = {k: v for k, v in values.items() if k != "format_version"}
         old = "format_version" not in values and cls._READS_OLD_FILES
         if old:
+            _check_old_file(values, {f.name for f in _fields(cls)})
             given = cls._from_old_file(given)
         unrecorded: set[str] = set()
         config = _section_from_dict(cls, given, None, unrecorded, ignore_unknown=old)
@@ -530,6 +621,20 @@ class FinetuneConfig(_EvaluationRecipe):
 
 
 # ----------------------------------------------------------------------------------------------
+# Keys of config files from before format_version besides today's flag names.
+_OLD_PRETRAIN_KEYS = frozenset({"momentum", "moco_version", "source", "extensions"})
+
+
+def _check_old_file(values: Mapping[str, Any], known: set[str]) -> None:
+    """A config without format_version is read as one of moco_tf's earlier versions only when every
+    key is a setting moco_tf had: another program's config.json is refused, never read as ours."""
+    foreign = sorted(set(values) - set(known))
+    if foreign:
+        raise ConfigError(
+            f"not a moco_tf config: no format_version, and key(s) moco_tf never writes ({', '.join(foreign[:3])})"
+        )
+
+
 def _json_values(text: str) -> Any:
     try:
         return json.loads(text)
@@ -539,9 +644,11 @@ def _json_values(text: str) -> Any:
 
 # ranges, checked once (NaN included: absl takes "nan")
 
+# Flags of every command line (train, knn, lincls, finetune, plot), by name: one meaning per name.
 _POSITIVE_INTS = ("epochs", "batch_size", "queue_size", "dim", "bn_groups", "image_size", "log_every",
-                  "keep_checkpoints", "knn_k")
-_NON_NEGATIVE_INTS = ("warmup_epochs", "checkpoint_every", "knn_every")
+                  "keep_checkpoints", "knn_k", "k", "grid_queries", "grid_neighbours", "eval_every", "width")
+_NON_NEGATIVE_INTS = ("warmup_epochs", "checkpoint_every", "knn_every", "limit_train", "limit_val")
+MAX_INT = 2**31 - 1  # any integer setting above is a typo; seeds end there too
 _OPTIONAL_POSITIVE_INTS = ("steps_per_epoch", "max_steps")
 _FLOAT_RANGES = {  # name: (low, high, low inclusive, high inclusive, wording)
     "lr": (0.0, math.inf, False, False, "> 0"),
@@ -550,6 +657,7 @@ _FLOAT_RANGES = {  # name: (low, high, low inclusive, high inclusive, wording)
     "sgd_momentum": (0.0, 1.0, True, False, "in [0, 1)"),
     "weight_decay": (0.0, math.inf, True, False, ">= 0"),
     "knn_t": (0.0, math.inf, False, False, "> 0"),
+    "t": (0.0, math.inf, False, False, "> 0"),
     "crop_min_scale": (0.0, 1.0, False, True, "in (0, 1]"),
     "stop_grace_s": (0.0, math.inf, False, False, "> 0"),
     "peer_timeout": (0.0, math.inf, False, False, "> 0"),
@@ -569,8 +677,17 @@ def _check_types(sections: list[Any]) -> None:
                 _typed(field.name, getattr(section, field.name), hints[field.name], flags=True)
 
 
+def check_ranges(values: Mapping[str, Any]) -> None:
+    """The range table above for any settings by flag name (flags of a command line, or values read
+    from a file): a ConfigError naming the first one out of range."""
+    _check_table(values)
+
+
 def _check_table(values: Mapping[str, Any]) -> None:
     """The range checks of the table above, for the settings `values` has; choices of Literal fields."""
+    for name, value in values.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_INT:
+            raise ConfigError(f"--{name} must be at most 2**31 - 1, got {value}")
     for name, (low, high, low_in, high_in, wording) in _FLOAT_RANGES.items():
         if name in values:
             value = values[name]

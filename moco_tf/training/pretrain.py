@@ -136,6 +136,7 @@ def pretrain(
     # Before the strategy: a mistake found once the workers of a multi-worker run are connected
     # would look to the other workers like a lost peer.
     saved = checkpoint.read_config(model_dir)
+    checkpoint.check_run_folder(model_dir, saved)  # before anything in it is moved aside or written
     if saved is not None:  # --allow_more_epochs lets --epochs grow (warm_start)
         checkpoint.check_same_run(warm_start.comparable(saved, config), config, model_dir)
 

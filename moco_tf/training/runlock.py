@@ -16,6 +16,7 @@ import socket
 import time
 
 from moco_tf.errors import UserError
+from moco_tf.outputs import RUN_CONFIG_FILES
 
 LOCK_FILE = "run.lock"
 
@@ -36,6 +37,7 @@ class RunLock:
         if "://" in self.path:
             return self
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        existed = os.path.exists(self.path)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -47,12 +49,18 @@ class RunLock:
                 "another --model_dir"
             ) from None
         self.previous = _read(fd) or None
-        if os.fstat(fd).st_size and not (self.previous or {}).get("pid"):
-            # A file of the user's that happens to be called run.lock: never overwrite it.
-            os.close(fd)
-            raise RunLockedError(
-                f"{self.path} exists and is not a moco_tf run lock; move it away or use another --model_dir"
-            )
+        if existed and not (self.previous or {}).get("pid"):
+            raw = os.pread(fd, 4096, 0)
+            if _torn(raw) and _is_moco_tf_run(os.path.dirname(self.path)):
+                # What a power loss leaves (the record never reached the disk): nobody holds the flock,
+                # and the folder is one of our runs, so the file is ours; a note says it was taken over.
+                self.previous = {"torn": f"{len(raw)} bytes" if raw else "empty"}
+            elif raw:
+                # A file of the user's that happens to be called run.lock: never overwrite it.
+                os.close(fd)
+                raise RunLockedError(
+                    f"{self.path} exists and is not a moco_tf run lock; move it away or use another --model_dir"
+                )
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(owner_record()).encode(), 0)
         os.fsync(fd)
@@ -85,7 +93,22 @@ def describe_previous(lock: RunLock) -> str | None:
     """One line about a stale lock that `lock` took over, or None."""
     if not lock.previous:
         return None
+    if "torn" in lock.previous:
+        return (f"took over a torn {LOCK_FILE} ({lock.previous['torn']}: what a power loss or a full disk leaves); "
+                "no process held it")
     return f"took over the lock of a run that is no longer running ({_describe(lock.previous)})"
+
+
+def _torn(raw: bytes) -> bool:
+    """Empty, zero-filled, or the start of our own record cut short."""
+    text = raw.rstrip(b"\0")
+    return not text or (text.startswith(b'{"pid"') and not text.rstrip().endswith(b"}"))
+
+
+def _is_moco_tf_run(model_dir: str) -> bool:
+    """The folder holds a run's config or checkpoints: a run.lock there is the run's."""
+    names = (*RUN_CONFIG_FILES, "checkpoints")
+    return any(os.path.exists(os.path.join(model_dir, name)) for name in names)
 
 
 def _read(fd: int) -> dict:
