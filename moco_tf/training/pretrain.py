@@ -350,7 +350,8 @@ def _train(
             # contiguous, so that is the current step): fit restarts whatever iterator it is given.
             # With several steps per call the stream ends with the segment, so that a call that would
             # pass it (a resume or an epoch that is no multiple of the call) stops there instead.
-            dataset = strategy.distribute_datasets_from_function(
+            dataset = distribute.per_host_dataset(
+                strategy,
                 lambda context, start=step, length=(epochs - initial_epoch) * steps: pipelines.pretrain_dataset(
                     source, source.pretrain_split, config.data.image_size, config.data.aug, optim.batch_size, seed,
                     context, start_step=start, views=config.data.view_options(), with_ids=True,
