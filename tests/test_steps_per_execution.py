@@ -38,6 +38,17 @@ def _train(model_dir, *extra, fault=None):
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
+def _scalar_steps(model_dir, tag):
+    steps = set()
+    for path in tf.io.gfile.glob(os.path.join(model_dir, "logs", "train", "*tfevents*")):
+        try:
+            for event in tf.compat.v1.train.summary_iterator(path):
+                steps.update(event.step for value in event.summary.value if value.tag == tag)
+        except tf.errors.DataLossError:  # the last record of a killed run's file may be cut short
+            pass
+    return sorted(steps)
+
+
 def _step_lines(stdout):
     return [line.split(" | ")[0] for line in stdout.splitlines() if line.startswith("step ")]
 
@@ -69,6 +80,9 @@ def test_killed_stopped_and_resumed_with_calls_of_2_and_3_steps_equals_one_step_
     assert done[0].returncode == 0, done[0].stderr[-3000:]
     assert _step(reference) == TOTAL_STEPS
     assert _step_lines(done[0].stdout) == ["step 6/12", "step 12/12"], done[0].stdout
+    # TensorBoard's batch scalars too: at the optimizer's step, at the call that reaches a multiple
+    # of --log_every (6 and 12: only the last run passed any), not at Keras's count of its calls.
+    assert _scalar_steps(model_dir, "batch_loss") == [6, 12] == _scalar_steps(reference, "batch_loss")
     worst = _assert_same_state(_state(model_dir), _state(reference))
     print(f"max abs difference, calls of 2 then 3 killed/stopped/resumed vs one step per call: {worst:.3g}")
     assert worst == 0.0
