@@ -120,6 +120,17 @@ def test_auto_is_1_off_a_tpu_and_a_divisor_of_the_log_and_checkpoint_steps_on_on
     assert pretrain.steps_per_execution(config, default) == 4 == pretrain.steps_per_execution(config, tpu)
 
 
+def test_refused_with_several_replicas_of_mirrored():
+    from moco_tf.training import distribute
+
+    strategy = distribute.mirrored()  # the 2 logical CPUs of conftest
+    config = PretrainConfig(runtime=RuntimeConfig(steps_per_execution=2, log_every=2, checkpoint_every=2))
+    with pytest.raises(ConfigError, match="--steps_per_execution 2 needs --strategy=tpu or a single replica"):
+        pretrain.steps_per_execution(config, strategy)
+    config.runtime.steps_per_execution = None
+    assert pretrain.steps_per_execution(config, strategy) == 1
+
+
 def test_segments_are_single_epochs_when_calls_do_not_divide_an_epoch():
     assert pretrain._segments(0, 12, 3) == [(0, 4, 3)]
     assert pretrain._segments(0, 12, 3, 3) == [(0, 4, 3)]

@@ -109,7 +109,8 @@ def define_train_flags() -> None:
         "Train steps per call from the host into the compiled loop (Keras steps_per_execution), so that a TPU "
         "is not idle between steps. Step lines, TensorBoard scalars, checkpoints and the SIGTERM stop happen "
         "between calls: --log_every and --checkpoint_every must be multiples of it. Unset: on a TPU the "
-        "largest divisor of both up to 32, elsewhere 1. May change on a resume.",
+        "largest divisor of both up to 32, elsewhere 1. Above 1 only on a TPU or a single replica. May change on "
+        "a resume.",
     )
     flags.DEFINE_enum(
         "color_stage", "auto", ["auto", "host", "device"],

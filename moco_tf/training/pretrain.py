@@ -147,10 +147,22 @@ def check_steps_per_execution(config: PretrainConfig) -> None:
 def steps_per_execution(config: PretrainConfig, strategy: tf.distribute.Strategy) -> int:
     """--steps_per_execution, or when unset ("auto"): on a TPU the largest divisor of --log_every and
     --checkpoint_every up to AUTO_TPU_STEPS_PER_EXECUTION (25 with the defaults 50 and 1000), else 1
-    (a CPU or GPU step is long enough that the host's call overhead does not show)."""
+    (a CPU or GPU step is long enough that the host's call overhead does not show). Refused above 1
+    with several replicas of another strategy than TPUStrategy (see below)."""
+    tpu = isinstance(strategy, tf.distribute.TPUStrategy)
     if config.runtime.steps_per_execution:
-        return config.runtime.steps_per_execution
-    if not isinstance(strategy, tf.distribute.TPUStrategy):
+        n = config.runtime.steps_per_execution
+        if n > 1 and not tpu and strategy.num_replicas_in_sync > 1:
+            # Seen with Keras 3.15 / TF 2.21: in Keras's multi-step loop (a tf.while_loop of tf.conds)
+            # the step's cross-replica all_gather (shuffle BN, the queue) fails under
+            # MirroredStrategy (wrong shapes) and MultiWorkerMirroredStrategy (unfed placeholders).
+            raise ConfigError(
+                f"--steps_per_execution {n} needs --strategy=tpu or a single replica: with the "
+                f"{strategy.num_replicas_in_sync} replicas of {type(strategy).__name__} Keras's multi-step loop "
+                "breaks the step's cross-replica gather; leave it unset (1)"
+            )
+        return n
+    if not tpu:
         return 1
     every = math.gcd(config.runtime.log_every, config.runtime.checkpoint_every)
     return _largest_divisor(every, AUTO_TPU_STEPS_PER_EXECUTION)
@@ -212,6 +224,7 @@ def pretrain(
     strategy = distribute.make_strategy(config.runtime.strategy, config.runtime.tpu, config.runtime.peer_timeout)
     chief = distribute.is_chief(strategy)
     config.check_replicas(strategy.num_replicas_in_sync)
+    steps_per_execution(config, strategy)  # refused in one line before anything is written
     source = sources.make_source(config.data.dataset, config.data.data_dir, strict=config.data.strict_data)
     steps_per_epoch = config.steps_per_epoch(source.num_examples(source.pretrain_split), source.name)
     lock = None
