@@ -157,7 +157,8 @@ def test_operational_settings_may_change_on_resume():
     assert set(_config().recipe()) == RECIPE
     operational = dict(
         data_dir="/moved/data", strict_data=True, model_dir="elsewhere", deterministic=True, strategy="mirrored",
-        tpu="local", mixed_precision="bf16", jit_compile=True, checkpoint_every=5, keep_checkpoints=9, log_every=1,
+        tpu="local", mixed_precision="bf16", jit_compile=True, steps_per_execution=5, checkpoint_every=5,
+        keep_checkpoints=9, log_every=1,
         knn_every=0, knn_k=20, knn_t=0.5, steps_per_epoch=4, max_steps=7, export_dir="e", overwrite_export=True,
         stop_grace_s=3.0, peer_timeout=60.0, init_from="/weights/run", allow_more_epochs=True, color_stage="device",
     )

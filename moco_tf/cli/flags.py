@@ -106,6 +106,14 @@ def define_train_flags() -> None:
     flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM).")
     flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "fp16"], "Mixed precision (bf16 on TPU).")
     flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA (one replica per process, GPU/TPU).")
+    flags.DEFINE_integer(
+        "steps_per_execution", None,
+        "Train steps per call from the host into the compiled loop (Keras steps_per_execution), so that a TPU "
+        "is not idle between steps. Step lines, TensorBoard scalars, checkpoints and the SIGTERM stop happen "
+        "between calls: --log_every and --checkpoint_every must be multiples of it. Unset: on a TPU the "
+        "largest divisor of both up to 32, elsewhere 1. Above 1 only on a TPU or a single replica. May change on "
+        "a resume.",
+    )
     flags.DEFINE_enum(
         "color_stage", "auto", ["auto", "host", "device"],
         "Where the colour augmentation (jitter, grayscale, blur, normalisation) runs: in the input pipeline "

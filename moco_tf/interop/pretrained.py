@@ -34,6 +34,7 @@ from moco_tf.interop import torch as from_torch
 from moco_tf.interop.hub import CONFIG_ASSET
 from moco_tf.models.backbones import BackboneSpec, official_dataset
 from moco_tf.training.checkpoint import config_values, restore_model
+from moco_tf.training.config import ConfigError, check_recorded
 
 KINDS = ("model_dir", "checkpoint", "export", "torch")
 
@@ -179,6 +180,10 @@ def read_export_config(export_dir: str) -> dict[str, Any]:
             raise PretrainedError(f"{where} records {key}={config[key]!r}: must be true or false")
     if config.get("dataset") is not None and not isinstance(config["dataset"], str):
         raise PretrainedError(f"{where} records dataset={config['dataset']!r}: must be a name")
+    try:  # what it records by flag name (queue_size, width, ...) within the bounds of those flags
+        check_recorded(config, where)
+    except ConfigError as error:
+        raise PretrainedError(str(error)) from None
     return config
 
 

@@ -1,5 +1,12 @@
 """Keras callbacks of a pretraining run: checkpoints, clean stops (signals, divergence), throughput,
-learning rate, the epoch summary, and plain progress lines for logs that are files."""
+learning rate, the epoch summary, and plain progress lines for logs that are files.
+
+With `steps_per_execution` N > 1 Keras calls the batch hooks once per call of N steps (fewer at the
+end of a fit() call), so everything here reads the step from the optimizer, never counts hook calls,
+and a line or checkpoint due every K steps is done at the end of the call that reaches or passes a
+multiple of K (exactly at it when the calls are aligned: K a multiple of N and an epoch a multiple
+of N, or the run in one fit() call).
+"""
 
 from __future__ import annotations
 
@@ -90,6 +97,11 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             )
 
 
+def passed_multiple(before: int, after: int, every: int) -> bool:
+    """Whether the steps (before, after] hold a multiple of `every` (0: never)."""
+    return bool(every) and after // every > before // every
+
+
 def _newest(manager: tf.train.CheckpointManager) -> str:
     latest = manager.latest_checkpoint
     return f"the newest checkpoint, {latest}, is intact" if latest else "no checkpoint was written"
@@ -111,6 +123,10 @@ class CheckpointEvery(keras.callbacks.Callback):
         self.manager, self.epoch, self.every, self.steps_per_epoch = manager, epoch, every, steps_per_epoch
         self.stop = stop
         self._last_saved = None
+        self._step = 0  # the step at the previous hook call
+
+    def on_train_begin(self, logs=None):
+        self._step = int(self.model.optimizer.iterations.numpy())
 
     def save(self) -> None:
         step = int(self.model.optimizer.iterations.numpy())
@@ -138,7 +154,8 @@ class CheckpointEvery(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
-        due = (self.every and step % self.every == 0) or step % self.steps_per_epoch == 0
+        before, self._step = self._step, step
+        due = passed_multiple(before, step, self.every) or passed_multiple(before, step, self.steps_per_epoch)
         if due or (self.stop is not None and self.stop.requested):
             self.save()
 
@@ -158,19 +175,21 @@ class TrainingLogs(keras.callbacks.Callback):
         # The rate of the epoch's last step (iterations already counts it).
         return float(self.schedule(self.model.optimizer.iterations - 1))
 
+    def _steps(self) -> int:  # steps since the epoch began (hooks run once per call of N steps)
+        return int(self.model.optimizer.iterations.numpy()) - self._first
+
     def on_epoch_begin(self, epoch, logs=None):
-        self._start, self._steps = time.perf_counter(), 0
+        self._start, self._first = time.perf_counter(), int(self.model.optimizer.iterations.numpy())
 
     def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
         if logs is not None:
-            logs["img_per_s"] = self._steps * self.batch / max(time.perf_counter() - self._start, 1e-9)
+            logs["img_per_s"] = self._steps() * self.batch / max(time.perf_counter() - self._start, 1e-9)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
         logs["lr"] = self._lr()
-        logs["img_per_s"] = self._steps * self.batch / max(time.perf_counter() - self._start, 1e-9)
+        logs["img_per_s"] = self._steps() * self.batch / max(time.perf_counter() - self._start, 1e-9)
         if self.print_summary:
             parts = [f"epoch {epoch + 1}/{self.epochs}", f"step {int(self.model.optimizer.iterations.numpy())}"]
             for key in ("loss", "acc", "logit_pos", "logit_neg", "self_neg", "knn_top1", "lr", "img_per_s"):
@@ -192,16 +211,20 @@ class StepLines(keras.callbacks.Callback):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.schedule, self.batch, self.every, self.total = schedule, global_batch_size, every, total_steps
-        self._start, self._steps = None, 0
+        self._start, self._first, self._step = None, 0, 0
+
+    def on_train_begin(self, logs=None):
+        self._step = int(self.model.optimizer.iterations.numpy())
+        self._start = None
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._start is None:  # throughput over the steps since the last line
-            self._start, self._steps = time.perf_counter(), 0
+            self._start, self._first = time.perf_counter(), self._step
 
     def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
         step = int(self.model.optimizer.iterations.numpy())
-        if step % self.every:
+        before, self._step = self._step, step
+        if not passed_multiple(before, step, self.every):
             return
         logs = logs or {}
         parts = [f"step {step}/{self.total}"]
@@ -209,6 +232,7 @@ class StepLines(keras.callbacks.Callback):
             if key in logs:
                 parts.append(f"{key} {float(np.asarray(logs[key]).reshape(-1)[0]):.4g}")
         parts.append(f"lr {float(self.schedule(step - 1)):.4g}")  # the rate of the step just taken
-        parts.append(f"img_per_s {self._steps * self.batch / max(time.perf_counter() - self._start, 1e-9):.4g}")
+        seconds = max(time.perf_counter() - self._start, 1e-9)
+        parts.append(f"img_per_s {(step - self._first) * self.batch / seconds:.4g}")
         print(" | ".join(parts), flush=True)
         self._start = None

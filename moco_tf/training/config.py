@@ -142,6 +142,8 @@ class RuntimeConfig:
     tpu: str | None = None
     mixed_precision: Precision = "none"
     jit_compile: bool = False
+    # Train steps per host call (Keras steps_per_execution); None: auto, 1 off a TPU (pretrain.py).
+    steps_per_execution: int | None = None
     # Where the colour augmentation runs; the views are the same either way (auto: device on GPU/TPU).
     color_stage: ColorStage = "auto"
     checkpoint_every: int = 1000  # steps; also at every epoch end
@@ -649,7 +651,7 @@ _POSITIVE_INTS = ("epochs", "batch_size", "queue_size", "dim", "bn_groups", "ima
                   "keep_checkpoints", "knn_k", "k", "grid_queries", "grid_neighbours", "eval_every", "width")
 _NON_NEGATIVE_INTS = ("warmup_epochs", "checkpoint_every", "knn_every", "limit_train", "limit_val")
 MAX_INT = 2**31 - 1  # any integer setting above is a typo; seeds end there too
-_OPTIONAL_POSITIVE_INTS = ("steps_per_epoch", "max_steps")
+_OPTIONAL_POSITIVE_INTS = ("steps_per_epoch", "max_steps", "steps_per_execution")
 _FLOAT_RANGES = {  # name: (low, high, low inclusive, high inclusive, wording)
     "lr": (0.0, math.inf, False, False, "> 0"),
     "temperature": (0.0, math.inf, False, False, "> 0"),

@@ -17,7 +17,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import tensorflow as tf
@@ -451,6 +451,24 @@ def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
         lambda context: tf.constant(1 if flag else 0, tf.int32)
     )
     return int(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)) > 0
+
+
+# --- Input: one pipeline per host -------------------------------------------------------------
+
+
+def per_host_dataset(
+    strategy: tf.distribute.Strategy, dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset]
+) -> tf.distribute.DistributedDataset:
+    """The run's input as a pod or a multi-worker cluster needs it: one tf.data pipeline per host
+    (per worker process; one in all on a single host), made on that host by `dataset_fn(context)`.
+
+    `dataset_fn` must itself read only its host's shard, pipeline `context.input_pipeline_id` of
+    `context.num_input_pipelines`, and batch `context.get_per_replica_batch_size(global_batch)`
+    examples (moco_tf.data.pipelines does both); the strategy then hands each of the host's
+    replicas one batch per step, so a step's global batch is every replica's batch together and
+    no two hosts read the same example. Nothing is sharded behind its back (auto-sharding applies
+    only to datasets made once for all hosts, which would read every file on every host)."""
+    return strategy.distribute_datasets_from_function(dataset_fn)
 
 
 # --- TPU -------------------------------------------------------------------------------------

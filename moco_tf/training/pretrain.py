@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import random
 import signal
@@ -29,14 +30,25 @@ from moco_tf.errors import RunInterrupted, UserError
 from moco_tf.evaluation import knn
 from moco_tf.models import backbones
 from moco_tf.training import checkpoint, data_health, distribute, guardrails, runlock, warm_start
-from moco_tf.training.callbacks import CheckpointEvery, StepLines, StopOnNonFiniteLoss, StopOnSignal, TrainingLogs
-from moco_tf.training.config import PRECISION_POLICIES, PretrainConfig
+from moco_tf.training.callbacks import (
+    CheckpointEvery,
+    StepLines,
+    StopOnNonFiniteLoss,
+    StopOnSignal,
+    TrainingLogs,
+    passed_multiple,
+)
+from moco_tf.training.config import PRECISION_POLICIES, ConfigError, PretrainConfig
 from moco_tf.training.optimizers import SGD
 from moco_tf.training.schedules import EpochSchedule, scaled_lr
 
 # Progress while fit runs: Keras's interactive bar (a terminal), one plain line per log_every
 # steps (a log file: no carriage returns, no colours), or nothing (a non-chief worker).
 PROGRESS = ("bar", "lines", "none")
+# --steps_per_execution on a TPU when unset: the largest divisor of --log_every and
+# --checkpoint_every up to this. Enough steps per host call to hide the call's overhead, few enough
+# that a SIGTERM (answered between calls) is handled well within --stop_grace_s.
+AUTO_TPU_STEPS_PER_EXECUTION = 32
 
 
 @dataclasses.dataclass
@@ -86,6 +98,24 @@ class _TensorBoard(keras.callbacks.TensorBoard):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self._global_train_batch = int(self.model.optimizer.iterations.numpy())  # Keras's own counter
+        self._step_before = self._global_train_batch
+
+    # Keras adds 1 per hook call, which is a call of steps_per_execution steps: the step is the
+    # optimizer's instead, and a scalar is due when a call reached or passed a multiple of log_every.
+    def on_train_batch_end(self, batch, logs=None):
+        self._global_train_batch = int(self.model.optimizer.iterations.numpy())
+        super().on_train_batch_end(batch, logs)
+        self._step_before = self._global_train_batch
+
+    def _push_writer(self, writer, step):
+        if self.update_freq == "epoch":
+            return super()._push_writer(writer, step)
+        context = (writer.as_default(step), self.summary.record_if(
+            lambda: passed_multiple(self._step_before, self._global_train_batch, self.update_freq)
+        ))
+        self._prev_summary_state.append(context)
+        context[0].__enter__()
+        context[1].__enter__()
 
     def _log_epoch_metrics(self, epoch, logs):
         # Keras leaves the last batch's record_if(step % update_freq == 0) in force here: an epoch
@@ -94,10 +124,61 @@ class _TensorBoard(keras.callbacks.TensorBoard):
             super()._log_epoch_metrics(epoch, logs)
 
 
-def _segments(step: int, total: int, steps_per_epoch: int) -> list[tuple[int, int, int]]:
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def check_steps_per_execution(config: PretrainConfig) -> None:
+    """An explicit --steps_per_execution N: --log_every and --checkpoint_every must be multiples of N,
+    since Keras runs the callbacks that log, save and stop only between its calls of N steps."""
+    n = config.runtime.steps_per_execution
+    if not n or n == 1:
+        return
+    every = math.gcd(config.runtime.log_every, config.runtime.checkpoint_every)  # gcd(x, 0) == x
+    for name in ("log_every", "checkpoint_every"):
+        value = getattr(config.runtime, name)
+        if value % n:
+            raise ConfigError(
+                f"--{name} {value} is not a multiple of --steps_per_execution {n} (logs, checkpoints and stops "
+                f"happen between calls of {n} steps); e.g. --steps_per_execution {_largest_divisor(every, n)}"
+            )
+
+
+def steps_per_execution(config: PretrainConfig, strategy: tf.distribute.Strategy) -> int:
+    """--steps_per_execution, or when unset ("auto"): on a TPU the largest divisor of --log_every and
+    --checkpoint_every up to AUTO_TPU_STEPS_PER_EXECUTION (25 with the defaults 50 and 1000), else 1
+    (a CPU or GPU step is long enough that the host's call overhead does not show). Refused above 1
+    with several replicas of another strategy than TPUStrategy (see below)."""
+    tpu = isinstance(strategy, tf.distribute.TPUStrategy)
+    if config.runtime.steps_per_execution:
+        n = config.runtime.steps_per_execution
+        if n > 1 and not tpu and strategy.num_replicas_in_sync > 1:
+            # Seen with Keras 3.15 / TF 2.21: in Keras's multi-step loop (a tf.while_loop of tf.conds)
+            # the step's cross-replica all_gather (shuffle BN, the queue) fails under
+            # MirroredStrategy (wrong shapes) and MultiWorkerMirroredStrategy (unfed placeholders).
+            raise ConfigError(
+                f"--steps_per_execution {n} needs --strategy=tpu or a single replica: with the "
+                f"{strategy.num_replicas_in_sync} replicas of {type(strategy).__name__} Keras's multi-step loop "
+                "breaks the step's cross-replica gather; leave it unset (1)"
+            )
+        return n
+    if not tpu:
+        return 1
+    every = math.gcd(config.runtime.log_every, config.runtime.checkpoint_every)
+    return _largest_divisor(every, AUTO_TPU_STEPS_PER_EXECUTION)
+
+
+def _segments(
+    step: int, total: int, steps_per_epoch: int, steps_per_execution: int = 1
+) -> list[tuple[int, int, int]]:
     """fit() calls (initial_epoch, epochs, steps_per_epoch) from `step` to `total`: first the
-    rest of an interrupted epoch, then whole epochs, then a final partial one (--max_steps)."""
+    rest of an interrupted epoch, then whole epochs, then a final partial one (--max_steps).
+
+    With several steps per execution whose count does not divide an epoch, one call per epoch:
+    Keras would run the last call of an epoch past the epoch's end (its calls are of whole
+    executions), while the data of one fit() call ends where the call ends (see `_train`)."""
     out = []
+    one_epoch_per_call = steps_per_epoch % steps_per_execution != 0
     while step < total:
         epoch, offset = divmod(step, steps_per_epoch)
         if offset or total - step < steps_per_epoch:
@@ -105,7 +186,7 @@ def _segments(step: int, total: int, steps_per_epoch: int) -> list[tuple[int, in
             out.append((epoch, epoch + 1, n))
             step += n
         else:
-            whole = (total - step) // steps_per_epoch
+            whole = 1 if one_epoch_per_call else (total - step) // steps_per_epoch
             out.append((epoch, epoch + whole, steps_per_epoch))
             step += whole * steps_per_epoch
     return out
@@ -132,6 +213,7 @@ def pretrain(
     if progress not in PROGRESS:
         raise ValueError(f"progress must be one of {', '.join(PROGRESS)}, got {progress!r}")
     config.validate()
+    check_steps_per_execution(config)
     model_dir = config.runtime.model_dir or config.default_model_dir()
     # Before the strategy: a mistake found once the workers of a multi-worker run are connected
     # would look to the other workers like a lost peer.
@@ -143,6 +225,7 @@ def pretrain(
     strategy = distribute.make_strategy(config.runtime.strategy, config.runtime.tpu, config.runtime.peer_timeout)
     chief = distribute.is_chief(strategy)
     config.check_replicas(strategy.num_replicas_in_sync)
+    steps_per_execution(config, strategy)  # refused in one line before anything is written
     source = sources.make_source(config.data.dataset, config.data.data_dir, strict=config.data.strict_data)
     steps_per_epoch = config.steps_per_epoch(source.num_examples(source.pretrain_split), source.name)
     lock = None
@@ -196,7 +279,8 @@ def _train(
             optim.milestones, optim.warmup_epochs,
         )
         optimizer = SGD(schedule, momentum=config.optim.sgd_momentum, weight_decay=config.optim.weight_decay)
-        model.compile(optimizer=optimizer, jit_compile=config.runtime.jit_compile)
+        per_call = steps_per_execution(config, strategy)
+        model.compile(optimizer=optimizer, jit_compile=config.runtime.jit_compile, steps_per_execution=per_call)
         color_on_device = _color_on_device(config, strategy)
         if color_on_device:
             model.views_from_crops = functools.partial(
@@ -275,15 +359,18 @@ def _train(
     history = {}
     stop.install()
     try:
-        for initial_epoch, epochs, steps in _segments(step, total, steps_per_epoch):
+        for initial_epoch, epochs, steps in _segments(step, total, steps_per_epoch, per_call):
             # A new stream for each fit() call, positioned at the step it starts from (segments are
             # contiguous, so that is the current step): fit restarts whatever iterator it is given.
-            dataset = strategy.distribute_datasets_from_function(
-                lambda context, start=step: pipelines.pretrain_dataset(
+            # With several steps per call the stream ends with the segment, so that a call that would
+            # pass it (a resume or an epoch that is no multiple of the call) stops there instead.
+            dataset = distribute.per_host_dataset(
+                strategy,
+                lambda context, start=step, length=(epochs - initial_epoch) * steps: pipelines.pretrain_dataset(
                     source, source.pretrain_split, config.data.image_size, config.data.aug, optim.batch_size, seed,
                     context, start_step=start, views=config.data.view_options(), with_ids=True,
                     color_on_device=color_on_device,
-                )
+                ).take(length if per_call > 1 else -1)
             )
             result = model.fit(
                 dataset, initial_epoch=initial_epoch, epochs=epochs, steps_per_epoch=steps,
