@@ -24,7 +24,7 @@ import tensorflow as tf
 torch = pytest.importorskip("torch")
 
 from moco_tf import export  # noqa: E402
-from moco_tf.interop import hub, transfer  # noqa: E402
+from moco_tf.interop import hub, targets, transfer  # noqa: E402
 from moco_tf.interop import keras_hub as to_keras_hub  # noqa: E402
 from moco_tf.interop import onnx as to_onnx  # noqa: E402
 from moco_tf.interop import torch as to_torch  # noqa: E402
@@ -320,8 +320,8 @@ def test_a_file_moved_aside_by_a_killed_replacement_is_put_back(made, tmp_path):
 
 
 def test_a_missing_extra_is_one_line_naming_pip():
-    with pytest.raises(transfer.MissingExtraError) as raised:
-        transfer.require("no_such_module_for_moco_tf", "onnx", "--format=onnx")
+    with pytest.raises(targets.MissingExtraError) as raised:
+        targets.require("no_such_module_for_moco_tf", "onnx", "--format=onnx")
     message = str(raised.value)
     assert "\n" not in message and "pip install tf2onnx onnxruntime" in message and '".[onnx]"' in message
 

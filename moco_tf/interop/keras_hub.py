@@ -24,8 +24,9 @@ import json
 import os
 
 from moco_tf.interop.hub import ExportTargetError, recover_leftovers, refuse_overlap, write_replacing
+from moco_tf.interop.targets import require
 from moco_tf.interop.torch import torch_state_dict
-from moco_tf.interop.transfer import Encoder, require
+from moco_tf.interop.transfer import Encoder
 from moco_tf.models.backbones import BackboneSpec
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"

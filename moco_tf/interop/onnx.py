@@ -20,7 +20,8 @@ import keras
 import tensorflow as tf
 
 from moco_tf.interop.hub import stage_outputs, write_replacing
-from moco_tf.interop.transfer import Encoder, check_existing_file, check_file_target, require
+from moco_tf.interop.targets import check_existing_file, check_file_target, require
+from moco_tf.interop.transfer import Encoder
 
 OPSET = 17
 MARKER = "moco_tf"

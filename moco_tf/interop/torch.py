@@ -664,7 +664,7 @@ def is_moco_tf_checkpoint(path: str) -> bool:
 
 
 def check_pth_target(path: str, overwrite: bool = False, protected=()) -> None:
-    from moco_tf.interop.transfer import check_file_target, require
+    from moco_tf.interop.targets import check_file_target, require
 
     require("torch", "torch", "--format=pth")
     check_file_target(path, overwrite, protected, is_moco_tf_checkpoint, "PyTorch checkpoint")
@@ -675,7 +675,7 @@ def write_official_checkpoint(encoder, path: str, overwrite: bool = False) -> st
     `moco_tf.convert`, main_lincls.py, convert-pretrain-to-detectron2.py and a torchvision ResNet
     read. Atomic (staging beside, then rename); an existing file is replaced only when moco_tf
     wrote it and overwrite was asked."""
-    from moco_tf.interop.transfer import check_existing_file, require
+    from moco_tf.interop.targets import check_existing_file, require
 
     torch = require("torch", "torch", "--format=pth")
     path = os.path.normpath(path)

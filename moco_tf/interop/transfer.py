@@ -13,47 +13,18 @@ the pip command (`require`).
 
 from __future__ import annotations
 
-import importlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 import keras
 import tensorflow as tf
 
-from moco_tf.errors import UserError
 from moco_tf.interop.hub import (
-    ExportTargetError,
     Protected,
-    recover_leftovers,
-    refuse_overlap,
 )
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.models.moco import projection_head
-
-# extra name -> what `pip install` needs; the package's optional dependencies (pyproject.toml).
-EXTRAS = {
-    "keras_hub": "keras-hub safetensors",
-    "torch": "torch --index-url https://download.pytorch.org/whl/cpu",
-    "onnx": "tf2onnx onnxruntime",
-}
-
-
-class MissingExtraError(ImportError, UserError):
-    """An optional dependency of one export format is not installed; the message names the pip command."""
-
-
-def require(module: str, extra: str, purpose: str) -> ModuleType:
-    """import `module`, or raise MissingExtraError naming `pip install "moco_tf[extra]"`."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingExtraError(
-            f"{purpose} needs {module}, which is not installed: pip install {EXTRAS[extra]} "
-            f"(moco_tf's extra {extra}: pip install \".[{extra}]\" in its checkout)"
-        ) from None
 
 
 @dataclass
@@ -175,42 +146,3 @@ def _torch_head(path: str, spec: BackboneSpec) -> tuple[keras.Model | None, dict
     from_torch.load_torch_state_dict(spec.build(), state, head=head)
     config.update(mlp=info["mlp"], dim=info["dim"], moco_version="v2" if info["mlp"] else "v1")
     return head, config
-
-
-# ----------------------------------------------------------------------------------------------
-# a single-file target (.pth.tar, .onnx): the export rules of moco_tf.interop.hub, for a file
-
-
-def check_file_target(
-    target: str,
-    overwrite: bool,
-    protected: Protected,
-    is_ours: Callable[[str], bool],
-    what: str,
-    overwrite_flag: str = "--overwrite",
-) -> None:
-    """Raise ExportTargetError (one line) unless `target` may be written: it does not exist, or it
-    is a file moco_tf wrote (`is_ours`, read from its content) and overwrite was asked. Never a
-    folder, a symbolic link, a file of anyone else, nor one of `protected`. Also tidies up after a
-    write that was killed (a leftover staging folder; a previous file it had moved aside)."""
-    if not target:
-        raise ExportTargetError("no export target given")
-    refuse_overlap(target, protected, "export_dir")
-    recover_leftovers(target, lambda path: os.path.isfile(path) and is_ours(path))
-    check_existing_file(target, overwrite, is_ours, what, overwrite_flag)
-
-
-def check_existing_file(
-    target: str, overwrite: bool, is_ours: Callable[[str], bool], what: str, overwrite_flag: str = "--overwrite"
-) -> None:
-    refusing = f"refusing to replace {target}:"
-    if os.path.islink(target):
-        raise ExportTargetError(f"{refusing} it is a symbolic link; give the file it points to")
-    if not os.path.exists(target):
-        return
-    if os.path.isdir(target):
-        raise ExportTargetError(f"{refusing} it is a folder; give a file path for the {what}")
-    if not is_ours(target):
-        raise ExportTargetError(f"{refusing} it is no {what} written by moco_tf; choose another path")
-    if not overwrite:
-        raise ExportTargetError(f"{what} {target} already exists; pass {overwrite_flag} to replace it")
