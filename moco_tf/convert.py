@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
     if bool(FLAGS.export_dir) == bool(FLAGS.model_dir):
         raise cli.UsageError("give exactly one of --export_dir and --model_dir")
     outputs.check_output_folder(FLAGS.export_dir, "--export_dir")
-    outputs.check_output_folder(FLAGS.model_dir, "--model_dir")
+    outputs.check_run_place(FLAGS.model_dir, "--model_dir")
     if FLAGS.export_dir:
         path = convert_to_export(FLAGS.torch_checkpoint, FLAGS.export_dir, FLAGS.overwrite)
         print(f"exported {path}")

@@ -43,6 +43,7 @@ def main(argv: list[str]) -> None:
     cli_flags.refuse_finetune_flags()
     cli_flags.check_numbers(FLAGS)
     outputs.check_output_folder(FLAGS.export_dir, "--export_dir")
+    outputs.check_run_place(FLAGS.model_dir, "--model_dir")
     config = FinetuneConfig.from_flags(FLAGS)
     config.validate()  # before the strategy: a worker with bad flags must not look like a lost peer
     cli_evaluation.check_model_dir_first(

@@ -24,7 +24,7 @@ import sys
 
 from absl import flags, logging
 
-from moco_tf import cli
+from moco_tf import cli, outputs
 from moco_tf.cli import evaluation as cli_evaluation
 from moco_tf.cli import flags as cli_flags
 from moco_tf.data.pipelines import labelled_dataset
@@ -41,6 +41,7 @@ def main(argv: list[str]) -> None:
     cli.reject_extra_arguments(argv)
     cli_flags.refuse_renamed_lincls_flags()
     cli_flags.check_numbers(FLAGS)
+    outputs.check_run_place(FLAGS.model_dir, "--model_dir")
     config = LinearConfig.from_flags(FLAGS)
     config.validate()  # before the strategy: a worker with bad flags must not look like a lost peer
     cli_evaluation.check_model_dir_first(

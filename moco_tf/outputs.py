@@ -169,6 +169,42 @@ def check_output_folder(path: str | None, flag: str) -> None:
         raise OutputError(f"{flag}={path} is {why}: pick another path")
 
 
+def check_run_place(path: str | None, flag: str) -> None:
+    """A run's folder (--model_dir) is new or a run of its own, never a SavedModel export nor a
+    folder inside one or inside another moco_tf run (its files would mix with theirs: a
+    finetune in a pretraining run's logs/, a pretraining run in an export)."""
+    if not path or "://" in path:
+        return
+    check_output_folder(path, flag)
+    real = folder = os.path.realpath(os.path.abspath(path))
+    while True:
+        if os.path.isfile(os.path.join(folder, "saved_model.pb")):
+            where = "" if folder == real else "inside "
+            raise OutputError(f"{flag}={path} is {where}the SavedModel export {folder}: pick a folder of its own")
+        if folder != real and _holds_moco_config(folder):
+            raise OutputError(f"{flag}={path} is inside the moco_tf run {folder}: pick a folder of its own")
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
+
+
+def _holds_moco_config(folder: str) -> bool:
+    """Whether `folder` holds a run config that moco_tf wrote (its `format_version` key), not by name alone."""
+    for name in RUN_CONFIG_FILES:
+        path = os.path.join(folder, name)
+        try:
+            if os.path.getsize(path) > _MAX_JSON_BYTES:
+                continue
+            with open(path, encoding="utf-8") as f:
+                value = json.load(f)
+        except (OSError, ValueError):  # absent, unreadable, not JSON (UnicodeDecodeError is one)
+            continue
+        if isinstance(value, dict) and "format_version" in value:
+            return True
+    return False
+
+
 # ----------------------------------------------------------------------------------------------
 # writing
 

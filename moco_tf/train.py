@@ -83,6 +83,7 @@ def main(argv: list[str]) -> None:
     cli_flags.refuse_ambiguous_momentum()
     cli_flags.check_numbers(FLAGS)  # the memory of --image_size x --batch_size: PretrainConfig.validate
     outputs.check_output_folder(FLAGS.export_dir, "--export_dir")  # the rest: hub, before training
+    outputs.check_run_place(FLAGS.model_dir, "--model_dir")
     with distribute.peer_failures():  # a lost worker of a multi-worker run: one line, not a traceback
         train_from_flags()
 

@@ -16,6 +16,7 @@ from moco_tf.data import pipelines, sources
 from moco_tf.evaluation import linear
 from moco_tf.interop.pretrained import load_backbone
 from moco_tf.models.resnet import resnet
+from moco_tf.training.checkpoint_files import CheckpointError
 from tests.helpers import labelled_folder_datasets, randomize, run, run_local_workers
 from tests.torch_reference import tf_encoder_state
 
@@ -269,7 +270,7 @@ def test_broken_newest_checkpoint_is_named_moved_aside_only_when_asked(tmp_path)
     assert sorted(p.name for p in (run_dir / "broken").iterdir()) == ["ckpt-2.data-00000-of-00001", "ckpt-2.index"]
     for name in ("ckpt-1", "ckpt-2"):
         (run_dir / f"{name}.data-00000-of-00001").write_bytes(b"")
-    with pytest.raises(linear.CheckpointError, match="holds checkpoint files but none is readable") as error:
+    with pytest.raises(CheckpointError, match="holds checkpoint files but none is readable") as error:
         train(True)
     assert "\n" not in str(error.value)
     (run_dir / linear.RESULTS_FILE).write_bytes(b"\xff\xfe garbage")

@@ -9,7 +9,9 @@ against one shared table of hostile inputs, each expected to be refused before a
 - bookkeeping that is not moco_tf's or is garbled: another program's config.json, another
   project's checkpoints, a garbled config.json, configs whose values break the flags' bounds
   (a 2**40 queue, width 10**6), a model_dir of another command, garbled and foreign result JSONs,
-  a zero-filled run.lock in a folder that is not a run, flagfiles of random bytes or Latin-1 text.
+  a zero-filled run.lock in a folder that is not a run, flagfiles of random bytes or Latin-1 text,
+  another project's TF checkpoints beside a moco_tf config.json;
+- run folders (--model_dir) inside another moco_tf run or inside / equal to a SavedModel export.
 
 Checks, per case: a nonzero exit status, exactly one line on stderr and no traceback, the line
 naming the hostile input (its flag or its path) so a later, unrelated failure does not pass; and
@@ -104,6 +106,13 @@ def world(tmp_path_factory):
     w["huge_width"] = folder("huge_width", {"config.json": json.dumps(
         _pretrain_config(backbone={"arch": "resnet18", "width": 10**6, "cifar_stem": True}))})
     w["zero_lock"] = folder("zero_lock", {"run.lock": b"\0" * 64})
+    # Another project's real TF checkpoints beside a moco_tf config.json: the config proves nothing
+    # about the checkpoint, which must be refused as not fitting the network, not read as untrained weights.
+    beside = _pretrain_config()
+    beside["data"]["flip"] = False  # (no guardrail warning on digits: the one line stays alone)
+    w["foreign_beside"] = folder("foreign_beside", {"config.json": json.dumps(beside)})
+    _foreign_tf_checkpoints(os.path.join(w["foreign_beside"], "checkpoints"))
+    w["an_export"] = folder("an_export", {"saved_model.pb": b"\x08\x01", "assets/moco_config.json": "{}"})
     lincls_config = LinearConfig(pretrained="/x/model", dataset="digits").to_json()
     finetune_config = FinetuneConfig(pretrained="/x/model", dataset="digits").to_json()
     w["lincls_garbled"] = folder("lincls_garbled", {"lincls_config.json": lincls_config,
@@ -122,6 +131,14 @@ def world(tmp_path_factory):
     open(w["latin1_flags"], "wb").write("--title=caf\u00e9\n".encode("latin-1"))
     w["before"] = _snapshot(b)
     return w
+
+
+def _foreign_tf_checkpoints(folder: str) -> None:
+    import tensorflow as tf
+
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable([1.0, 2.0])), folder, max_to_keep=2)
+    for _ in range(2):
+        manager.save()
 
 
 def _outputs(w, folders: bool = False) -> list[tuple[str, list[str]]]:
@@ -190,6 +207,22 @@ def _table(w) -> dict[str, list[dict]]:
     add("finetune", [f"--model_dir={w['lincls_garbled']}"], "lincls run")
     add("lincls", [f"--model_dir={w['finetune_garbled']}"], "finetune run")
     add("plot", [f"--model_dir={w['notes']}"], w["notes"])
+    # A checkpoint that does not fit the network its config.json describes.
+    add("export", [f"--model_dir={w['foreign_beside']}"], "does not fit")
+    table["knn"].append({"args": [f"--pretrained={w['foreign_beside']}", "--dataset=digits"],
+                         "names": ["does not fit"]})
+    # The recipe its config.json records: a resume, up to the restore.
+    recorded = ["--arch=resnet18", "--width=8", "--cifar_stem", "--dim=16", "--queue_size=64", "--batch_size=32",
+                "--noflip", "--max_steps=2", "--knn_every=0"]
+    table["train"].append({"args": [*recorded, f"--model_dir={w['foreign_beside']}"], "names": ["does not fit"]})
+    # A run folder inside another run's folder or inside / equal to an export (files would mix).
+    for place, names in ((os.path.join(w["run"], "logs"), ["inside the moco_tf run"]),
+                         (w["an_export"], ["SavedModel export"]),
+                         (os.path.join(w["an_export"], "variables"), ["SavedModel export"])):
+        for command in ("train", "lincls", "finetune"):
+            add(command, [f"--model_dir={place}"], *names)
+        table["convert"].append({"args": [f"--torch_checkpoint={w['garbage_pth']}", f"--model_dir={place}"],
+                                 "names": names})
     # A run folder inside the image folder it trains on (it would become a class of the data).
     inside = ["--dataset=folder", f"--data_dir={w['folder']}", f"--model_dir={w['folder']}/run"]
     table["train"].append({"args": inside, "names": ["inside --data_dir"]})

@@ -31,7 +31,7 @@ from moco_tf import outputs
 from moco_tf.data.pipelines import pass_seed
 from moco_tf.evaluation.frozen import FrozenBackbone
 from moco_tf.evaluation.knn import extract_features
-from moco_tf.training.checkpoint_files import CheckpointError, newest_intact
+from moco_tf.training.checkpoint_files import newest_intact, restore_matching
 from moco_tf.training.optimizers import SGD
 from moco_tf.training.schedules import EpochSchedule
 
@@ -354,11 +354,5 @@ def resume(
     # Made after the repair: the manager reads the `checkpoint` record, now listing intact ones only.
     manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=2)
     if latest:
-        try:
-            checkpoint.restore(latest).assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.OpError) as error:  # a checkpoint of another network
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise CheckpointError(
-                f"checkpoint {latest} is not this run's ({first[:200]}); use a new --model_dir"
-            ) from None
+        restore_matching(checkpoint, latest, "this run's classifier and optimizer; use a new --model_dir")
     return manager, latest

@@ -26,6 +26,7 @@ from moco_tf.training.checkpoint_files import (  # also re-exported: where earli
     _CKPT_TEMP,
     _reason,
     _warn,
+    restore_matching,
 )
 from moco_tf.training.checkpoint_files import BROKEN_DIR as BROKEN_DIR
 from moco_tf.training.checkpoint_files import CHECKPOINT_DIR as CHECKPOINT_DIR
@@ -204,8 +205,10 @@ def restore_model(model_dir: str) -> tuple[MoCo, PretrainConfig]:
     if prefix is None:
         raise FileNotFoundError(f"{model_dir} holds no checkpoint yet")
     model = build_model(config)
-    # The optimizer is not needed to use the weights: expect_partial() skips it quietly.
-    tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
+    # Every weight of the network its config.json describes, or one line (the optimizer's slots
+    # in the checkpoint are not needed to use the weights).
+    with model.restoring(prefix):
+        restore_matching(tf.train.Checkpoint(model=model), prefix, f"the network {model_dir}/{CONFIG_FILE} describes")
     return model, config
 
 

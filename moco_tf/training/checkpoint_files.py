@@ -108,3 +108,18 @@ def newest_intact(ckpt_dir: str, log: Callable[[str], None] | None = None, repai
         if recorded != names[::-1] or os.path.basename(state.model_checkpoint_path) != names[0]:
             tf.compat.v1.train.update_checkpoint_state(ckpt_dir, names[0], all_model_checkpoint_paths=names[::-1])
     return intact[0] if intact else None
+
+
+def restore_matching(checkpoint: tf.train.Checkpoint, prefix: str, what: str) -> None:
+    """Restore `prefix` into `checkpoint`, every variable of its objects included; a checkpoint that
+    leaves one unrestored (another network's, another project's beside a moco_tf config) is a
+    CheckpointError in one line instead of weights left at their initial values. Values the
+    checkpoint holds beyond the objects (an optimizer a reader does not need) are fine."""
+    status = checkpoint.restore(prefix)
+    status.expect_partial()  # no "unrestored values" warnings from TensorFlow after the one line
+    try:
+        status.assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first.split(", likely due to")[0].split(". Showing")[0]  # TF's sentence, not its object list
+        raise CheckpointError(f"checkpoint {prefix} does not fit {what} ({first[:160]}); is it moco_tf's?") from None

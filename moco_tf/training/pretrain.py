@@ -300,7 +300,7 @@ def _train(
     manager = checkpoint.manager(ckpt, ckpt_dir, config.runtime.keep_checkpoints)
     if latest:
         with model.restoring(latest):  # a checkpoint from before the id queue still restores
-            ckpt.restore(latest).assert_existing_objects_matched()
+            checkpoint.restore_matching(ckpt, latest, f"the run {model_dir}/{checkpoint.CONFIG_FILE} describes")
         print(f"resuming {model_dir} from step {int(optimizer.iterations.numpy())} (epoch {int(epoch.numpy())})")
         if config.runtime.init_from:
             print(f"--init_from is read at step 0 only: the weights are the checkpoint's, not those of "
