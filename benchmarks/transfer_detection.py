@@ -3,7 +3,7 @@ KerasHub RetinaNet fine-tuned on the scenes' tree-crown boxes, from the moco_tf 
 random init, AP on held-out pixels (issue 24).
 
     .venv/bin/python benchmarks/transfer_detection.py [--cache_dir=~/.cache/moco_tf/deepforest]
-        [--out_dir=benchmarks/out/transfer_detection] [--seeds=0,1] [--pretrain_epochs=10]
+        [--out_dir=benchmarks/out/transfer_detection] [--seeds=0,1] [--pretrain_epochs=30]
         [--finetune_steps=300] [--tile=128] ...
 
 Data: the `deepforest` 2.1.0 wheel (MIT; NEON aerial RGB imagery, which NEON publishes as CC0),
@@ -420,7 +420,7 @@ def main() -> None:
     parser.add_argument("--crop_stride", type=int, default=48, help="grid stride of the crops (px)")
     parser.add_argument("--pretrain_image_size", type=int, default=64, help="moco_tf --image_size")
     parser.add_argument("--pretrain_crop_min_scale", type=float, default=0.2, help="moco_tf --crop_min_scale")
-    parser.add_argument("--pretrain_epochs", type=int, default=10, help="moco_tf --epochs")
+    parser.add_argument("--pretrain_epochs", type=int, default=30, help="moco_tf --epochs")
     parser.add_argument("--pretrain_batch", type=int, default=64, help="moco_tf --batch_size")
     parser.add_argument(
         "--pretrain_queue",
