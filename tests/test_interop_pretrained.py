@@ -240,7 +240,10 @@ def _export_of(tmp_path, name, backbone, **kwargs):
         ({"width": 10**6}, r"width must be at most 1024 channels"),
         ({"width": 16}, r"its first variable has shape \[3, 3, 3, 8\], a resnet18 width 16 stem has 16 channels"),
         ({"image_size": 10**5}, r"records image_size=100000: must be in \[16, 4096\]"),
-        ({"projection_dim": 2**40}, r"moco_config.json: --projection_dim must be at most 2\*\*31 - 1, got 1099511627776"),
+        (
+            {"projection_dim": 2**40},
+            r"moco_config.json: --projection_dim must be at most 2\*\*31 - 1, got 1099511627776",
+        ),
         ({"num_classes": 10}, r"104 variables where it has 106 \(variables/104 is missing"),
         ({"projection_dim": None}, r"104 variables where it has 100 \(variables/100 is extra"),
         ({"arch": "resnet34"}, r"do not fit a resnet34"),
