@@ -1,6 +1,9 @@
 """The backbone spec and its registry: lookup, facts (feature dim, default size), building, and the
 dict form config.json and moco_config.json store (older files without width or cifar_stem)."""
 
+import subprocess
+
+import keras
 import numpy as np
 import pytest
 
@@ -112,3 +115,48 @@ def test_a_new_backbone_is_one_entry():
             backbones.register_backbone("tiny", tiny, feature_dim=lambda width: width)
     finally:
         del backbones.BACKBONES["tiny"]
+
+
+# One training step of a width-8 resnet18 on an odd batch, with oneDNN on (TF's CPU default; the
+# tests otherwise turn it off): before SubsampledConv2D this died in the gradient of the 1x1
+# stride-2 shortcut ("double free or corruption", exit 134, or a segfault, 139), which killed
+# `moco_tf.finetune` at 5% of digits (73 images: a last batch of 9).
+_ODD_BATCH_STEP = """
+import tensorflow as tf
+from moco_tf.models.backbones import BackboneSpec
+model = BackboneSpec("resnet18", 8, True).build()
+for batch in (9, 1):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(tf.random.normal([batch, 32, 32, 3]), training=True) ** 2)
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert all(g is not None for g in grads)
+print("ok")
+"""
+
+
+def test_a_training_step_on_an_odd_batch_survives_onednn():
+    from tests.helpers import ENV, PYTHON, ROOT
+
+    env = {**ENV, "TF_ENABLE_ONEDNN_OPTS": "1"}
+    result = subprocess.run(
+        [PYTHON, "-c", _ODD_BATCH_STEP], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_the_subsampled_shortcut_conv_equals_a_strided_conv(size):
+    from moco_tf.models.resnet import SubsampledConv2D
+
+    x = np.random.default_rng(0).normal(size=(3, size, size, 4)).astype("float32")
+    strided = keras.layers.Conv2D(6, 1, strides=2, padding="same", use_bias=False)
+    subsampled = SubsampledConv2D(6, 1, strides=2, padding="same", use_bias=False)
+    strided.build(x.shape)
+    subsampled.build(x.shape)
+    subsampled.set_weights(strided.get_weights())
+    np.testing.assert_array_equal(np.asarray(subsampled(x)), np.asarray(strided(x)))
+    assert subsampled.compute_output_shape(x.shape) == strided.compute_output_shape(x.shape)
+    assert subsampled.get_config() == strided.get_config() | {"name": subsampled.name}
+    with pytest.raises(ValueError, match="1x1"):
+        SubsampledConv2D(6, 3, strides=2)

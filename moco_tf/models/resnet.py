@@ -46,6 +46,29 @@ def _depth(arch: str) -> int:
     return depth
 
 
+@keras.saving.register_keras_serializable(package="moco_tf")
+class SubsampledConv2D(keras.layers.Conv2D):
+    """A 1x1 Conv2D with strides s computed as x[:, ::s, ::s] convolved at stride 1: the same
+    numbers (a 1x1 kernel reads only those pixels; "same" pads nothing there), the same layer,
+    variables and config. Why: on CPU, TF 2.21's oneDNN gradient of a 1x1 stride-2 conv
+    (Conv2DBackpropFilter) corrupts the heap at some shapes ("double free or corruption", or a
+    segfault): seen with 4 or 8 input channels on 16-64 pixel maps at any odd batch size, so a
+    fine-tuning epoch ending in an odd partial batch (73 images in batches of 16) killed the process."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if max(self.kernel_size) != 1 or max(self.dilation_rate) != 1:
+            raise ValueError(f"{type(self).__name__} is for 1x1 undilated kernels, not {self.kernel_size}")
+
+    def convolution_op(self, inputs, kernel):
+        sh, sw = self.strides
+        if self.data_format == "channels_first":
+            inputs = inputs[:, :, ::sh, ::sw]
+        else:
+            inputs = inputs[:, ::sh, ::sw, :]
+        return keras.ops.conv(inputs, kernel, strides=1, padding="valid", data_format=self.data_format)
+
+
 def _conv(filters: int, kernel: int, stride: int, name: str):
     """Conv without bias; padding is explicit and symmetric as in PyTorch."""
     layers = []
@@ -55,8 +78,10 @@ def _conv(filters: int, kernel: int, stride: int, name: str):
         padding = "valid"
     else:
         padding = "same"  # stride 1, odd kernel: "same" is symmetric
+    # A 1x1 strided conv (the projection shortcut) as subsample + stride-1 conv: see SubsampledConv2D.
+    conv_class = SubsampledConv2D if kernel == 1 and stride > 1 else keras.layers.Conv2D
     layers.append(
-        keras.layers.Conv2D(
+        conv_class(
             filters,
             kernel,
             strides=stride,
