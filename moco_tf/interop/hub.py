@@ -326,29 +326,47 @@ def check_export_target(
 
 
 def _check_existing(export_dir: str, overwrite: bool, overwrite_flag: str = "--overwrite") -> None:
-    refusing = f"refusing to replace {export_dir}:"
-    if os.path.islink(export_dir):
+    check_existing_folder(
+        export_dir, overwrite, is_export, SAVED_MODEL_ENTRIES, "an export",
+        f"a moco_tf export (no saved_model.pb and assets/{CONFIG_ASSET})", "a moco_tf export", overwrite_flag,
+    )
+
+
+def check_existing_folder(
+    target: str,
+    overwrite: bool,
+    is_ours: Callable[[str], bool],
+    entries: frozenset[str] | set[str],
+    what: str,
+    not_ours: str,
+    ours: str,
+    overwrite_flag: str = "--overwrite",
+) -> None:
+    """The export rule for a folder target that may exist (a TF-Hub export, a KerasHub preset): it
+    may be absent or empty, or, with overwrite, one moco_tf wrote (`is_ours`, read from its
+    content) holding nothing but its `entries`; anything else is an ExportTargetError in one line.
+    `what` / `ours` / `not_ours` word the format in those lines ("an export", "a moco_tf export")."""
+    refusing = f"refusing to replace {target}:"
+    if os.path.islink(target):
         raise ExportTargetError(f"{refusing} it is a symbolic link; give the folder it points to")
-    if not os.path.exists(export_dir):
+    if not os.path.exists(target):
         return
-    if not os.path.isdir(export_dir):
-        raise ExportTargetError(f"{refusing} it is a file, not an export; choose another export_dir")
-    entries = os.listdir(export_dir)
-    if not entries:
+    if not os.path.isdir(target):
+        raise ExportTargetError(f"{refusing} it is a file, not {what}; choose another export_dir")
+    present = os.listdir(target)
+    if not present:
         return  # an empty folder: nothing to lose
-    if not is_export(export_dir):
-        raise ExportTargetError(
-            f"{refusing} it is not a moco_tf export (no saved_model.pb and assets/{CONFIG_ASSET}); "
-            "choose another export_dir"
-        )
-    foreign = sorted(set(entries) - SAVED_MODEL_ENTRIES)
+    if not is_ours(target):
+        raise ExportTargetError(f"{refusing} it is not {not_ours}; choose another export_dir")
+    foreign = sorted(set(present) - set(entries))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ExportTargetError(
-            f"{refusing} besides a moco_tf export it holds {shown}; move them out or choose another export_dir"
+            f"{refusing} besides {ours} it holds {shown}; move them out or choose another export_dir"
         )
     if not overwrite:
-        raise ExportTargetError(f"export {export_dir} already exists; pass {overwrite_flag} to replace it")
+        noun = what.split()[-1]
+        raise ExportTargetError(f"{noun} {target} already exists; pass {overwrite_flag} to replace it")
 
 
 def _real(path: str) -> str:

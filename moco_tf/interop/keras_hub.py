@@ -23,7 +23,13 @@ from __future__ import annotations
 import json
 import os
 
-from moco_tf.interop.hub import ExportTargetError, recover_leftovers, refuse_overlap, write_replacing
+from moco_tf.interop.hub import (
+    ExportTargetError,
+    check_existing_folder,
+    recover_leftovers,
+    refuse_overlap,
+    write_replacing,
+)
 from moco_tf.interop.targets import require
 from moco_tf.interop.torch import torch_state_dict
 from moco_tf.interop.transfer import Encoder
@@ -72,25 +78,10 @@ def check_target(target: str, overwrite: bool = False, protected=(), overwrite_f
 
 
 def _check_existing(target: str, overwrite: bool, overwrite_flag: str = "--overwrite") -> None:
-    refusing = f"refusing to replace {target}:"
-    if os.path.islink(target):
-        raise ExportTargetError(f"{refusing} it is a symbolic link; give the folder it points to")
-    if not os.path.exists(target):
-        return
-    if not os.path.isdir(target):
-        raise ExportTargetError(f"{refusing} it is a file, not a KerasHub preset; choose another export_dir")
-    entries = set(os.listdir(target))
-    if not entries:
-        return
-    if not is_preset(target):
-        raise ExportTargetError(f"{refusing} it is not a KerasHub preset written by moco_tf; choose another export_dir")
-    if entries - PRESET_ENTRIES:
-        shown = ", ".join(sorted(entries - PRESET_ENTRIES)[:5])
-        raise ExportTargetError(
-            f"{refusing} besides the preset it holds {shown}; move them out or choose another export_dir"
-        )
-    if not overwrite:
-        raise ExportTargetError(f"preset {target} already exists; pass {overwrite_flag} to replace it")
+    check_existing_folder(
+        target, overwrite, is_preset, PRESET_ENTRIES, "a KerasHub preset",
+        "a KerasHub preset written by moco_tf", "the preset", overwrite_flag,
+    )
 
 
 def preset_config(encoder: Encoder) -> dict:
