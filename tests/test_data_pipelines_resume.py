@@ -114,9 +114,9 @@ def test_bad_start_step_and_record_seed():
     with pytest.raises(sources.DataError, match="start_step=-1"):
         pipelines.pretrain_dataset(source, "train", 16, "v2", 8, seed=0, start_step=-1)
     # TFDS sources: a resumed run reshuffles with a seed of (seed, step): a new, reproducible order
-    assert pipelines._record_shuffle_seed(3, 0) == 3 and pipelines._record_shuffle_seed(None, 5) is None
-    seeds = {pipelines._record_shuffle_seed(3, s) for s in (1, 2, 1000)}
-    assert len(seeds) == 3 and pipelines._record_shuffle_seed(3, 2) in seeds and 3 not in seeds
+    assert pipelines.pass_seed(3, 0) == 3 and pipelines.pass_seed(None, 5) is None
+    seeds = {pipelines.pass_seed(3, s) for s in (1, 2, 1000)}
+    assert len(seeds) == 3 and pipelines.pass_seed(3, 2) in seeds and 3 not in seeds
     assert all(0 <= s < 2**63 for s in seeds)
 
 

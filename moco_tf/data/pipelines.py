@@ -174,7 +174,6 @@ def pass_seed(seed: int | None, k: int) -> int | None:
     return int(np.random.SeedSequence([seed, k]).generate_state(1)[0] >> 1)
 
 
-_record_shuffle_seed = pass_seed  # its name before the labelled passes used it too
 
 
 def _options(ds: tf.data.Dataset, input_context) -> tf.data.Dataset:
@@ -250,7 +249,7 @@ def pretrain_dataset(
     start = start_step * batch  # elements this pipeline's uninterrupted stream has handed out
     if source.kind == "tfds":
         ds = source.examples(
-            split, input_context, shuffle=True, seed=_record_shuffle_seed(seed, start_step)
+            split, input_context, shuffle=True, seed=pass_seed(seed, start_step)
         ).repeat()
     else:
         data = source.splits[split][0]  # images, or paths
