@@ -281,7 +281,7 @@ def test_broken_newest_checkpoint_is_named_moved_aside_only_when_asked(tmp_path)
 
 def test_only_a_folder_holding_the_commands_own_config_is_its_model_dir(tmp_path):
     from moco_tf.cli.evaluation import is_own_model_dir
-    from moco_tf.training.config import LinearConfig
+    from moco_tf.training.evaluation_config import LinearConfig
 
     path = tmp_path / linear.CONFIG_FILE
     assert not is_own_model_dir(str(tmp_path), linear.CONFIG_FILE)  # nothing there yet

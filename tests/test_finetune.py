@@ -18,7 +18,8 @@ from moco_tf.data import pipelines, sources, subsets
 from moco_tf.evaluation import finetune
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.outputs import OutputError
-from moco_tf.training.config import FinetuneConfig, RunMismatchError
+from moco_tf.training.config import RunMismatchError
+from moco_tf.training.evaluation_config import FinetuneConfig
 from tests.helpers import image_folder, labelled_folder_datasets, randomize, run
 
 SPEC = BackboneSpec("resnet18", 8, True)
