@@ -25,24 +25,24 @@ AMBIGUOUS_MOMENTUM_MESSAGE = (
 )
 
 
-def _define(leaf: settings.Leaf) -> None:
+def _define(leaf: settings.Leaf, fv: flags.FlagValues) -> None:
     """One absl flag from a setting's declaration: its type, default, choices and help."""
     hint, default, name = settings.required(leaf.hint), leaf.value, leaf.name
     choices = settings.literal_choices(leaf.hint)
     if choices:
-        flags.DEFINE_enum(name, default, list(choices), leaf.help)
+        flags.DEFINE_enum(name, default, list(choices), leaf.help, flag_values=fv)
     elif name == "arch":
-        flags.DEFINE_enum(name, default, list(backbone_names()), leaf.help)
+        flags.DEFINE_enum(name, default, list(backbone_names()), leaf.help, flag_values=fv)
     elif hint is bool:
-        flags.DEFINE_bool(name, default, leaf.help)
+        flags.DEFINE_bool(name, default, leaf.help, flag_values=fv)
     elif hint is int:
-        flags.DEFINE_integer(name, default, leaf.help)
+        flags.DEFINE_integer(name, default, leaf.help, flag_values=fv)
     elif hint is float:
-        flags.DEFINE_float(name, default, leaf.help)
+        flags.DEFINE_float(name, default, leaf.help, flag_values=fv)
     elif hint is str:
-        flags.DEFINE_string(name, default, leaf.help)
+        flags.DEFINE_string(name, default, leaf.help, flag_values=fv)
     else:  # tuple[int, ...]
-        flags.DEFINE_list(name, [str(v) for v in default], leaf.help)
+        flags.DEFINE_list(name, [str(v) for v in default], leaf.help, flag_values=fv)
     _DECLARED[name] = leaf
 
 
@@ -55,28 +55,28 @@ def _own(name: str, check: settings.Check) -> None:
     _DECLARED[name] = settings.Leaf(name, None, float, False, "", check)
 
 
-def _define_config(config: Any, names: Sequence[str] | None = None) -> None:
+def _define_config(config: Any, fv: flags.FlagValues, names: Sequence[str] | None = None) -> None:
     """The flags of a config's settings (or of the settings named), defaults and help from their fields."""
     for leaf in config.leaves():
-        if (names is None or leaf.name in names) and leaf.name not in flags.FLAGS:
-            _define(leaf)
+        if (names is None or leaf.name in names) and leaf.name not in fv:
+            _define(leaf, fv)
 
 
-def _define_recipe(config_type: type) -> None:
+def _define_recipe(config_type: type, fv: flags.FlagValues) -> None:
     flags.DEFINE_enum(
         "recipe", None, recipes.names(config_type),
         "A named recipe (moco_tf/training/recipes.py) whose settings replace the defaults; flags given beside it "
-        "override it.",
+        "override it.", flag_values=fv,
     )
 
 
-def define_train_flags() -> None:
+def define_train_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     """Every flag of `moco_tf.train`, generated from PretrainConfig; defaults are the quickstart's."""
-    if "arch" in flags.FLAGS:
+    if "arch" in fv:
         return
-    _define_recipe(PretrainConfig)
-    _define_config(PretrainConfig())
-    flags.DEFINE_float(AMBIGUOUS_MOMENTUM, None, f"Not accepted: {AMBIGUOUS_MOMENTUM_MESSAGE}.")
+    _define_recipe(PretrainConfig, fv)
+    _define_config(PretrainConfig(), fv)
+    flags.DEFINE_float(AMBIGUOUS_MOMENTUM, None, f"Not accepted: {AMBIGUOUS_MOMENTUM_MESSAGE}.", flag_values=fv)
 
 
 def refuse_ambiguous_momentum() -> None:
@@ -92,17 +92,17 @@ _HARDWARE = ("strategy", "peer_timeout", "tpu", "mixed_precision")
 _KNN_SETTINGS = ("pretrained", "dataset", "data_dir", "image_size", "limit_train", "limit_val", "strict_data")
 
 
-def define_hardware_flags() -> None:
+def define_hardware_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     """--strategy, --peer_timeout, --tpu, --mixed_precision of the evaluation command lines (knn,
     lincls, finetune): train's settings of those names."""
-    _define_config(PretrainConfig(), _HARDWARE)
+    _define_config(PretrainConfig(), fv, _HARDWARE)
 
 
 def define_knn_flags() -> None:
     """Every flag of `moco_tf.knn`."""
     if "k" in flags.FLAGS:
         return
-    _define_config(LinearConfig(), _KNN_SETTINGS)
+    _define_config(LinearConfig(), flags.FLAGS, _KNN_SETTINGS)
     define_hardware_flags()
     flags.DEFINE_integer("k", 200, "number of neighbours")
     flags.DEFINE_float("t", 0.1, "temperature of the neighbour weights exp(similarity / t)")
@@ -115,17 +115,17 @@ def define_knn_flags() -> None:
     _own("t", settings.POSITIVE_FLOAT)
 
 
-def define_lincls_flags() -> None:
+def define_lincls_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     """Every flag of `moco_tf.lincls`, generated from LinearConfig; defaults are the official protocol's."""
-    if "precompute_features" in flags.FLAGS:
+    if "precompute_features" in fv:
         return
-    _define_recipe(LinearConfig)
-    _define_config(LinearConfig())
-    define_hardware_flags()
+    _define_recipe(LinearConfig, fv)
+    _define_config(LinearConfig(), fv)
+    define_hardware_flags(fv)
     # Names that mean something else in `moco_tf.train`: defined only to be refused in one line.
     for name, use in _LINCLS_REFUSED.items():
-        if name not in flags.FLAGS:
-            flags.DEFINE_string(name, None, f"not accepted: {use}")
+        if name not in fv:
+            flags.DEFINE_string(name, None, f"not accepted: {use}", flag_values=fv)
 
 
 # lincls flag names whose meaning differs in another command line -> what to use instead.
@@ -142,18 +142,18 @@ def refuse_renamed_lincls_flags() -> None:
             raise UserError(f"--{name} is not a lincls flag: {use}")
 
 
-def define_finetune_flags() -> None:
+def define_finetune_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     """Every flag of `moco_tf.finetune`, generated from FinetuneConfig; defaults are SimCLR v1's
     semi-supervised fine-tuning (appendix B.5; see moco_tf/evaluation/finetune.py)."""
-    if "label_fraction" in flags.FLAGS:
+    if "label_fraction" in fv:
         return
-    _define_recipe(FinetuneConfig)
-    _define_config(FinetuneConfig())
-    define_hardware_flags()
-    flags.DEFINE_integer("limit_train", None, "not accepted: use --label_fraction")
+    _define_recipe(FinetuneConfig, fv)
+    _define_config(FinetuneConfig(), fv)
+    define_hardware_flags(fv)
+    flags.DEFINE_integer("limit_train", None, "not accepted: use --label_fraction", flag_values=fv)
     for name, use in _FINETUNE_REFUSED.items():
-        if name not in flags.FLAGS:
-            flags.DEFINE_string(name, None, f"not accepted: {use}")
+        if name not in fv:
+            flags.DEFINE_string(name, None, f"not accepted: {use}", flag_values=fv)
 
 
 _FINETUNE_REFUSED = {
