@@ -119,11 +119,10 @@ def test_every_flag_is_a_setting_and_every_setting_a_flag(command, config):
     getattr(cli_flags, f"define_{command}_flags")(fv)
     defined = {f.name for f in fv.get_flags_for_module(cli_flags.__name__)}
     assert defined - _COMMAND_LINE_ONLY[command] == set(config.flat())
-    for leaf in config.leaves():
+    for leaf in (config.declared() if command == "train" else config.leaves()):
         flag = fv[leaf.name]
         default = tuple(int(v) for v in flag.default) if isinstance(leaf.value, tuple) else flag.default
-        field_default = None if (command, leaf.name) == ("train", "image_size") else leaf.value  # the backbone's
-        assert default == field_default and flag.help.endswith(leaf.help), leaf.name  # enum help: "<choices>: help"
+        assert default == leaf.value and flag.help.endswith(leaf.help), leaf.name  # enum help: "<choices>: help"
         assert leaf.help and leaf.help.strip() == leaf.help, leaf.name
         choices = settings.literal_choices(leaf.hint)
         if choices:

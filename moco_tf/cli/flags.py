@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 from absl import flags
 
@@ -55,9 +54,9 @@ def _own(name: str, check: settings.Check) -> None:
     _DECLARED[name] = settings.Leaf(name, None, float, False, "", check)
 
 
-def _define_config(config: Any, fv: flags.FlagValues, names: Sequence[str] | None = None) -> None:
+def _define_config(declared: Sequence[settings.Leaf], fv: flags.FlagValues, names: Sequence[str] | None = None) -> None:
     """The flags of a config's settings (or of the settings named), defaults and help from their fields."""
-    for leaf in config.leaves():
+    for leaf in declared:
         if (names is None or leaf.name in names) and leaf.name not in fv:
             _define(leaf, fv)
 
@@ -75,7 +74,7 @@ def define_train_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     if "arch" in fv:
         return
     _define_recipe(PretrainConfig, fv)
-    _define_config(PretrainConfig(), fv)
+    _define_config(PretrainConfig.declared(), fv)
     flags.DEFINE_float(AMBIGUOUS_MOMENTUM, None, f"Not accepted: {AMBIGUOUS_MOMENTUM_MESSAGE}.", flag_values=fv)
 
 
@@ -95,14 +94,14 @@ _KNN_SETTINGS = ("pretrained", "dataset", "data_dir", "image_size", "limit_train
 def define_hardware_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     """--strategy, --peer_timeout, --tpu, --mixed_precision of the evaluation command lines (knn,
     lincls, finetune): train's settings of those names."""
-    _define_config(PretrainConfig(), fv, _HARDWARE)
+    _define_config(PretrainConfig.declared(), fv, _HARDWARE)
 
 
 def define_knn_flags() -> None:
     """Every flag of `moco_tf.knn`."""
     if "k" in flags.FLAGS:
         return
-    _define_config(LinearConfig(), flags.FLAGS, _KNN_SETTINGS)
+    _define_config(LinearConfig().leaves(), flags.FLAGS, _KNN_SETTINGS)
     define_hardware_flags()
     flags.DEFINE_integer("k", 200, "number of neighbours")
     flags.DEFINE_float("t", 0.1, "temperature of the neighbour weights exp(similarity / t)")
@@ -120,7 +119,7 @@ def define_lincls_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     if "precompute_features" in fv:
         return
     _define_recipe(LinearConfig, fv)
-    _define_config(LinearConfig(), fv)
+    _define_config(LinearConfig().leaves(), fv)
     define_hardware_flags(fv)
     # Names that mean something else in `moco_tf.train`: defined only to be refused in one line.
     for name, use in _LINCLS_REFUSED.items():
@@ -148,7 +147,7 @@ def define_finetune_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     if "label_fraction" in fv:
         return
     _define_recipe(FinetuneConfig, fv)
-    _define_config(FinetuneConfig(), fv)
+    _define_config(FinetuneConfig().leaves(), fv)
     define_hardware_flags(fv)
     flags.DEFINE_integer("limit_train", None, "not accepted: use --label_fraction", flag_values=fv)
     for name, use in _FINETUNE_REFUSED.items():

@@ -328,6 +328,11 @@ class PretrainConfig:
     def declarations(self) -> dict[str, settings.Leaf]:
         return {leaf.name: leaf for leaf in self.leaves()}
 
+    @staticmethod
+    def declared() -> list[settings.Leaf]:
+        """Every setting with its field's own default (image_size None: the backbone's), for flags."""
+        return [leaf for section_type in _SECTION_TYPES for leaf in settings.leaves(section_type())]
+
     def flat(self) -> dict[str, Any]:
         """Every setting by its flag name (arch, width, ..., allow_more_epochs)."""
         return {leaf.name: leaf.value for leaf in self.leaves()}
