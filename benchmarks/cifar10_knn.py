@@ -100,7 +100,7 @@ def run_seed(seed: int, source, args, lr: float, steps_per_epoch: int, steps: in
     """Both frameworks in lockstep on one stream of views: the same batch goes to each in turn."""
     keras.utils.set_random_seed(seed)
     epochs = max(1, math.ceil(args.epochs))
-    model = MoCo("resnet18", dim=DIM, queue_size=QUEUE, momentum=M, temperature=T, cifar_stem=True,
+    model = MoCo("resnet18", dim=DIM, queue_size=QUEUE, moco_momentum=M, temperature=T, cifar_stem=True,
                  bn_groups=BN_GROUPS, shuffle_bn=True, width=args.width)  # fmt: skip
     schedule = EpochSchedule(lr, steps_per_epoch, epochs, "cosine")
     model.compile(optimizer=SGD(schedule, momentum=0.9, weight_decay=WD))

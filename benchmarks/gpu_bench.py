@@ -38,7 +38,7 @@ SIZE = 224
 def build(policy: str, jit: bool, color_in_step: bool) -> MoCo:
     keras.mixed_precision.set_global_policy(PRECISION_POLICIES[policy])
     # The official v2 recipe on one GPU: queue 65536, T 0.2, m 0.999, MLP head, no BN groups.
-    model = MoCo("resnet50", queue_size=65536, momentum=0.999, temperature=0.2, mlp=True, image_size=SIZE)
+    model = MoCo("resnet50", queue_size=65536, moco_momentum=0.999, temperature=0.2, mlp=True, image_size=SIZE)
     model.compile(optimizer=SGD(LR, momentum=0.9, weight_decay=WD), jit_compile=jit)
     if color_in_step:
         model.views_from_crops = functools.partial(

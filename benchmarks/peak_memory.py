@@ -49,7 +49,7 @@ def child_moco_tf(args, report) -> None:
     from moco_tf.training.optimizers import SGD
 
     report("imports")
-    model = MoCo(args.arch, dim=128, queue_size=args.queue_size, momentum=0.999, temperature=0.2, mlp=True,
+    model = MoCo(args.arch, dim=128, queue_size=args.queue_size, moco_momentum=0.999, temperature=0.2, mlp=True,
                  image_size=args.image_size)  # fmt: skip
     model.compile(optimizer=SGD(LR, momentum=0.9, weight_decay=WD), jit_compile=args.jit_compile)
     views = views_batch(args)

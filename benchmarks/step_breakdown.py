@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--trace_steps", type=int, default=3)
     args = parser.parse_args()
 
-    model = MoCo(args.arch, queue_size=args.queue_size, momentum=0.99, temperature=0.1, mlp=args.mlp,
+    model = MoCo(args.arch, queue_size=args.queue_size, moco_momentum=0.99, temperature=0.1, mlp=args.mlp,
                  width=args.width, cifar_stem=args.cifar_stem, bn_groups=args.bn_groups,
                  image_size=args.image_size)  # fmt: skip
     optimizer = SGD(0.06, momentum=0.9, weight_decay=5e-4)

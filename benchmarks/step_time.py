@@ -97,8 +97,9 @@ def main() -> None:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
 
-    model = MoCo(args.arch, queue_size=args.queue_size, momentum=0.99, temperature=0.1, mlp=args.mlp, width=args.width,
-                 cifar_stem=args.cifar_stem, bn_groups=args.bn_groups, image_size=args.image_size)  # fmt: skip
+    model = MoCo(args.arch, queue_size=args.queue_size, moco_momentum=0.99, temperature=0.1, mlp=args.mlp,
+                 width=args.width, cifar_stem=args.cifar_stem, bn_groups=args.bn_groups,
+                 image_size=args.image_size)  # fmt: skip
     model.compile(optimizer=SGD(LR, momentum=0.9, weight_decay=WD), jit_compile=args.jit_compile)
     shape = (args.batch_size, 2, args.image_size, args.image_size, 3)
     views = batch_data(shape, color_in_step=False)  # the torch step's input

@@ -32,7 +32,7 @@ from moco_tf.interop import hub
 from moco_tf.interop.pretrained import load_backbone
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.training import distribute
-from moco_tf.training.config import FinetuneConfig
+from moco_tf.training.evaluation_config import FinetuneConfig
 from moco_tf.training.schedules import scaled_lr
 
 FLAGS = flags.FLAGS
@@ -120,7 +120,8 @@ def run_finetune(config: FinetuneConfig, strategy: tf.distribute.Strategy) -> di
     if chief and config.model_dir:
         write_json(os.path.join(config.model_dir, finetune.FINAL_FILE), {**final, "train_images": n_train})
     if chief and config.export_dir:
-        record = {**config.recipe(), "source": f"moco_tf finetune {described}", "classes": list(source.class_names)}
+        record = {**config.recipe_settings(), "source": f"moco_tf finetune {described}",
+                  "classes": list(source.class_names)}
         path = hub.export_backbone(
             model.backbone, config.export_dir,
             {**spec.to_dict(), "image_size": image_size, "dataset": config.dataset, "finetune": record},

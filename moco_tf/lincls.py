@@ -30,7 +30,7 @@ from moco_tf.cli import flags as cli_flags
 from moco_tf.data.pipelines import labelled_dataset
 from moco_tf.evaluation import linear
 from moco_tf.training import distribute
-from moco_tf.training.config import LinearConfig
+from moco_tf.training.evaluation_config import LinearConfig
 from moco_tf.training.schedules import scaled_lr
 
 FLAGS = flags.FLAGS

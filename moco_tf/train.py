@@ -31,10 +31,8 @@ USER_ERRORS = (DataError, StrategyError, RunLockedError, ValueError)  # ConfigEr
 
 
 def config_from_flags() -> PretrainConfig:
-    """The run config of the parsed flags (the refusal-only --momentum left out when not given)."""
-    values = FLAGS.flag_values_dict()
-    values.pop(cli_flags.AMBIGUOUS_MOMENTUM, None)
-    return PretrainConfig.from_flags(values)
+    """The run config of the parsed flags: --recipe's settings (or the defaults), then the flags given."""
+    return PretrainConfig.from_flags(FLAGS)
 
 
 def _export_source(model_dir: str) -> str:

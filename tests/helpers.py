@@ -122,3 +122,10 @@ def tree(root) -> dict[str, bytes | None]:
             with open(os.path.join(folder, name), "rb") as f:
                 out[os.path.relpath(os.path.join(folder, name), root)] = f.read()
     return out
+
+
+def weights_snapshot(model) -> dict[str, np.ndarray]:
+    """A copy of every variable of a Keras model (or a FrozenBackbone's) by path, to check later that
+    nothing changed."""
+    model = getattr(model, "model", model)
+    return {v.path: np.array(v) for v in model.weights}

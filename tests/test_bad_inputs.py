@@ -70,17 +70,20 @@ def world(tmp_path_factory):
         os.makedirs(base / name)
         (base / name / "config.json").write_text(content)
     os.makedirs(base / "garbage_ckpt" / "checkpoints")
-    tiny_backbone = {"arch": "resnet18", "width": 8, "cifar_stem": True}  # a config.json always records it
-    (base / "garbage_ckpt" / "config.json").write_text(json.dumps(tiny_backbone))
+    def config(**sections):  # a config.json in moco_tf's format, recording only what is given
+        return json.dumps({"format_version": 2, **sections})
+
+    tiny_backbone = {"backbone": {"arch": "resnet18", "width": 8, "cifar_stem": True}}  # always recorded
+    (base / "garbage_ckpt" / "config.json").write_text(config(model=tiny_backbone))
     (base / "garbage_ckpt" / "checkpoints" / "checkpoint").write_text("garbage record\n")
     (base / "garbage_ckpt" / "checkpoints" / "ckpt-5.index").write_bytes(b"not an index")
     (base / "garbage_ckpt" / "checkpoints" / "ckpt-5.data-00000-of-00001").write_bytes(b"\0" * 100)
     os.makedirs(base / "other_recipe")
     (base / "other_recipe" / "config.json").write_text(
-        json.dumps({**tiny_backbone, "temperature": 0.2, "shuffle_bn": False})
+        config(model={**tiny_backbone, "temperature": 0.2, "shuffle_bn": False})
     )
     os.makedirs(base / "no_arch")
-    (base / "no_arch" / "config.json").write_text(json.dumps({"temperature": 0.2}))
+    (base / "no_arch" / "config.json").write_text(config(model={"temperature": 0.2}))
     w["a_file"] = str(base / "a_file")
     open(w["a_file"], "w").write("x")
     (base / "bad_line.flags").write_text("--lr=abc\n")
@@ -154,7 +157,7 @@ def _train_cases(w):
         ([*TINY, f"--model_dir={b}/list_json"], f"{b}/list_json/config.json does not hold a moco_tf config"),
         ([*TINY, f"--model_dir={b}/garbage_ckpt"], "none is readable; refusing to start over at step 0"),
         ([*TINY, f"--model_dir={b}/other_recipe"], "--temperature=0.2 (now 0.1), --shuffle_bn=False (now True)"),
-        ([*TINY, f"--model_dir={b}/no_arch"], f"{b}/no_arch/config.json: the config records no arch"),
+        ([*TINY, f"--model_dir={b}/no_arch"], f"{b}/no_arch/config.json: the config records no backbone (arch)"),
         # exports named at the start of training
         (run(f"--export_dir={b}/fresh"), "model_dir"),
         (run(f"--export_dir={b}"), "model_dir"),

@@ -17,7 +17,7 @@ from moco_tf.evaluation import linear
 from moco_tf.interop.pretrained import load_backbone
 from moco_tf.models.resnet import resnet
 from moco_tf.training.checkpoint_files import CheckpointError
-from tests.helpers import labelled_folder_datasets, randomize, run, run_local_workers
+from tests.helpers import labelled_folder_datasets, randomize, run, run_local_workers, weights_snapshot
 from tests.torch_reference import tf_encoder_state
 
 BATCH = 16
@@ -49,12 +49,12 @@ def digits():
 def test_only_the_classifier_learns(pretrained, digits):
     train, val = digits
     backbone, _ = load_backbone(pretrained)
-    before = backbone.snapshot()
+    before = weights_snapshot(backbone)
     model, results = linear.train_linear(backbone, train, val, 10, steps_per_epoch=2, epochs=1)
     # The fresh classifier: N(0, 0.01) weights (now moved by two steps of lr 30), zero bias moved too.
     assert [v.path.split("/", 1)[1] for v in model.trainable_variables] == ["fc/kernel", "fc/bias"]
     assert np.abs(np.asarray(model.fc.bias)).max() > 0
-    after = backbone.snapshot()
+    after = weights_snapshot(backbone)
     assert before.keys() == after.keys()
     for key in before:  # conv kernels, BN gamma/beta and BN moving statistics alike
         np.testing.assert_array_equal(before[key], after[key], err_msg=key)
@@ -281,7 +281,7 @@ def test_broken_newest_checkpoint_is_named_moved_aside_only_when_asked(tmp_path)
 
 def test_only_a_folder_holding_the_commands_own_config_is_its_model_dir(tmp_path):
     from moco_tf.cli.evaluation import is_own_model_dir
-    from moco_tf.training.config import LinearConfig
+    from moco_tf.training.evaluation_config import LinearConfig
 
     path = tmp_path / linear.CONFIG_FILE
     assert not is_own_model_dir(str(tmp_path), linear.CONFIG_FILE)  # nothing there yet

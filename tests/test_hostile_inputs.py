@@ -65,7 +65,7 @@ def _pretrain_config(**model) -> dict:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The hostile files, and `scratch`: the one folder the commands may write in."""
-    from moco_tf.training.config import FinetuneConfig, LinearConfig
+    from moco_tf.training.evaluation_config import FinetuneConfig, LinearConfig
 
     base = tmp_path_factory.mktemp("hostile")
     b = str(base)

@@ -166,10 +166,10 @@ def test_extension_rules_without_training(tmp_path):
     longer = _tiny(str(tmp_path), epochs=800, allow_more_epochs=True)
     assert warm_start.extension(saved, longer) == (200, 800)
     assert warm_start.extension(saved, _tiny(str(tmp_path), epochs=800)) is None  # no flag: a recipe change
-    assert warm_start.comparable(saved, longer).recipe() == longer.recipe()
+    assert warm_start.comparable(saved, longer).recipe_settings() == longer.recipe_settings()
     other = PretrainConfig(model=longer.model, data=longer.data, runtime=longer.runtime,
                            optim=OptimConfig(epochs=800, batch_size=16, lr=0.1, schedule="cosine"))
-    assert warm_start.comparable(saved, other).recipe() != other.recipe()  # lr is still compared
+    assert warm_start.comparable(saved, other).recipe_settings() != other.recipe_settings()  # lr is still compared
     record = warm_start.extended_config(saved, longer, step=200)
     assert record.extensions == ({"from_epochs": 200, "to_epochs": 800, "at_step": 200},)
     assert PretrainConfig.from_json(record.to_json()).extensions == record.extensions

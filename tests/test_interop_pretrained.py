@@ -11,7 +11,7 @@ from moco_tf.interop.pretrained import FrozenBackbone, PretrainedError, load_bac
 from moco_tf.models.moco import projection_head
 from moco_tf.models.resnet import resnet
 from tests import torch_reference
-from tests.helpers import randomize
+from tests.helpers import randomize, weights_snapshot
 
 MEAN = np.array(hub.IMAGENET_MEAN, np.float32)
 STD = np.array(hub.IMAGENET_STD, np.float32)
@@ -73,11 +73,11 @@ def test_inference_mode_and_frozen():
     x = images()
     in_training = backbone(x, training=True).numpy()  # (moves the BN statistics)
     frozen = FrozenBackbone(backbone)
-    before = frozen.snapshot()
+    before = weights_snapshot(frozen)
     np.testing.assert_allclose(frozen(x).numpy(), backbone(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
     assert not np.allclose(frozen(x).numpy(), in_training, atol=1e-3)
     frozen(x)
-    after = frozen.snapshot()
+    after = weights_snapshot(frozen)
     assert all(np.array_equal(before[k], after[k]) for k in before)
     assert backbone.trainable_weights == []
 

@@ -12,8 +12,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "moco_tf")
 COMMAND_LINES = ("train", "knn", "lincls", "finetune", "export", "convert", "plot")
-# Stable public paths that only re-export a library module (DESIGN.md's public API).
-ALIASES = {"resnet": "models.resnet", "augment": "data.augment", "optimizers": "training.optimizers"}
 # Lowest first. The optimizer and the schedules import nothing of moco_tf: the linear protocol
 # (evaluation) trains with them too, so they sit with the ground floor, not with training; the
 # checkpoint finder too (lincls and finetune resume as train does).
@@ -71,7 +69,6 @@ GRAPH = {name: _imports(path) for name, path in MODULES.items()}
 
 
 def _level(module: str) -> int | None:
-    module = ALIASES.get(module, module)
     parts = module.split(".")
     for n in range(len(parts), 0, -1):
         if ".".join(parts[:n]) in LEVELS:

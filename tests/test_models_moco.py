@@ -77,7 +77,7 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="temperature"):
         MoCo("resnet18", temperature=0.0)
     with pytest.raises(ValueError, match="momentum"):
-        MoCo("resnet18", momentum=1.0)
+        MoCo("resnet18", moco_momentum=1.0)
     with pytest.raises(ValueError, match="unknown arch"):
         MoCo("resnet19")
 
@@ -96,7 +96,7 @@ def test_queue_not_multiple_of_batch_stops_before_compute():
 def test_ema_and_enqueue_by_hand():
     """One step: key params = m*k + (1-m)*q_before; BN stats of k from its own pass; rows = keys."""
     m = 0.9
-    model = MoCo("resnet18", dim=8, queue_size=24, momentum=m, cifar_stem=True)
+    model = MoCo("resnet18", dim=8, queue_size=24, moco_momentum=m, cifar_stem=True)
     model.compile(optimizer=SGD(0.5))
     # Make q and k differ so the average is visible.
     for w in model.encoder_q.trainable_weights:
@@ -143,7 +143,7 @@ def test_xla_step_equals_plain_step():
         results = []
         for jit in (False, True):
             keras.utils.set_random_seed(7)
-            model = MoCo("resnet18", dim=8, queue_size=16, momentum=0.9, cifar_stem=True, bn_groups=2, width=8)
+            model = MoCo("resnet18", dim=8, queue_size=16, moco_momentum=0.9, cifar_stem=True, bn_groups=2, width=8)
             model.compile(optimizer=SGD(0.1), jit_compile=jit)
             data = {"views": x, "ids": tf.range(8)}  # the same 8 images twice
             history = model.fit(tf.data.Dataset.from_tensors(data).repeat(), steps_per_epoch=2, epochs=1, verbose=0)
@@ -164,7 +164,7 @@ def test_train_on_batch_equals_fit():
     results = []
     for use_fit in (False, True):
         keras.utils.set_random_seed(11)
-        model = MoCo("resnet18", dim=8, queue_size=16, momentum=0.9, cifar_stem=True, bn_groups=2, width=8)
+        model = MoCo("resnet18", dim=8, queue_size=16, moco_momentum=0.9, cifar_stem=True, bn_groups=2, width=8)
         model.compile(optimizer=SGD(0.1, momentum=0.9))
         if use_fit:
             loss = model.fit(tf.data.Dataset.from_tensors(x), epochs=1, verbose=0).history["loss"][0]

@@ -18,7 +18,7 @@ def _per_replica(variable):
 def test_mirrored_replicas_stay_identical_and_enqueue_the_global_keys():
     strategy = mirrored(["/cpu:0", "/cpu:1"])
     with strategy.scope():
-        model = MoCo("resnet18", dim=8, queue_size=QUEUE, momentum=0.9, cifar_stem=True)
+        model = MoCo("resnet18", dim=8, queue_size=QUEUE, moco_momentum=0.9, cifar_stem=True)
         model.compile(optimizer=SGD(0.1))
     assert strategy.num_replicas_in_sync == 2
     views = tf.random.normal([3 * GLOBAL_BATCH, 2, 32, 32, 3], seed=5)

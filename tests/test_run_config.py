@@ -1,6 +1,7 @@
-"""The run config: config.json round trips, old flat config.json files (with and without width, and
-the partial ones convert wrote), validation messages, what counts as recipe on resume, and the
-linear protocol's config. No model is built: all fast."""
+"""The run config: every setting declared once (flags and fields agree both ways), the named
+recipes (and the flagfiles that name them), config.json round trips, the partial record convert
+writes, validation messages, what counts as recipe on resume, and the evaluation configs. No
+model is built: all fast."""
 
 import dataclasses
 import json
@@ -9,33 +10,21 @@ import math
 import pytest
 from absl import flags
 
+from moco_tf.cli import flags as cli_flags
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.training import config as cfg
+from moco_tf.training import recipes, settings
 from moco_tf.training.config import (
     ConfigError,
     DataConfig,
-    LinearConfig,
     ModelConfig,
     OptimConfig,
     PretrainConfig,
     RunMismatchError,
     RuntimeConfig,
 )
+from moco_tf.training.evaluation_config import FinetuneConfig, LinearConfig
 
-# config.json as moco_tf wrote it before the structured format (configs/cifar10_v2.flags' run).
-OLD_FLAT = {
-    "arch": "resnet18", "cifar_stem": True, "width": 16, "dim": 128, "mlp": True, "queue_size": 4096,
-    "momentum": 0.99, "temperature": 0.1, "symmetric": False, "shuffle_bn": True, "bn_groups": 8,
-    "dataset": "cifar10", "image_size": 32, "aug": "v2", "epochs": 200, "batch_size": 512, "lr": 0.03,
-    "schedule": "cosine", "warmup_epochs": 0, "weight_decay": 5e-4, "sgd_momentum": 0.9, "seed": 7,
-    "milestones": [120, 160], "moco_version": "v2",
-}
-# The same run on the command line, with the train CLI's flag names.
-ARGV = [
-    "--arch=resnet18", "--cifar_stem", "--width=16", "--mlp", "--queue_size=4096", "--moco_momentum=0.99",
-    "--temperature=0.1", "--bn_groups=8", "--dataset=cifar10", "--image_size=32", "--aug=v2", "--batch_size=512",
-    "--schedule=cosine", "--weight_decay=5e-4", "--seed=7",
-]
 RECIPE = {
     "arch", "width", "cifar_stem", "dim", "mlp", "queue_size", "moco_momentum", "temperature", "symmetric",
     "shuffle_bn", "bn_groups", "dataset", "image_size", "aug", "crop_min_scale", "flip", "blur", "epochs",
@@ -44,21 +33,11 @@ RECIPE = {
 }
 
 
-def _flag_values(argv=()):
-    """absl FlagValues with the train CLI's flags (names and defaults), parsed from argv."""
+def _flag_values(argv=(), command="train"):
+    """absl FlagValues with a command line's flags (as moco_tf.cli.flags generates them), parsed from argv."""
     fv = flags.FlagValues()
-    for name, default in PretrainConfig().flat().items():
-        if isinstance(default, bool):
-            flags.DEFINE_bool(name, default, "", flag_values=fv)
-        elif name == "milestones":
-            flags.DEFINE_list(name, [str(m) for m in default], "", flag_values=fv)
-        elif isinstance(default, float) or name in ("knn_t", "stop_grace_s"):
-            flags.DEFINE_float(name, default, "", flag_values=fv)
-        elif isinstance(default, int) or name in ("seed", "steps_per_epoch", "max_steps"):
-            flags.DEFINE_integer(name, default, "", flag_values=fv)
-        else:
-            flags.DEFINE_string(name, default, "", flag_values=fv)
-    fv(["train", *argv])
+    getattr(cli_flags, f"define_{command}_flags")(fv)
+    fv([command, *argv])
     return fv
 
 
@@ -68,14 +47,108 @@ def _config(**flat):
     return PretrainConfig.from_flags({**base, **flat})
 
 
-def test_defaults_are_the_v1_imagenet_recipe():
+def test_defaults_are_the_quickstart_and_fit_the_digits():
     config = PretrainConfig()
-    assert config.model.backbone == BackboneSpec("resnet50", 64, False)
-    assert (config.model.queue_size, config.model.moco_momentum, config.model.temperature) == (65536, 0.999, 0.07)
-    assert (config.optim.lr, config.optim.batch_size, config.optim.milestones) == (0.03, 256, (120, 160))
-    assert config.data.image_size == 224 and config.moco_version == "v1"
-    assert PretrainConfig(model=ModelConfig(backbone=BackboneSpec("resnet18", cifar_stem=True))).data.image_size == 32
+    assert config.recipe_settings() == PretrainConfig.recipe("quickstart").recipe_settings()
+    assert config.model.backbone == BackboneSpec("resnet18", 16, True) and config.data.image_size == 32
+    assert config.data.dataset == "digits" and config.moco_version == "v2"
     config.validate()
+    assert PretrainConfig(model=ModelConfig(backbone=BackboneSpec("resnet50"))).data.image_size == 224
+
+
+def test_the_official_recipes_are_the_papers():
+    # He et al. 2019 (main_moco.py's defaults); Chen et al. 2020: --mlp --moco-t 0.2 --aug-plus --cos.
+    v1 = PretrainConfig.recipe("moco_v1_imagenet")
+    assert v1.model.backbone == BackboneSpec("resnet50", 64, False) and not v1.model.mlp
+    assert (v1.model.queue_size, v1.model.moco_momentum, v1.model.temperature) == (65536, 0.999, 0.07)
+    assert (v1.optim.lr, v1.optim.batch_size, v1.optim.milestones, v1.optim.schedule) == (0.03, 256, (120, 160), "step")
+    assert (v1.optim.epochs, v1.optim.weight_decay, v1.data.image_size, v1.moco_version) == (200, 1e-4, 224, "v1")
+    v2 = PretrainConfig.recipe("moco_v2_imagenet")
+    assert v2.recipe_settings() == {**v1.recipe_settings(), "mlp": True, "temperature": 0.2, "aug": "v2",
+                                    "schedule": "cosine"}
+    assert PretrainConfig.recipe("moco_v2_800ep").recipe_settings() == {**v2.recipe_settings(), "epochs": 800}
+    demo = PretrainConfig.recipe("cifar10_v2")  # the CIFAR-10 demo: lr 0.06 at batch 512, K 4096, m 0.99, T 0.1
+    assert (demo.model.queue_size, demo.model.moco_momentum, demo.model.temperature, demo.model.bn_groups) == (
+        4096, 0.99, 0.1, 8)
+    assert (demo.optim.lr * demo.optim.batch_size / 256, demo.optim.weight_decay) == (0.06, 5e-4)
+    linear = LinearConfig.recipe("lincls_imagenet")  # main_lincls.py
+    assert (linear.lr, linear.epochs, linear.milestones, linear.weight_decay) == (30.0, 100, (60, 80), 0.0)
+    assert FinetuneConfig.recipe("finetune_imagenet_1pct").epochs == 60
+    with pytest.raises(ConfigError, match=r"^--recipe must be one of cifar10_v2, moco_v1_imagenet, .*got 'v3'$"):
+        PretrainConfig.recipe("v3")
+
+
+@pytest.mark.parametrize("name", recipes.names(PretrainConfig))
+def test_a_pretraining_recipe_states_every_recipe_setting_and_validates(name):
+    config = PretrainConfig.recipe(name)
+    assert set(RECIPE) <= set(recipes.settings(PretrainConfig, name))  # independent of the defaults
+    config.validate()
+
+
+@pytest.mark.parametrize(
+    "flagfile, command, name",
+    [("v1", "train", "moco_v1_imagenet"), ("v2", "train", "moco_v2_imagenet"), ("v2_800ep", "train", "moco_v2_800ep"),
+     ("cifar10_v2", "train", "cifar10_v2"), ("quickstart", "train", "quickstart"),
+     ("lincls", "lincls", "lincls_imagenet"), ("cifar10_lincls", "lincls", "lincls_cifar10"),
+     ("cifar10_finetune", "finetune", "finetune_cifar10_1pct"),
+     ("imagenet_finetune_1pct", "finetune", "finetune_imagenet_1pct"),
+     ("imagenet_finetune_10pct", "finetune", "finetune_imagenet_10pct")],
+)
+def test_each_flagfile_is_its_recipe(flagfile, command, name):
+    config_type = {"train": PretrainConfig, "lincls": LinearConfig, "finetune": FinetuneConfig}[command]
+    parsed = _flag_values([f"--flagfile=configs/{flagfile}.flags", "--seed=3"], command)
+    config = config_type.from_flags(parsed)
+    assert config.recipe_settings() == config_type.recipe(name).replace(seed=3).recipe_settings()
+    text = open(f"configs/{flagfile}.flags").read()
+    assert text.startswith("# ") and f"--recipe={name}\n" in text  # commented at its top, names its recipe
+
+
+# The flags of each command line that are no setting of its config, and why.
+_HARDWARE = {"strategy", "peer_timeout", "tpu", "mixed_precision"}  # RuntimeConfig's, not recorded
+_COMMAND_LINE_ONLY = {
+    "train": {"recipe", "momentum"},  # --momentum: refused as ambiguous
+    "lincls": {"recipe", "momentum", "schedule"} | _HARDWARE,  # main_lincls.py's names: refused
+    "finetune": {"recipe", "momentum", "schedule", "limit_train"} | _HARDWARE,
+}
+
+
+@pytest.mark.parametrize("command, config", [("train", PretrainConfig()), ("lincls", LinearConfig()),
+                                              ("finetune", FinetuneConfig())])
+def test_every_flag_is_a_setting_and_every_setting_a_flag(command, config):
+    fv = flags.FlagValues()
+    getattr(cli_flags, f"define_{command}_flags")(fv)
+    defined = {f.name for f in fv.get_flags_for_module(cli_flags.__name__)}
+    assert defined - _COMMAND_LINE_ONLY[command] == set(config.flat())
+    for leaf in (config.declared() if command == "train" else config.leaves()):
+        flag = fv[leaf.name]
+        default = tuple(int(v) for v in flag.default) if isinstance(leaf.value, tuple) else flag.default
+        assert default == leaf.value and flag.help.endswith(leaf.help), leaf.name  # enum help: "<choices>: help"
+        assert leaf.help and leaf.help.strip() == leaf.help, leaf.name
+        choices = settings.literal_choices(leaf.hint)
+        if choices:
+            assert tuple(flag.parser.enum_values) == choices, leaf.name
+
+
+def test_one_meaning_per_name_across_the_configs():
+    declared = [PretrainConfig().declarations(), LinearConfig().declarations(), FinetuneConfig().declarations()]
+    for name in set().union(*declared):
+        found = [d[name] for d in declared if name in d]
+        assert len({settings.required(leaf.hint) for leaf in found}) == 1, name
+        checks = {leaf.check for leaf in found} - {None}
+        assert len(checks) <= 1 or checks == {settings.POSITIVE, settings.POSITIVE_OR_UNSET}, name
+
+
+def test_replace_changes_settings_by_flag_name():
+    config = PretrainConfig().replace(epochs=2, queue_size=512, model_dir="runs/try")
+    assert (config.optim.epochs, config.model.queue_size, config.runtime.model_dir) == (2, 512, "runs/try")
+    assert config.model.dim == 128 and config.optim.lr == 0.12  # the rest as it was
+    big = PretrainConfig().replace(arch="resnet50", width=64, cifar_stem=False)
+    assert big.data.image_size == 224  # the default size followed the backbone
+    assert PretrainConfig().replace(cifar_stem=False, image_size=64).data.image_size == 64
+    with pytest.raises(ConfigError, match=r"^unknown setting 'momentum'"):
+        PretrainConfig().replace(momentum=0.9)
+    with pytest.raises(ConfigError, match=r"^--lr must be a number, got '0.1'$"):
+        PretrainConfig().replace(lr="0.1")
 
 
 def test_json_round_trip_of_every_section():
@@ -98,41 +171,22 @@ def test_json_round_trip_of_every_section():
     assert back.to_json() == text
 
 
-@pytest.mark.parametrize("width", [16, None])
-def test_old_flat_config_reads_as_the_equivalent_flags(width):
-    old = dict(OLD_FLAT)
-    argv = list(ARGV)
-    if width is None:  # written before --width existed: the standard ResNet
-        del old["width"]
-        argv.remove("--width=16")
-    from_file = PretrainConfig.from_json(json.dumps(old))
-    from_flags = PretrainConfig.from_flags(_flag_values(argv))
-    assert from_file == from_flags
-    assert from_file.model.backbone.width == (width or 64)
-    assert from_file.model.moco_momentum == 0.99  # the old key `momentum` is the key encoder's m
-    assert cfg.recipe_differences(from_file, from_flags) == []
-    # Nothing of the recipe is missing from an old file; the operational settings were not recorded.
-    assert from_file.unrecorded == set(PretrainConfig().flat()) - RECIPE | {"data_dir", "strict_data"}
-    # The view options came later; their defaults are what such a run did, so they are compared.
-    changed = PretrainConfig.from_flags(_flag_values([*argv, "--noflip"]))
-    assert cfg.recipe_differences(from_file, changed) == ["--flip=True (now False)"]
-
-
 def test_a_converted_model_dir_compares_only_what_it_recorded():
     # What convert.convert_to_model_dir writes for a CIFAR checkpoint: no optimisation recipe.
     converted = {
-        "arch": "resnet18", "dim": 128, "queue_size": 4096, "momentum": 0.99, "temperature": 0.2, "mlp": True,
+        "arch": "resnet18", "dim": 128, "queue_size": 4096, "moco_momentum": 0.99, "temperature": 0.2, "mlp": True,
         "shuffle_bn": True, "bn_groups": 1, "symmetric": False, "cifar_stem": True, "width": 64,
         "moco_version": "v2", "dataset": "cifar10", "image_size": 32,
         "source": "PyTorch checkpoint demo.pth (official layout)",
     }
-    saved = PretrainConfig.from_dict(converted)
+    saved = PretrainConfig.from_record(converted)
     assert {"epochs", "lr", "batch_size", "schedule", "milestones", "seed", "aug"} <= saved.unrecorded
     assert saved.source == "PyTorch checkpoint demo.pth (official layout)"
-    ours = PretrainConfig.from_flags({**converted, "moco_momentum": 0.99, "epochs": 5, "lr": 0.06, "aug": "v2"})
+    given = {k: v for k, v in converted.items() if k not in ("moco_version", "source")}
+    ours = PretrainConfig.from_flags({**given, "epochs": 5, "lr": 0.06, "aug": "v2"})
     cfg.check_same_run(saved, ours, "runs/c")  # the user's own optimisation recipe goes on from the weights
     with pytest.raises(RunMismatchError, match=r"--temperature=0.2 \(now 0.1\)"):
-        cfg.check_same_run(saved, PretrainConfig.from_dict({**converted, "temperature": 0.1}), "runs/c")
+        cfg.check_same_run(saved, PretrainConfig.from_record({**converted, "temperature": 0.1}), "runs/c")
     # Written back, it stays partial: the defaults do not become a recorded recipe.
     again = PretrainConfig.from_json(saved.to_json())
     assert again == saved and again.unrecorded == saved.unrecorded and "epochs" not in json.loads(saved.to_json())
@@ -148,13 +202,13 @@ def test_resume_refusal_names_each_flag_and_both_values():
     )
     changed = _config(width=16, milestones="30,40", seed=1, moco_momentum=0.9, sgd_momentum=0.8, dataset="cifar10")
     assert cfg.recipe_differences(_config(), changed) == [
-        "--width=8 (now 16)", "--moco_momentum=0.999 (now 0.9)", "--dataset=digits (now cifar10)",
+        "--width=8 (now 16)", "--moco_momentum=0.99 (now 0.9)", "--dataset=digits (now cifar10)",
         "--milestones=120,160 (now 30,40)", "--sgd_momentum=0.9 (now 0.8)", "--seed=None (now 1)",
     ]
 
 
 def test_operational_settings_may_change_on_resume():
-    assert set(_config().recipe()) == RECIPE
+    assert set(_config().recipe_settings()) == RECIPE
     operational = dict(
         data_dir="/moved/data", strict_data=True, model_dir="elsewhere", deterministic=True, strategy="mirrored",
         tpu="local", mixed_precision="bf16", jit_compile=True, steps_per_execution=5, checkpoint_every=5,
@@ -166,14 +220,19 @@ def test_operational_settings_may_change_on_resume():
     cfg.check_same_run(_config(), _config(**operational), "runs/a")
 
 
-def test_from_flags_reads_absl_lists_and_defaults_missing_flags():
-    config = PretrainConfig.from_flags(_flag_values(["--milestones=30,40", "--arch=resnet18", "--lr=0.06"]))
+def test_from_flags_reads_absl_lists_and_takes_what_was_given_over_the_recipe():
+    config = PretrainConfig.from_flags(_flag_values(["--milestones=30,40", "--arch=resnet50", "--lr=0.06"]))
     assert config.optim.milestones == (30, 40) and config.optim.lr == 0.06
-    assert config.model.backbone == BackboneSpec("resnet18") and config.data.image_size == 224  # the flag's default
-    assert PretrainConfig.from_flags({}) == PretrainConfig()
+    assert config.model.backbone == BackboneSpec("resnet50", 16, True) and config.data.image_size == 32
+    assert PretrainConfig.from_flags({}) == PretrainConfig() == PretrainConfig.from_flags(_flag_values())
     with pytest.raises(ConfigError, match="--momentum is ambiguous: --moco_momentum is the key encoder's m"):
         PretrainConfig.from_flags({"momentum": 0.9})
-    assert PretrainConfig.from_flags({"cifar_stem": True, "arch": "resnet18"}).data.image_size == 32
+    assert PretrainConfig.from_flags({"cifar_stem": False, "arch": "resnet18"}).data.image_size == 224
+    given = PretrainConfig.from_flags(_flag_values(["--recipe=cifar10_v2", "--width=16", "--epochs=10"]))
+    assert given == PretrainConfig.recipe("cifar10_v2").replace(width=16, epochs=10)
+    # A flag given at the default's value still overrides the recipe.
+    v1_small_queue = PretrainConfig.from_flags(_flag_values(["--recipe=moco_v1_imagenet", "--queue_size=256"]))
+    assert v1_small_queue.model.queue_size == 256
 
 
 @pytest.mark.parametrize(
@@ -241,7 +300,7 @@ def test_checks_that_need_the_devices_or_the_data():
 
 def test_default_model_dir_names_data_backbone_and_augmentation():
     assert _config(dataset="cifar10", aug="v2").default_model_dir() == "runs/cifar10-resnet18w8-v2"
-    assert PretrainConfig().default_model_dir() == "runs/digits-resnet50-v1"
+    assert PretrainConfig().default_model_dir() == "runs/digits-resnet18w16-v2"
 
 
 @pytest.mark.parametrize(
@@ -266,50 +325,35 @@ def test_files_that_do_not_hold_a_valid_config(change, message):
     assert message in str(error.value)
 
 
-def test_unreadable_json_and_flat_files_without_arch():
+def test_unreadable_json_and_files_that_are_not_moco_tf_configs():
     with pytest.raises(ConfigError, match="not valid JSON"):
         PretrainConfig.from_json('{"arch": "resnet18", ')
     with pytest.raises(ConfigError, match="must be a JSON object, got list"):
         PretrainConfig.from_json("[1, 2]")
-    with pytest.raises(ConfigError, match="records no arch"):
-        PretrainConfig.from_dict({"width": 8})
+    with pytest.raises(ConfigError, match="^not a moco_tf config: no format_version$"):
+        PretrainConfig.from_dict({"arch": "resnet18", "width": 8})
+    with pytest.raises(ConfigError, match="^not a moco_tf config: no format_version$"):
+        LinearConfig.from_dict({"pretrained": "/r", "lr": 30})
 
 
 # ----------------------------------------------------------------------------------------------
 # the linear protocol
 
 
-def test_linear_config_reads_old_files_and_compares_its_recipe():
-    # lincls_config.json before the structured format: the then resume keys only.
-    old = {"pretrained": "/r/run", "dataset": "cifar10", "image_size": 32, "precompute_features": True,
-           "batch_size": 256, "lr": 30, "epochs": 100}
-    saved = LinearConfig.from_dict(old)
-    assert saved.lr == 30.0 and {"milestones", "sgd_momentum", "weight_decay", "seed"} <= saved.unrecorded
-    now = LinearConfig.from_flags({**old, "lr": 10.0, "milestones": ["30", "40"], "model_dir": "m", "verbosity": 0})
+def test_linear_config_round_trips_and_compares_its_recipe():
+    saved = LinearConfig(pretrained="/r/run", dataset="cifar10", image_size=32, precompute_features=True, lr=30.0)
+    assert LinearConfig.from_json(saved.to_json()) == saved
+    now = LinearConfig.from_flags(_flag_values(
+        ["--pretrained=/r/run", "--dataset=cifar10", "--image_size=32", "--precompute_features", "--lr=10",
+         "--milestones=30,40", "--model_dir=m"], "lincls"))
     with pytest.raises(RunMismatchError) as error:
         cfg.check_same_run(saved, now, "runs/l")
     assert str(error.value) == (
-        "model_dir runs/l holds another linear classifier run: --lr=30.0 (now 10.0); "
+        "model_dir runs/l holds another linear classifier run: --lr=30.0 (now 10.0), --milestones=60,80 (now 30,40); "
         "rerun with its values or use a new --model_dir"
     )
     assert LinearConfig.from_json(now.to_json()) == now
     assert cfg.recipe_differences(now, dataclasses.replace(now, model_dir="n", data_dir="d", strict_data=True)) == []
-    assert cfg.recipe_differences(now, dataclasses.replace(now, milestones=(60, 80))) == [
-        "--milestones=30,40 (now 60,80)"
-    ]
-
-
-def test_old_linear_config_lr_was_used_as_given_and_reads_per_256():
-    # Before format_version, lincls used --lr as given (main_lincls.py): 7.5 at batch 64 is today's
-    # --lr=30 per 256 images, so the same run resumed with today's flags compares equal.
-    old = {"pretrained": "/r/run", "dataset": "cifar10", "image_size": 32, "precompute_features": True,
-           "batch_size": 64, "lr": 7.5, "epochs": 100}
-    saved = LinearConfig.from_dict(old)
-    assert saved.lr == 30.0
-    now = LinearConfig.from_flags({**old, "lr": 30.0, "model_dir": "m"})
-    assert cfg.recipe_differences(saved, now) == []
-    # Today's file records per-256 already: read as written.
-    assert LinearConfig.from_json(now.to_json()).lr == 30.0
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,7 @@ def test_three_steps_match_pytorch(floatx, mlp, temperature, bn_groups, width, s
         "resnet18",
         dim=DIM,
         queue_size=QUEUE,
-        momentum=m,
+        moco_momentum=m,
         temperature=temperature,
         mlp=mlp,
         cifar_stem=True,
@@ -125,7 +125,7 @@ def test_ten_steps_of_the_demo_recipe_match_pytorch():
 
     keras.config.set_floatx("float64")
     try:
-        model = MoCo("resnet18", dim=32, queue_size=128, momentum=0.99, temperature=0.1, cifar_stem=True,
+        model = MoCo("resnet18", dim=32, queue_size=128, moco_momentum=0.99, temperature=0.1, cifar_stem=True,
                      bn_groups=4, width=8)  # fmt: skip
         schedule = EpochSchedule(0.03, 5, 2, "cosine")
         model.compile(optimizer=SGD(schedule, momentum=0.9, weight_decay=5e-4))

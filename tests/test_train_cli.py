@@ -96,21 +96,6 @@ def test_short_run_writes_checkpoint_logs_export_and_resumes(tmp_path):
     assert "Traceback" not in other.stderr
 
 
-def test_config_without_width_is_the_standard_width(tmp_path):
-    from moco_tf.training import checkpoint
-    from moco_tf.training.config import PretrainConfig, RunMismatchError
-
-    # config.json as moco_tf wrote it before --width existed: flat, `momentum` for the key encoder's m.
-    old = {"arch": "resnet18", "cifar_stem": True, "dim": 16, "queue_size": 64, "momentum": 0.99, "lr": 0.06}
-    (tmp_path / "config.json").write_text(json.dumps(old))
-    saved = checkpoint.read_config(str(tmp_path))
-    assert saved.model.backbone.width == 64 and saved.model.moco_momentum == 0.99
-    flags = {**{k: v for k, v in old.items() if k != "momentum"}, "moco_momentum": 0.99}
-    checkpoint.check_same_run(saved, PretrainConfig.from_flags({**flags, "width": 64}), str(tmp_path))
-    with pytest.raises(RunMismatchError, match=r"width=64 \(now 16\)"):
-        checkpoint.check_same_run(saved, PretrainConfig.from_flags({**flags, "width": 16}), str(tmp_path))
-
-
 # Slow: CI covers 2 local workers in tests/test_multiworker_resume.py (same weights on both after a
 # kill and restart) and tests/test_evaluation_knn.py; this one checks a plain run's outputs.
 @pytest.mark.slow

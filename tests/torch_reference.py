@@ -212,7 +212,9 @@ class DemoTrainer:
         load_into_torch(self.encoder_q, tf_encoder_state(model.encoder_q))
         load_into_torch(encoder_k, tf_encoder_state(model.encoder_k))
         queue = torch.from_numpy(np.asarray(model.queue).T.copy()).to(dtype)
-        self.moco = OfficialMoCo(self.encoder_q, encoder_k, queue, model.momentum, model.temperature).to(self.device)
+        self.moco = OfficialMoCo(
+            self.encoder_q, encoder_k, queue, model.moco_momentum, model.temperature
+        ).to(self.device)
         self.moco.train()
         key_forward = encoder_k.forward
         # The demo draws torch.randperm; a test may swap in moco_tf's permutation to compare steps.

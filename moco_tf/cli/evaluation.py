@@ -1,5 +1,5 @@
 """What the evaluation command lines (knn, lincls) share: the strategy, the dtype policy and the
-pretrained encoder on them, from the flags of `define_evaluation_flags`."""
+pretrained encoder on them, from the flags of knn, lincls and finetune."""
 
 from __future__ import annotations
 
@@ -19,14 +19,8 @@ from moco_tf.evaluation.linear import read_results_file
 from moco_tf.interop.pretrained import load_backbone, load_for_evaluation
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.training import distribute
-from moco_tf.training.config import (
-    FORMAT_VERSION,
-    PRECISION_POLICIES,
-    ConfigError,
-    FinetuneConfig,
-    LinearConfig,
-    check_same_run,
-)
+from moco_tf.training.config import FORMAT_VERSION, PRECISION_POLICIES, ConfigError, check_same_run
+from moco_tf.training.evaluation_config import FinetuneConfig, LinearConfig
 
 
 @dataclasses.dataclass

@@ -19,7 +19,6 @@ command line does, it trains on the very data an uninterrupted run would: exact 
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -82,11 +81,6 @@ def make_optimizer(
 def make_schedule(lr: float, steps_per_epoch: int, epochs: int) -> EpochSchedule:
     """The rate decayed by a cosine over `epochs`, set per epoch, no warm-up."""
     return EpochSchedule(lr, steps_per_epoch, epochs, schedule="cosine")
-
-
-def epoch_rates(lr: float, epochs: int) -> list[float]:
-    """The rate of each epoch (what `make_optimizer`'s schedule gives at each epoch's first step)."""
-    return [lr * 0.5 * (1.0 + math.cos(math.pi * e / epochs)) for e in range(epochs)]
 
 
 class FineTuneClassifier(keras.Model):

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 # One compiled function per backbone, forgotten with the backbone.
@@ -120,7 +119,3 @@ class FrozenBackbone:
     @property
     def variables(self) -> list:
         return list(self.model.weights)  # BN moving statistics included
-
-    def snapshot(self) -> dict[str, np.ndarray]:
-        """A copy of every backbone variable by path, to check later that nothing changed."""
-        return {v.path: np.array(v) for v in self.model.weights}

@@ -44,7 +44,9 @@ from moco_tf.models.backbones import BackboneSpec, default_image_size, official_
 from moco_tf.models.batchnorm import BatchNorm
 from moco_tf.models.moco import MoCo, projection_head
 from moco_tf.models.resnet import SPECS
+from moco_tf.training import recipes
 from moco_tf.training.checkpoint import write_model_dir
+from moco_tf.training.config import PretrainConfig
 
 TORCH_INSTALL_HINT = (
     "PyTorch is needed only to read .pth checkpoints; install the CPU build with "
@@ -501,7 +503,7 @@ def convert_to_model_dir(torch_checkpoint: str, model_dir: str, overwrite: bool 
             f"{info['head']}); a model_dir needs one. Use --export_dir for its backbone."
         )
     kwargs = {"backbone": _spec(info), "dim": info["dim"], "mlp": info["mlp"]}
-    kwargs["temperature"] = OFFICIAL_RECIPES["v2" if info["mlp"] else "v1"]["temperature"]
+    kwargs["temperature"] = official_recipe("v2" if info["mlp"] else "v1")["temperature"]
     if info["queue_size"]:
         kwargs["queue_size"] = info["queue_size"]
     model = MoCo(**kwargs)
@@ -572,12 +574,15 @@ def _check_existing_model_dir(model_dir: str, overwrite: bool) -> None:
         raise ExportTargetError(f"model_dir {model_dir} already exists; pass --overwrite to replace it")
 
 
-# The official ImageNet recipes (facebookresearch/moco README), in moco_tf's flag names: what a
-# converted model_dir records as its run, so that training can go on with the same settings.
-OFFICIAL_RECIPES = {
-    "v1": {"temperature": 0.07, "lr": 0.03, "batch_size": 256, "schedule": "step", "aug": "v1"},
-    "v2": {"temperature": 0.2, "lr": 0.03, "batch_size": 256, "schedule": "cosine", "aug": "v2"},
-}
+# What a converted model_dir records of the official ImageNet recipe it was trained with (the
+# registry's moco_v1_imagenet / moco_v2_imagenet), so that training can go on with the same settings.
+_RECORDED_FROM_RECIPE = ("temperature", "lr", "batch_size", "schedule", "aug")
+
+
+def official_recipe(version: str) -> dict[str, Any]:
+    """The recorded settings of the official ImageNet recipe of MoCo `version` ("v1" or "v2")."""
+    values = recipes.settings(PretrainConfig, {"v1": "moco_v1_imagenet", "v2": "moco_v2_imagenet"}[version])
+    return {name: values[name] for name in _RECORDED_FROM_RECIPE}
 
 
 def _config_from_checkpoint(path: str, checkpoint: Mapping[str, Any], report: LoadReport) -> dict[str, Any]:
@@ -593,8 +598,8 @@ def _config_from_checkpoint(path: str, checkpoint: Mapping[str, Any], report: Lo
         "image_size": default_image_size(report.cifar_stem),
         "source": f"PyTorch checkpoint {os.path.basename(path)} ({report.layout} layout)",
     }
-    if version in OFFICIAL_RECIPES and not report.cifar_stem:
-        config.update(OFFICIAL_RECIPES[version])
+    if version in ("v1", "v2") and not report.cifar_stem:
+        config.update(official_recipe(version))
     return config
 
 

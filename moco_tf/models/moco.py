@@ -74,7 +74,7 @@ class MoCo(keras.Model):
         arch: a registered backbone (resnet18/34/50/101/152; moco_tf.models.backbones).
         dim: projection (key) dimension.
         queue_size: K, number of negative keys; a multiple of the keys enqueued per step.
-        momentum: m of the key encoder's moving average, in [0, 1).
+        moco_momentum: m of the key encoder's moving average, in [0, 1).
         temperature: T > 0.
         mlp: the v2 two-layer projection head.
         shuffle_bn: shuffle the key batch across replicas (and across BN groups) before the
@@ -93,7 +93,7 @@ class MoCo(keras.Model):
         arch: str = "resnet50",
         dim: int = 128,
         queue_size: int = 65536,
-        momentum: float = 0.999,
+        moco_momentum: float = 0.999,
         temperature: float = 0.07,
         mlp: bool = False,
         shuffle_bn: bool = True,
@@ -115,12 +115,12 @@ class MoCo(keras.Model):
         # directly (benchmarks, notebooks), where a bad value would train silently wrong.
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if not 0.0 <= moco_momentum < 1.0:
+            raise ValueError(f"moco_momentum must be in [0, 1), got {moco_momentum}")
         if queue_size < 1 or dim < 1 or bn_groups < 1:
             raise ValueError("queue_size, dim and bn_groups must be positive")
         self.arch, self.dim, self.queue_size = arch, dim, queue_size
-        self.momentum, self.temperature, self.mlp = momentum, temperature, mlp
+        self.moco_momentum, self.temperature, self.mlp = moco_momentum, temperature, mlp
         self.shuffle_bn, self.bn_groups, self.symmetric = shuffle_bn, bn_groups, symmetric
         self.cifar_stem, self.image_size, self.width = cifar_stem, image_size, width
 
@@ -276,7 +276,7 @@ class MoCo(keras.Model):
             for k, q in zip(self.encoder_k.weights, self.encoder_q.weights, strict=True)
             if q.trainable
         ]
-        m = self.momentum
+        m = self.moco_momentum
 
         def update(strategy, pairs):
             # Cross-replica context: each device's copy moves towards its own copy of q.
@@ -334,7 +334,7 @@ class MoCo(keras.Model):
     def get_config(self):
         config = super().get_config()
         config.update(
-            arch=self.arch, dim=self.dim, queue_size=self.queue_size, momentum=self.momentum,
+            arch=self.arch, dim=self.dim, queue_size=self.queue_size, moco_momentum=self.moco_momentum,
             temperature=self.temperature, mlp=self.mlp, shuffle_bn=self.shuffle_bn,
             bn_groups=self.bn_groups, symmetric=self.symmetric, cifar_stem=self.cifar_stem,
             image_size=self.image_size, width=self.width,

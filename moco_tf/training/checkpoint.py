@@ -8,6 +8,7 @@ A model_dir holding checkpoint files never silently starts over at step 0."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -100,19 +101,16 @@ def write_config(model_dir: str, config: PretrainConfig) -> None:
 
 
 def build_model(config: PretrainConfig) -> MoCo:
-    """The MoCo model `config.model` describes, its input size fixed to `config.data.image_size`."""
-    m, backbone = config.model, config.model.backbone
-    return MoCo(
-        backbone=backbone, dim=m.dim,
-        queue_size=m.queue_size, momentum=m.moco_momentum, temperature=m.temperature, mlp=m.mlp,
-        shuffle_bn=m.shuffle_bn, bn_groups=m.bn_groups, symmetric=m.symmetric, image_size=config.data.image_size,
-    )
+    """The MoCo model `config.model` describes (MoCo takes its settings by the same names), its input
+    size fixed to `config.data.image_size`."""
+    settings = {f.name: getattr(config.model, f.name) for f in dataclasses.fields(config.model)}
+    return MoCo(**settings, image_size=config.data.image_size)
 
 
 def config_values(config: PretrainConfig) -> dict[str, Any]:
     """The recipe config.json records, by flag name (unrecorded ones left out), with moco_version and
     source: what an export's moco_config.json and the pretrained loaders report (no local paths)."""
-    values = {k: v for k, v in config.recipe().items() if k not in config.unrecorded}
+    values = {k: v for k, v in config.recipe_settings().items() if k not in config.unrecorded}
     values["moco_version"] = config.moco_version
     if config.source is not None:
         values["source"] = config.source
@@ -174,13 +172,13 @@ def write_model_dir(model_dir: str, model: MoCo, recorded: Mapping[str, Any]) ->
     source); the rest is left unrecorded, so a run resumed from it is not compared on it."""
     values = {
         "arch": model.arch, "width": model.width, "cifar_stem": model.cifar_stem, "dim": model.dim,
-        "mlp": model.mlp, "queue_size": model.queue_size, "moco_momentum": model.momentum,
+        "mlp": model.mlp, "queue_size": model.queue_size, "moco_momentum": model.moco_momentum,
         "temperature": model.temperature, "symmetric": model.symmetric, "shuffle_bn": model.shuffle_bn,
         "bn_groups": model.bn_groups,
     }
     values.update({k: v for k, v in recorded.items() if v is not None})
     try:
-        config = PretrainConfig.from_dict(values)
+        config = PretrainConfig.from_record(values)
     except ConfigError as error:
         raise CheckpointError(f"cannot record {model_dir}/{CONFIG_FILE}: {error}") from None
     write_config(model_dir, config)

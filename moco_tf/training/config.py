@@ -1,33 +1,29 @@
-"""One run config: the pretraining recipe and the operational settings as typed dataclasses,
-validated once, written to and read from model_dir/config.json, compared once on resume.
+"""The run configs: what a pretraining, linear-classification or fine-tuning run is, as typed
+dataclasses whose fields are the settings (declared once, with help, bounds and role:
+moco_tf.training.settings), validated once, written to and read from the model_dir's JSON file,
+compared once on resume.
 
     PretrainConfig
-      model:   ModelConfig    backbone (BackboneSpec: arch, width, cifar_stem), dim, mlp, queue_size,
-                              moco_momentum, temperature, symmetric, shuffle_bn, bn_groups
+      model:   ModelConfig    backbone (arch, width, cifar_stem), dim, mlp, queue_size, moco_momentum,
+                              temperature, symmetric, shuffle_bn, bn_groups
       data:    DataConfig     dataset, image_size, aug, crop_min_scale, flip, blur; data_dir, strict_data
-                              (operational)
       optim:   OptimConfig    epochs, batch_size, lr, schedule, milestones, warmup_epochs,
                               weight_decay, sgd_momentum
       runtime: RuntimeConfig  seed (recipe); model_dir, strategy, checkpoints, logging, ... (operational)
 
-Recipe fields change the math: resuming a model_dir with any of them changed is refused.
-Operational fields (where files are, how often to log or save, which devices) may change between
-a run and its resume. Each field's flag is named like the field (the backbone's: --arch,
---width, --cifar_stem), so messages name the flag the user typed.
+`PretrainConfig()` is the quickstart: a small run that fits the embedded digits. Named recipes
+(moco_tf.training.recipes): `PretrainConfig.recipe("moco_v2_imagenet")`; any setting by its flag
+name: `config.replace(epochs=10, queue_size=4096)`.
 
-config.json: `to_json` writes the structured format below; `from_json` also reads the flat one
-of earlier moco_tf versions (one object of flag values, `momentum` for the key encoder's m,
-`width` missing before --width existed), so old model_dirs still load and resume.
+config.json (structured; a key a file does not hold takes the default, is listed in `unrecorded`,
+and is not compared on resume):
 
     {"format_version": 2, "moco_version": "v2",
      "model": {"backbone": {"arch": ..., "width": ..., "cifar_stem": ...}, "dim": ..., ...},
      "data": {...}, "optim": {...}, "runtime": {...}, "source": "..." (where the weights came from)}
 
-A key a file does not hold (a converted PyTorch checkpoint records only what its weights and the
-official recipe tell) takes the default, is listed in `unrecorded`, and is not compared.
-
-LinearConfig is the same for the linear classification protocol (lincls_config.json),
-FinetuneConfig for fine-tuning (finetune_config.json).
+LinearConfig and FinetuneConfig (moco_tf.training.evaluation_config) are the same for the linear
+classification protocol and for fine-tuning.
 """
 
 from __future__ import annotations
@@ -36,17 +32,30 @@ import dataclasses
 import json
 import math
 import os
-import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 from moco_tf.data.augment import ViewOptions
 from moco_tf.data.sources import MIN_IMAGE_SIZE
-from moco_tf.errors import UserError
 from moco_tf.models import moco
-from moco_tf.models.backbones import BackboneSpec, get_backbone
+from moco_tf.models.backbones import CIFAR_IMAGE_SIZE, IMAGENET_IMAGE_SIZE, BackboneSpec, get_backbone
+from moco_tf.training import settings
 from moco_tf.training.distribute import STRATEGIES
+from moco_tf.training.settings import (
+    MOMENTUM,
+    NON_NEGATIVE,
+    NON_NEGATIVE_FLOAT,
+    POSITIVE,
+    POSITIVE_EPOCHS,
+    POSITIVE_FLOAT,
+    POSITIVE_OR_UNSET,
+    SEED,
+    SHARE,
+    ConfigError,
+    setting,
+    shown,
+)
 
 FORMAT_VERSION = 2
 Schedule = Literal["step", "cosine"]
@@ -55,27 +64,44 @@ Precision = Literal["none", "bf16", "fp16"]
 # --mixed_precision -> the Keras dtype policy it sets (bf16 on TPU; fp16 with loss scaling).
 PRECISION_POLICIES: dict[str, str] = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 ColorStage = Literal["auto", "host", "device"]
+Strategy = Literal[STRATEGIES]  # the choices of moco_tf.training.distribute
 
-
-class ConfigError(UserError):
-    """A setting out of range, or a config file that does not hold a valid config; one line naming
-    the flag (or the key)."""
+__all__ = [
+    "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "PretrainConfig", "RunMismatchError", "RuntimeConfig",
+    "check_memory", "check_outside_data", "check_recorded", "check_same_run",
+]  # fmt: skip
 
 
 class RunMismatchError(ConfigError):
     """model_dir holds a run of another recipe."""
 
 
-def _recipe(default: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"recipe": True})
-
-
-def _operational(default: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"recipe": False})
+# The backbone field holds three flags.
+BACKBONE_PARTS = {
+    "arch": ("Backbone architecture (torchvision ResNet v1.5 layout).", None),
+    "width": (
+        "Base channels of the ResNet (stages width, 2x, 4x, 8x; features 8x width, x4 with bottlenecks). 64 is the "
+        "standard torchvision ResNet, the one official weights fit; smaller for CPU-budget runs.", POSITIVE,
+    ),
+    "cifar_stem": ("3x3 stride-1 first conv and no max-pool (small images, the official CIFAR demo).", None),
+}
+_SIZE_HELP = (f"Side of the square crops fed to the encoder; default: the backbone's ({CIFAR_IMAGE_SIZE} with "
+              f"--cifar_stem, else {IMAGENET_IMAGE_SIZE}).")
+STRICT_HELP = (
+    "Read and decode every file of a --dataset=folder before starting and stop at the first broken one. "
+    "Default: the folder is only listed (start-up independent of its size) and a file that does not decode is "
+    "skipped and named in a summary line."
+)
+PRETRAINED_HELP = (
+    "Encoder to start from: a moco_tf model_dir or checkpoint (DIR/checkpoints/ckpt-N), a TF-Hub export from "
+    "moco_tf, or a PyTorch checkpoint (official MoCo .pth.tar, lincls or torchvision)."
+)
+DATASET_HELP = "digits (embedded), folder (with --data_dir), or a prepared TFDS name (cifar10, imagenet2012)."
+DATA_DIR_HELP = "Image folder for --dataset=folder, or the TFDS data_dir (gs:// on TPU)."
 
 
 # ----------------------------------------------------------------------------------------------
-# the sections (flags of `python -m moco_tf.train`; defaults: the MoCo v1 ImageNet recipe)
+# pretraining (`python -m moco_tf.train`); defaults: the quickstart on the embedded digits
 
 
 @dataclasses.dataclass
@@ -83,15 +109,24 @@ class ModelConfig:
     """The MoCo model. All recipe."""
 
     RECIPE: ClassVar[bool] = True
-    backbone: BackboneSpec = dataclasses.field(default_factory=BackboneSpec)
-    dim: int = 128  # projection dimension of queries and keys
-    mlp: bool = False  # MoCo v2 head: Dense(feature dim) -> ReLU -> Dense(dim)
-    queue_size: int = 65536  # K, negative keys; a multiple of the keys enqueued per step
-    moco_momentum: float = 0.999  # m of the key encoder's moving average (not SGD momentum)
-    temperature: float = 0.07  # T of InfoNCE; v2 uses 0.2
-    symmetric: bool = False  # loss on both view orders (official CIFAR demo)
-    shuffle_bn: bool = True
-    bn_groups: int = 1  # BatchNorm statistics per group of batch / bn_groups (shuffle BN on 1 device)
+    backbone: BackboneSpec = setting(
+        default_factory=lambda: BackboneSpec("resnet18", 16, True), parts=BACKBONE_PARTS,
+        help="The encoder's backbone.",
+    )
+    dim: int = setting(128, "Projection dimension of queries and keys.", check=POSITIVE)
+    mlp: bool = setting(True, "MoCo v2 projection head: Dense(feature dim) -> ReLU -> Dense(dim).")
+    queue_size: int = setting(256, "K, negative keys in the queue; a multiple of the keys per step.", check=POSITIVE)
+    moco_momentum: float = setting(
+        0.99, "m, moving-average momentum of the key encoder (official --moco-m, 0.999).", check=MOMENTUM
+    )
+    temperature: float = setting(
+        0.1, "T, softmax temperature of InfoNCE (official: 0.07 in v1, 0.2 in v2).", check=POSITIVE_FLOAT
+    )
+    symmetric: bool = setting(False, "Loss on both view orders (official CIFAR demo); enqueues 2 x batch keys.")
+    shuffle_bn: bool = setting(True, "Shuffle the key batch across replicas / BN groups before the key encoder.")
+    bn_groups: int = setting(
+        4, "BatchNorm statistics per group of batch/bn_groups (shuffle BN on one device).", check=POSITIVE
+    )
 
 
 @dataclasses.dataclass
@@ -99,15 +134,20 @@ class DataConfig:
     """What the encoders are fed. Recipe except where to read it from and how to treat bad files."""
 
     RECIPE: ClassVar[bool] = True
-    dataset: str = "digits"  # digits (embedded), folder, or a TFDS name (imagenet2012, cifar10, ...)
-    image_size: int | None = None  # side of the crops; None: the backbone's default (32 or 224)
-    aug: Augmentation = "v1"
-    # Departures from the official views for data they do not fit (tiny images): augment.ViewOptions.
-    crop_min_scale: float = 0.2  # smallest crop area, share of the image (official 0.2)
-    flip: bool = True  # random horizontal flip (official); off for digits, whose mirror images are other shapes
-    blur: bool = True  # v2's Gaussian blur (official); v1 has none
-    data_dir: str | None = _operational(None)  # a moved copy of the same data is the same run
-    strict_data: bool = _operational(False)  # stop at the first unreadable image instead of skipping
+    dataset: str = setting("digits", "digits (embedded), folder, or a TFDS name (imagenet2012, cifar10, ...).")
+    image_size: int | None = setting(None, _SIZE_HELP, check=POSITIVE)
+    aug: Augmentation = setting("v2", "Augmentation recipe of MoCo v1 or v2.")
+    crop_min_scale: float = setting(
+        0.5, "Smallest random crop, as a share of the image's area (official 0.2); larger for tiny images, where "
+        "a fifth of the image may no longer show the object.", check=SHARE,
+    )
+    flip: bool = setting(
+        False, "Random horizontal flip of the views (official: on); off where mirror images are other objects "
+        "(digits).",
+    )
+    blur: bool = setting(False, "v2's random Gaussian blur (official: on; v1 has none); off for tiny images.")
+    data_dir: str | None = setting(None, DATA_DIR_HELP, recipe=False)  # a moved copy of the same data is the same run
+    strict_data: bool = setting(False, STRICT_HELP, recipe=False)
 
     def view_options(self) -> ViewOptions:
         """The crop scale, flip and blur the pretraining views use."""
@@ -119,14 +159,21 @@ class OptimConfig:
     """SGD and its schedule. All recipe."""
 
     RECIPE: ClassVar[bool] = True
-    epochs: int = 200
-    batch_size: int = 256  # global, over all replicas and workers
-    lr: float = 0.03  # per 256 images, scaled linearly with batch_size (official: the same number)
-    schedule: Schedule = "step"
-    milestones: tuple[int, ...] = (120, 160)  # epochs where the step schedule multiplies lr by 0.1
-    warmup_epochs: int = 0
-    weight_decay: float = 1e-4  # PyTorch style: added to the gradient
-    sgd_momentum: float = 0.9
+    epochs: int = setting(15, "Training epochs.", check=POSITIVE)
+    batch_size: int = setting(64, "Global batch size, over all replicas and workers.", check=POSITIVE)
+    lr: float = setting(
+        0.12, "Learning rate per 256 images, scaled linearly with --batch_size (used: lr x batch_size / 256); "
+        "at batch 256 the official --lr.", check=POSITIVE_FLOAT,
+    )
+    schedule: Schedule = setting("cosine", "Learning-rate schedule, set per epoch.")
+    milestones: tuple[int, ...] = setting(
+        (120, 160), "Epochs where the step schedule multiplies the rate by 0.1.", check=POSITIVE_EPOCHS
+    )
+    warmup_epochs: int = setting(0, "Linear warm-up epochs (not in the official recipes).", check=NON_NEGATIVE)
+    weight_decay: float = setting(
+        5e-4, "L2 weight decay, PyTorch style (added to the gradient).", check=NON_NEGATIVE_FLOAT
+    )
+    sgd_momentum: float = setting(0.9, "SGD momentum (official --momentum).", check=MOMENTUM)
 
 
 @dataclasses.dataclass
@@ -135,33 +182,76 @@ class RuntimeConfig:
     follow from it, so a run resumed with another seed would not be the run it continues."""
 
     RECIPE: ClassVar[bool] = False
-    seed: int | None = _recipe(None)
-    model_dir: str | None = None  # None: runs/<dataset>-<arch>-<aug>
-    deterministic: bool = False
-    strategy: str = "auto"
-    tpu: str | None = None
-    mixed_precision: Precision = "none"
-    jit_compile: bool = False
-    # Train steps per host call (Keras steps_per_execution); None: auto, 1 off a TPU (pretrain.py).
-    steps_per_execution: int | None = None
-    # Where the colour augmentation runs; the views are the same either way (auto: device on GPU/TPU).
-    color_stage: ColorStage = "auto"
-    checkpoint_every: int = 1000  # steps; also at every epoch end
-    keep_checkpoints: int = 3
-    log_every: int = 50
-    knn_every: int = 10  # epochs; 0: off
-    knn_k: int = 200
-    knn_t: float = 0.1
-    steps_per_epoch: int | None = None  # None: images // batch_size
-    max_steps: int | None = None
-    export_dir: str | None = None
-    overwrite_export: bool = False
-    stop_grace_s: float = 25.0
-    peer_timeout: float = 300.0  # multi-worker: seconds to wait for every host of TF_CONFIG
+    seed: int | None = setting(
+        None, "Seed of weights, queue and data order; makes a run repeatable. Without it the data order's seed is "
+        "drawn once and kept in the checkpoint, so a resumed run still continues its own order.",
+        check=SEED, recipe=True,
+    )
+    model_dir: str | None = setting(
+        None, "Run folder: checkpoints, TensorBoard logs, config. Rerun to resume. Default: "
+        "runs/<dataset>-<arch>-<aug>."
+    )
+    deterministic: bool = setting(
+        False, "Deterministic TF ops (slower); with --seed a run stopped and resumed ends bit-identical to an "
+        "uninterrupted one.",
+    )
+    strategy: Strategy = setting("auto", "tf.distribute strategy; auto picks from the hardware.")
+    tpu: str | None = setting(None, "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM).")
+    mixed_precision: Precision = setting("none", "Mixed precision (bf16 on TPU).")
+    jit_compile: bool = setting(False, "Compile the train step with XLA (one replica per process, GPU/TPU).")
+    steps_per_execution: int | None = setting(
+        None, "Train steps per call from the host into the compiled loop (Keras steps_per_execution), so that a TPU "
+        "is not idle between steps. Step lines, TensorBoard scalars, checkpoints and the SIGTERM stop happen "
+        "between calls: --log_every and --checkpoint_every must be multiples of it. Unset: on a TPU the largest "
+        "divisor of both up to 32, elsewhere 1. Above 1 only on a TPU or a single replica. May change on a resume.",
+        check=POSITIVE_OR_UNSET,
+    )
+    color_stage: ColorStage = setting(
+        "auto", "Where the colour augmentation (jitter, grayscale, blur, normalisation) runs: in the input pipeline "
+        "on the host's CPU cores, or inside the train step on the accelerator, so the host only decodes, crops and "
+        "flips. The views are the same either way. auto: device when the run has a GPU or TPU.",
+    )
+    checkpoint_every: int = setting(1000, "Checkpoint every N steps (and at every epoch end).", check=NON_NEGATIVE)
+    keep_checkpoints: int = setting(3, "Checkpoints kept in model_dir.", check=POSITIVE)
+    log_every: int = setting(50, "TensorBoard scalars (and step lines in a log file) every N steps.", check=POSITIVE)
+    knn_every: int = setting(
+        10, "kNN monitor every N epochs when the data set has labels (0: off).", check=NON_NEGATIVE
+    )
+    knn_k: int = setting(200, "Neighbours of the kNN monitor.", check=POSITIVE)
+    knn_t: float = setting(0.1, "Temperature of the kNN monitor's vote weights.", check=POSITIVE_FLOAT)
+    steps_per_epoch: int | None = setting(
+        None, "Override steps per epoch (default: images // batch_size).", check=POSITIVE_OR_UNSET
+    )
+    max_steps: int | None = setting(
+        None, "Stop after this many steps in total (a short try-out).", check=POSITIVE_OR_UNSET
+    )
+    export_dir: str | None = setting(
+        None, "Export the query backbone as a TF-Hub SavedModel here at the end. An existing folder is replaced only "
+        "when it is a moco_tf export of this same run (or any moco_tf export with --overwrite_export); never the "
+        "model_dir, a folder around it, or a folder that is not an export.",
+    )
+    overwrite_export: bool = setting(False, "Let --export_dir replace a moco_tf export of another run.")
+    stop_grace_s: float = setting(
+        25.0, "On SIGTERM / SIGINT: seconds allowed to finish the current step and save it before exiting without "
+        "(preemptible VMs give about 30 s).", check=POSITIVE_FLOAT,
+    )
+    peer_timeout: float = setting(
+        300.0, "Multi-worker: seconds to wait for every host of TF_CONFIG to start (a host silent for 30 s during "
+        "training counts as lost).", check=POSITIVE_FLOAT,
+    )
     # Operational: only step 0 reads it (a resume takes its checkpoint's weights), and a moved or
     # deleted source must not block a resume; what the run started from is kept in `source`.
-    init_from: str | None = None  # model_dir, checkpoint, TF-Hub export or PyTorch checkpoint (absolute)
-    allow_more_epochs: bool = False  # a resume may raise --epochs (extensions are recorded)
+    init_from: str | None = setting(
+        None, "Start both encoders (query and key) from these backbone weights: a moco_tf model_dir or checkpoint "
+        "(its projection head too, when it has the same shape), a moco_tf TF-Hub export, or a PyTorch checkpoint "
+        "(.pth / .pth.tar). Its --arch, --width and --cifar_stem must be this run's. Optimizer and queue start "
+        "fresh. Read at step 0 only: a resume takes the checkpoint's weights. Recorded in config.json.",
+    )
+    allow_more_epochs: bool = setting(
+        False, "Resume (e.g. a finished run) with a larger --epochs: the schedule is recomputed over the new total "
+        "(a stretched cosine jumps back up), and config.json records the extension. Without it a changed --epochs "
+        "is refused as another recipe.",
+    )
 
 
 _SECTION_TYPES = (ModelConfig, DataConfig, OptimConfig, RuntimeConfig)  # in PretrainConfig.SECTIONS order
@@ -169,8 +259,8 @@ _SECTION_TYPES = (ModelConfig, DataConfig, OptimConfig, RuntimeConfig)  # in Pre
 
 @dataclasses.dataclass
 class PretrainConfig:
-    """A whole pretraining run. `unrecorded`: flags whose values the file it was read from did not
-    hold (they keep the defaults and are not compared on resume); empty for a config made here."""
+    """A whole pretraining run. `unrecorded`: settings the file it was read from did not hold (they
+    keep the defaults and are not compared on resume); empty for a config made here."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -188,6 +278,40 @@ class PretrainConfig:
             size = self.model.backbone.default_image_size
             self.data = dataclasses.replace(self.data, image_size=size)
 
+    # -------------------------------------------------------------------- making one
+
+    @classmethod
+    def recipe(cls, name: str) -> PretrainConfig:
+        """A named recipe of moco_tf.training.recipes (quickstart, cifar10_v2, moco_v2_imagenet, ...)."""
+        from moco_tf.training import recipes
+
+        return cls().replace(**recipes.settings(cls, name))
+
+    def replace(self, **changes: Any) -> PretrainConfig:
+        """A copy with settings changed by flag name (`epochs=10`, `arch="resnet50"`, `queue_size=4096`)
+        or whole sections (`model=ModelConfig(...)`). Values are checked by validate(), as for flags.
+        An image_size that was the old backbone's default follows a changed backbone."""
+        flat = {k: v for k, v in changes.items() if k not in self.SECTIONS}
+        sections = {s: changes.get(s, getattr(self, s)) for s in self.SECTIONS}
+        owner = _owners()
+        unknown = sorted(set(flat) - set(owner))
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]!r}; settings: {', '.join(sorted(owner))}")
+        backbone_given = {k: flat.pop(k) for k in BACKBONE_PARTS if k in flat}
+        if backbone_given:
+            old = sections["model"].backbone
+            new = backbone_spec({**old.to_dict(), **backbone_given}, flags=True)
+            sections["model"] = dataclasses.replace(sections["model"], backbone=new)
+            if "image_size" not in flat and sections["data"].image_size == old.default_image_size:
+                flat["image_size"] = None
+        hints = _hints()
+        flat = {k: settings.typed(k, v, hints[k], flags=True) for k, v in flat.items()}
+        for section in self.SECTIONS:
+            mine = {k: v for k, v in flat.items() if owner[k] == section}
+            if mine:
+                sections[section] = dataclasses.replace(sections[section], **mine)
+        return dataclasses.replace(self, **sections)
+
     # -------------------------------------------------------------------- derived values
 
     @property
@@ -198,48 +322,48 @@ class PretrainConfig:
     def default_model_dir(self) -> str:
         return os.path.join("runs", f"{self.data.dataset}-{self.model.backbone.tag}-{self.data.aug}")
 
-    def flat(self) -> dict[str, Any]:
-        """Every setting by its flag name (arch, width, ..., stop_grace_s)."""
-        return {name: value for name, value, _ in _leaves(self, self.SECTIONS)}
+    def leaves(self) -> list[settings.Leaf]:
+        return [leaf for s in self.SECTIONS for leaf in settings.leaves(getattr(self, s))]
 
-    def recipe(self) -> dict[str, Any]:
+    def declarations(self) -> dict[str, settings.Leaf]:
+        return {leaf.name: leaf for leaf in self.leaves()}
+
+    @staticmethod
+    def declared() -> list[settings.Leaf]:
+        """Every setting with its field's own default (image_size None: the backbone's), for flags."""
+        return [leaf for section_type in _SECTION_TYPES for leaf in settings.leaves(section_type())]
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its flag name (arch, width, ..., allow_more_epochs)."""
+        return {leaf.name: leaf.value for leaf in self.leaves()}
+
+    def recipe_settings(self) -> dict[str, Any]:
         """The recipe settings by flag name: what a resumed run must share with its model_dir."""
-        return {name: value for name, value, recipe in _leaves(self, self.SECTIONS) if recipe}
+        return {leaf.name: leaf.value for leaf in self.leaves() if leaf.recipe}
 
     # -------------------------------------------------------------------- checks
 
+    def check_bounds(self) -> None:
+        """Each value of the type and within the bounds of its flag, the memory budget included (not
+        the rules that tie settings together: a file may leave some unrecorded); for configs read
+        from files."""
+        check_types([getattr(self, s) for s in self.SECTIONS])
+        for leaf in self.leaves():
+            settings.check_leaf(leaf)
+        values = self.flat()
+        check_memory(values["image_size"], values["batch_size"], 2, values["queue_size"], values["dim"],
+                     values["arch"], values["width"])
+
     def validate(self) -> None:
         """Everything checkable before touching data or devices; a ConfigError naming the flag."""
-        _check_types([getattr(self, s) for s in self.SECTIONS])
+        self.check_bounds()
         values = self.flat()
-        if values["image_size"] is None:
-            raise ConfigError("--image_size must be an integer, got None")
-        _check_table(values)
-        if values["seed"] is not None and not 0 <= values["seed"] < 2**31:
-            raise ConfigError(f"--seed must be in [0, 2**31), got {values['seed']}")
-        if values["strategy"] not in STRATEGIES:
-            raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {values['strategy']!r}")
         if values["warmup_epochs"] > values["epochs"]:
             raise ConfigError(f"--warmup_epochs {values['warmup_epochs']} is more than --epochs {values['epochs']}")
         check_queue_fits(values["queue_size"], values["batch_size"], values["symmetric"])
-        check_memory(values["image_size"], values["batch_size"], 2, values["queue_size"], values["dim"],
-                     values["arch"], values["width"])
-        if any(m < 1 for m in values["milestones"]):
-            raise ConfigError(f"--milestones must be positive epochs, got {_shown(values['milestones'])}")
         if values["image_size"] < MIN_IMAGE_SIZE:
             raise ConfigError(f"--image_size {values['image_size']} is too small (at least {MIN_IMAGE_SIZE})")
         check_outside_data({**values, "model_dir": values["model_dir"] or self.default_model_dir()})
-
-    def check_bounds(self) -> None:
-        """Each value within the bounds of its flag, the memory budget included (not the rules that
-        tie flags together: a file may leave some unrecorded); for configs read from files."""
-        _check_types([getattr(self, s) for s in self.SECTIONS])
-        values = self.flat()
-        _check_table(values)
-        if values["seed"] is not None and not 0 <= values["seed"] < 2**31:
-            raise ConfigError(f"--seed must be in [0, 2**31), got {values['seed']}")
-        check_memory(values["image_size"], values["batch_size"], 2, values["queue_size"], values["dim"],
-                     values["arch"], values["width"])
 
     def check_replicas(self, replicas: int) -> None:
         """The global batch must split evenly over the replicas, and each replica's over bn_groups."""
@@ -267,7 +391,7 @@ class PretrainConfig:
         """The structured config.json content; unrecorded settings are left out."""
         out: dict[str, Any] = {"format_version": FORMAT_VERSION, "moco_version": self.moco_version}
         for section in self.SECTIONS:
-            out[section] = _section_to_dict(getattr(self, section), self.unrecorded)
+            out[section] = section_to_dict(getattr(self, section), self.unrecorded)
         if self.source is not None:
             out["source"] = self.source
         if self.extensions:
@@ -279,15 +403,10 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> PretrainConfig:
-        """From a parsed config.json, structured or the flat format of earlier versions."""
+        """From a parsed config.json; only moco_tf's format (its format_version) is read."""
         if not isinstance(values, Mapping):
             raise ConfigError(f"a config must be a JSON object, got {type(values).__name__}")
-        if "format_version" not in values:
-            _check_old_file(values, set(PretrainConfig().flat()) | _OLD_PRETRAIN_KEYS)
-            return _from_flat(values, flags=False)
-        version = values["format_version"]
-        if version != FORMAT_VERSION:
-            raise ConfigError(f"config format_version {version!r} is not {FORMAT_VERSION} (another moco_tf version)")
+        check_format_version(values)
         unknown = sorted(set(values) - {"format_version", "moco_version", "source", "extensions", *cls.SECTIONS})
         if unknown:
             raise ConfigError(f"unknown config key {unknown[0]!r} (written by a newer moco_tf?)")
@@ -297,43 +416,76 @@ class PretrainConfig:
             given = values.get(name, {})
             if not isinstance(given, Mapping):
                 raise ConfigError(f"config key {name!r} must be an object, got {given!r}")
-            sections[name] = _section_from_dict(section_type, given, name, unrecorded)
-        return cls(
-            **sections, source=_source(values), extensions=_extensions(values),
-            unrecorded=_older_files_implied(unrecorded),
-        )  # fmt: skip
+            sections[name] = section_from_dict(section_type, given, name, unrecorded)
+        return cls(**sections, source=_source(values), extensions=_extensions(values), unrecorded=frozenset(unrecorded))
+
+    @classmethod
+    def from_record(cls, values: Mapping[str, Any]) -> PretrainConfig:
+        """From settings by flag name that a file or a converted checkpoint records (what its weights
+        and the official recipe tell), plus source / moco_version; the settings it does not hold keep
+        the defaults and are unrecorded (not compared on resume). Checked as config.json is."""
+        owner, structured = _owners(), {"format_version": FORMAT_VERSION}
+        for name, value in values.items():
+            if name in BACKBONE_PARTS:
+                structured.setdefault("model", {}).setdefault("backbone", {})[name] = value
+            elif name in owner:
+                structured.setdefault(owner[name], {})[name] = value
+            elif name in ("source", "moco_version", "extensions"):
+                structured[name] = value
+            else:
+                raise ConfigError(f"unknown setting {name!r}")
+        return cls.from_dict(structured)
 
     @classmethod
     def from_json(cls, text: str) -> PretrainConfig:
-        return cls.from_dict(_json_values(text))
+        return cls.from_dict(json_values(text))
 
     @classmethod
     def from_flags(cls, flag_values: Any) -> PretrainConfig:
-        """From absl FlagValues (or a mapping of flag name -> value); absent flags keep the defaults.
-
-        Flag names are the fields' (`--moco_momentum` for m, `--sgd_momentum` for SGD's); --milestones
-        may be a list of strings, as absl's DEFINE_list gives."""
-        values = dict(flag_values.flag_values_dict() if hasattr(flag_values, "flag_values_dict") else flag_values)
+        """From absl FlagValues (the flags the user gave, over --recipe's values or the defaults),
+        or a mapping of flag name -> value (every entry given; "recipe" names the base)."""
+        values = given_flags(flag_values)
         if "momentum" in values and "moco_momentum" not in values:  # never guess which momentum was meant
             raise ConfigError(
                 "--momentum is ambiguous: --moco_momentum is the key encoder's m, --sgd_momentum SGD's momentum "
                 "(main_moco.py's --momentum)"
             )
-        if "milestones" in values:
-            values["milestones"] = parse_milestones(values["milestones"])
-        return _from_flat(values, flags=True)
+        name = values.pop("recipe", None)
+        base = cls.recipe(name) if name else cls()
+        given = typed_flags(values, _owners())
+        return base.replace(**given)
 
 
-def parse_milestones(milestones: Any) -> tuple[int, ...]:
-    """Epochs from a flag list ("120,160" or ["120", "160"]) as integers."""
-    items = milestones.split(",") if isinstance(milestones, str) else list(milestones)
-    items = [m.strip() if isinstance(m, str) else m for m in items if m != ""]
-    try:
-        if any(isinstance(m, bool) or not isinstance(m, int | str) for m in items):
-            raise ValueError
-        return tuple(int(m) for m in items)
-    except ValueError:
-        raise ConfigError(f"--milestones must be epochs (integers), got {_shown(items)}") from None
+def _owners() -> dict[str, str]:
+    """Flag name -> the PretrainConfig section that holds it."""
+    out = {}
+    for section, section_type in zip(PretrainConfig.SECTIONS, _SECTION_TYPES, strict=True):
+        for field in settings.settings_of(section_type):
+            for name in field.metadata["parts"] or (field.name,):
+                out[name] = section
+    return out
+
+
+def _hints() -> dict[str, Any]:
+    """Flag name -> its type, for the settings of PretrainConfig outside the backbone."""
+    return {name: hint for t in _SECTION_TYPES for name, hint in typing.get_type_hints(t).items()
+            if name != "backbone" and name != "RECIPE"}
+
+
+def given_flags(flag_values: Any) -> dict[str, Any]:
+    if hasattr(flag_values, "flag_values_dict"):  # absl: only what the command line (or a flagfile) set
+        return {name: flag_values[name].value for name in flag_values if flag_values[name].present}
+    return dict(flag_values)
+
+
+def typed_flags(values: Mapping[str, Any], known: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of the flags that are settings, milestones as a tuple; type errors name the flag."""
+    out = {}
+    for name, value in values.items():
+        if name not in known:
+            continue  # the command line's own flags (--flagfile, --verbosity, ...)
+        out[name] = settings.parse_list_of_ints(name, value) if name == "milestones" else value
+    return out
 
 
 # What one run may ask of a host's memory for any one of: a batch of input views (float32), the
@@ -379,7 +531,7 @@ def check_recorded(values: Mapping[str, Any], where: str) -> None:
     is built from them; a ConfigError naming `where` and the setting."""
     numbers = {k: v for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     try:
-        _check_table(numbers)
+        check_named(numbers, PretrainConfig().declarations())
         for name, value in numbers.items():
             if not math.isfinite(value):
                 raise ConfigError(f"--{name} must be a finite number, got {value}")
@@ -418,329 +570,81 @@ def check_queue_fits(queue_size: int, global_batch_size: int, symmetric: bool = 
         raise ConfigError(f"--{error}") from None
 
 
+
+
+def check_named(values: Mapping[str, Any], declared: Mapping[str, settings.Leaf]) -> None:
+    """Settings by flag name (a command line's numeric flags, values a file records) within the
+    bounds `declared` gives for them (a config's `declarations()`, plus a command line's own
+    flags); any integer at most 2**31 - 1; a ConfigError naming the first one out of bounds."""
+    for name, value in values.items():
+        leaf = declared.get(name)
+        if leaf is None:
+            if isinstance(value, int) and not isinstance(value, bool) and value > settings.MAX_INT:
+                raise ConfigError(f"--{name} must be at most 2**31 - 1, got {value}")
+            continue
+        settings.check_leaf(dataclasses.replace(leaf, value=value))
+
+
 # ----------------------------------------------------------------------------------------------
 # resume
 
 
-def recipe_differences(saved: PretrainConfig | LinearConfig, current: PretrainConfig | LinearConfig) -> list[str]:
+def recipe_differences(saved: Any, current: Any) -> list[str]:
     """"--flag=saved (now current)" for each recipe setting that differs; settings `saved` did not
     record are not compared."""
-    before, now = saved.recipe(), current.recipe()
+    before, now = saved.recipe_settings(), current.recipe_settings()
     skip = saved.unrecorded | current.unrecorded
     return [
-        f"--{name}={_shown(before[name])} (now {_shown(now[name])})"
+        f"--{name}={shown(before[name])} (now {shown(now[name])})"
         for name in before
         if name not in skip and before[name] != now[name]
     ]
 
 
 def check_same_run(
-    saved: PretrainConfig | LinearConfig, current: PretrainConfig | LinearConfig, model_dir: str
+    saved: Any, current: Any, model_dir: str
 ) -> None:
     """Refuses to resume a run of another recipe, naming each flag that differs and both values."""
     differ = recipe_differences(saved, current)
     if differ:
-        run = (
-            "another linear classifier run" if isinstance(saved, LinearConfig)
-            else "another fine-tuning run" if isinstance(saved, FinetuneConfig) else "another run"
-        )
+        run = getattr(saved, "RUN_KIND", "another run")
         raise RunMismatchError(
             f"model_dir {model_dir} holds {run}: {', '.join(differ)}; rerun with its values or use a new --model_dir"
         )
 
 
 # ----------------------------------------------------------------------------------------------
-# the linear classification protocol (`python -m moco_tf.lincls`)
+# reading and writing
 
 
-class _EvaluationRecipe:
-    """What the lincls and finetune configs share: one flat section, all of it recipe unless marked
-    operational, written to and read from the model_dir's JSON file, read from the flags."""
-
-    RECIPE: ClassVar[bool] = True
-    unrecorded: frozenset[str]
-    _SEEDS: ClassVar[tuple[str, ...]] = ("seed",)
-    _LIMITS: ClassVar[tuple[str, ...]] = ("limit_val",)
-    _READS_OLD_FILES: ClassVar[bool] = False  # files from before format_version (see _from_old_file)
-
-    def flat(self) -> dict[str, Any]:
-        return {name: value for name, value, _ in _leaves(self, None)}
-
-    def recipe(self) -> dict[str, Any]:
-        return {name: value for name, value, recipe in _leaves(self, None) if recipe}
-
-    def _validate_common(self) -> dict[str, Any]:
-        _check_types([self])
-        values = self.flat()
-        _check_table(values)
-        for name in self._LIMITS:
-            if values[name] < 0:
-                raise ConfigError(f"--{name} must be >= 0, got {values[name]}")
-        for name in self._SEEDS:
-            if values[name] is not None and not 0 <= values[name] < 2**31:
-                raise ConfigError(f"--{name} must be in [0, 2**31), got {values[name]}")
-        if values["image_size"] is not None and values["image_size"] < MIN_IMAGE_SIZE:
-            raise ConfigError(f"--image_size {values['image_size']} is too small (at least {MIN_IMAGE_SIZE})")
-        check_memory(values["image_size"], values["batch_size"], arch=values.get("arch"), width=values.get("width"))
-        check_outside_data(values)
-        return values
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, **_section_to_dict(self, self.unrecorded)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
-
-    @classmethod
-    def _from_old_file(cls, values: dict[str, Any]) -> dict[str, Any]:
-        """A file written before format_version, restated in today's meaning."""
-        return values
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> Any:
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"a config must be a JSON object, got {type(values).__name__}")
-        given = {k: v for k, v in values.items() if k != "format_version"}
-        old = "format_version" not in values and cls._READS_OLD_FILES
-        if old:
-            _check_old_file(values, {f.name for f in _fields(cls)})
-            given = cls._from_old_file(given)
-        unrecorded: set[str] = set()
-        config = _section_from_dict(cls, given, None, unrecorded, ignore_unknown=old)
-        return dataclasses.replace(config, unrecorded=frozenset(unrecorded))
-
-    @classmethod
-    def from_json(cls, text: str) -> Any:
-        return cls.from_dict(_json_values(text))
-
-    @classmethod
-    def from_flags(cls, flag_values: Any) -> Any:
-        values = dict(flag_values.flag_values_dict() if hasattr(flag_values, "flag_values_dict") else flag_values)
-        names = {f.name for f in dataclasses.fields(cls)} - {"unrecorded"}
-        given = {k: v for k, v in values.items() if k in names}
-        if "milestones" in given:
-            given["milestones"] = parse_milestones(given["milestones"])
-        return _section_from_dict(cls, given, None, set(), flags=True)
+def check_format_version(values: Mapping[str, Any]) -> None:
+    """Only moco_tf's own files are read as configs: another program's config.json is refused."""
+    if "format_version" not in values:
+        raise ConfigError("not a moco_tf config: no format_version")
+    version = values["format_version"]
+    if version != FORMAT_VERSION:
+        raise ConfigError(f"config format_version {version!r} is not {FORMAT_VERSION} (another moco_tf version)")
 
 
-@dataclasses.dataclass
-class LinearConfig(_EvaluationRecipe):
-    """Linear classification on a frozen encoder; defaults: the official protocol (main_lincls.py).
-    Everything that changes the classifier's training is recipe: a rerun in the same model_dir
-    resumes only with the same."""
-
-    pretrained: str | None = None  # model_dir, checkpoint, TF-Hub export or .pth (record it absolute)
-    dataset: str | None = None
-    image_size: int | None = None  # None: the encoder's default (32 with the CIFAR stem, else 224)
-    batch_size: int = 256
-    epochs: int = 100
-    lr: float = 30.0  # per 256 images, scaled linearly with batch_size, as --lr of pretraining (one meaning)
-    sgd_momentum: float = 0.9
-    weight_decay: float = 0.0
-    milestones: tuple[int, ...] = (60, 80)  # epochs where lr is multiplied by 0.1
-    precompute_features: bool = False  # not the official protocol: no augmentation
-    seed: int | None = None
-    data_dir: str | None = _operational(None)
-    strict_data: bool = _operational(False)
-    limit_train: int = _operational(0)
-    limit_val: int = _operational(0)
-    model_dir: str | None = _operational(None)
-    unrecorded: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
-
-    _LIMITS: ClassVar[tuple[str, ...]] = ("limit_train", "limit_val")
-    _READS_OLD_FILES: ClassVar[bool] = True
-
-    def validate(self) -> None:
-        values = self._validate_common()
-        if any(m < 1 for m in values["milestones"]):
-            raise ConfigError(f"--milestones must be positive epochs, got {_shown(values['milestones'])}")
-
-    @classmethod
-    def _from_old_file(cls, values: dict[str, Any]) -> dict[str, Any]:
-        """Files of earlier versions record only pretrained, dataset, image_size,
-        precompute_features, batch_size, and the lr as used (see _lr_per_256) and epochs."""
-        return _lr_per_256(values)
-
-
-def _lr_per_256(values: dict[str, Any]) -> dict[str, Any]:
-    """A lincls_config.json from before format_version recorded the lr used as given (as
-    main_lincls.py's --lr); today's --lr is per 256 images. Restated, so that the same run resumed
-    with today's flags compares equal: lr 7.5 at batch 64 was --lr=30 per 256."""
-    lr, batch = values.get("lr"), values.get("batch_size")
-    if isinstance(lr, (int, float)) and isinstance(batch, int) and batch > 0:
-        return {**values, "lr": lr * 256 / batch}
-    return values
-
-
-# ----------------------------------------------------------------------------------------------
-# fine-tuning (`python -m moco_tf.finetune`)
-
-
-@dataclasses.dataclass
-class FinetuneConfig(_EvaluationRecipe):
-    """Fine-tuning the whole encoder and a new head on a fraction of the labels; defaults: the
-    SimCLR v1 semi-supervised recipe (`moco_tf.evaluation.finetune`). Recipe as for LinearConfig:
-    a rerun in the same model_dir resumes only with the same. arch / width / cifar_stem are the
-    backbone's (read from --pretrained, or given with --random_init)."""
-
-    pretrained: str | None = None  # model_dir, checkpoint, TF-Hub export or .pth (absolute); None: random init
-    random_init: bool = False
-    arch: str = "resnet50"
-    width: int = 64
-    cifar_stem: bool = False
-    dataset: str | None = None
-    image_size: int | None = None
-    label_fraction: float = 1.0
-    subset_seed: int = 0  # which examples form the labelled subset (class-balanced)
-    batch_size: int = 256
-    epochs: int | None = None  # None: the recipe's for the fraction (60 at 1%, 30 at 10%)
-    lr: float = 0.05  # per 256 images, scaled linearly with batch_size
-    sgd_momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 0.0
-    seed: int | None = None  # head initialisation, data order, augmentation
-    data_dir: str | None = _operational(None)
-    strict_data: bool = _operational(False)
-    limit_val: int = _operational(0)
-    model_dir: str | None = _operational(None)
-    eval_every: int = _operational(1)
-    export_dir: str | None = _operational(None)
-    overwrite_export: bool = _operational(False)
-    unrecorded: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
-
-    _SEEDS: ClassVar[tuple[str, ...]] = ("seed", "subset_seed")
-
-    def validate(self) -> None:
-        values = self._validate_common()
-        if not 0.0 < values["label_fraction"] <= 1.0:
-            raise ConfigError(f"--label_fraction must be in (0, 1], got {values['label_fraction']}")
-        if values["eval_every"] < 1:
-            raise ConfigError(f"--eval_every must be positive, got {values['eval_every']}")
-        if self.random_init == bool(self.pretrained):
-            raise ConfigError("give either --pretrained=PATH or --random_init (with --arch, --width, --cifar_stem)")
-        if self.random_init:
-            _backbone({"arch": self.arch, "width": self.width, "cifar_stem": self.cifar_stem}, flags=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Keys of config files from before format_version besides today's flag names.
-_OLD_PRETRAIN_KEYS = frozenset({"momentum", "moco_version", "source", "extensions"})
-
-
-def _check_old_file(values: Mapping[str, Any], known: set[str]) -> None:
-    """A config without format_version is read as one of moco_tf's earlier versions only when every
-    key is a setting moco_tf had: another program's config.json is refused, never read as ours."""
-    foreign = sorted(set(values) - set(known))
-    if foreign:
-        raise ConfigError(
-            f"not a moco_tf config: no format_version, and key(s) moco_tf never writes ({', '.join(foreign[:3])})"
-        )
-
-
-def _json_values(text: str) -> Any:
+def json_values(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise ConfigError(f"not valid JSON ({error})") from None
 
 
-# ranges, checked once (NaN included: absl takes "nan")
-
-# Flags of every command line (train, knn, lincls, finetune, plot), by name: one meaning per name.
-_POSITIVE_INTS = ("epochs", "batch_size", "queue_size", "dim", "bn_groups", "image_size", "log_every",
-                  "keep_checkpoints", "knn_k", "k", "grid_queries", "grid_neighbours", "eval_every", "width")
-_NON_NEGATIVE_INTS = ("warmup_epochs", "checkpoint_every", "knn_every", "limit_train", "limit_val")
-MAX_INT = 2**31 - 1  # any integer setting above is a typo; seeds end there too
-_OPTIONAL_POSITIVE_INTS = ("steps_per_epoch", "max_steps", "steps_per_execution")
-_FLOAT_RANGES = {  # name: (low, high, low inclusive, high inclusive, wording)
-    "lr": (0.0, math.inf, False, False, "> 0"),
-    "temperature": (0.0, math.inf, False, False, "> 0"),
-    "moco_momentum": (0.0, 1.0, True, False, "in [0, 1)"),
-    "sgd_momentum": (0.0, 1.0, True, False, "in [0, 1)"),
-    "weight_decay": (0.0, math.inf, True, False, ">= 0"),
-    "knn_t": (0.0, math.inf, False, False, "> 0"),
-    "t": (0.0, math.inf, False, False, "> 0"),
-    "crop_min_scale": (0.0, 1.0, False, True, "in (0, 1]"),
-    "stop_grace_s": (0.0, math.inf, False, False, "> 0"),
-    "peer_timeout": (0.0, math.inf, False, False, "> 0"),
-}
-
-
-def _in_range(value: float, low: float, high: float, low_in: bool, high_in: bool) -> bool:
-    return (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
-
-
-def _check_types(sections: list[Any]) -> None:
+def check_types(sections: list[Any]) -> None:
     """Each setting of the type its field declares (a config built in Python is not checked by a parser)."""
     for section in sections:
         hints = typing.get_type_hints(type(section))
-        for field in _fields(type(section)):
+        for field in settings.settings_of(type(section)):
             if hints[field.name] is not BackboneSpec:  # a BackboneSpec checks itself
-                _typed(field.name, getattr(section, field.name), hints[field.name], flags=True)
+                settings.typed(field.name, getattr(section, field.name), hints[field.name], flags=True)
 
 
-def check_ranges(values: Mapping[str, Any]) -> None:
-    """The range table above for any settings by flag name (flags of a command line, or values read
-    from a file): a ConfigError naming the first one out of range."""
-    _check_table(values)
-
-
-def _check_table(values: Mapping[str, Any]) -> None:
-    """The range checks of the table above, for the settings `values` has; choices of Literal fields."""
-    for name, value in values.items():
-        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_INT:
-            raise ConfigError(f"--{name} must be at most 2**31 - 1, got {value}")
-    for name, (low, high, low_in, high_in, wording) in _FLOAT_RANGES.items():
-        if name in values:
-            value = values[name]
-            if not math.isfinite(value) or not _in_range(value, low, high, low_in, high_in):
-                raise ConfigError(f"--{name} must be a finite number {wording}, got {value}")
-    for name in _POSITIVE_INTS:
-        if values.get(name) is not None and values[name] < 1:
-            raise ConfigError(f"--{name} must be positive, got {values[name]}")
-    for name in _NON_NEGATIVE_INTS:
-        if name in values and values[name] < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {values[name]}")
-    for name in _OPTIONAL_POSITIVE_INTS:
-        if values.get(name) is not None and values[name] < 1:
-            raise ConfigError(f"--{name} must be positive (or unset), got {values[name]}")
-    for name, choices in (("aug", Augmentation), ("schedule", Schedule), ("mixed_precision", Precision),
-                          ("color_stage", ColorStage)):
-        if name in values and values[name] not in typing.get_args(choices):
-            raise ConfigError(f"--{name} must be one of {', '.join(typing.get_args(choices))}, got {values[name]!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# flattening, reading and writing
-
-
-def _shown(value: Any) -> str:
-    return ",".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)
-
-
-def _is_recipe(section: Any, field: dataclasses.Field) -> bool:
-    return field.metadata.get("recipe", type(section).RECIPE)
-
-
-def _fields(section_type: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(section_type) if f.name != "unrecorded"]
-
-
-def _leaves(config: Any, sections: tuple[str, ...] | None) -> Iterator[tuple[str, Any, bool]]:
-    """(flag name, value, is recipe) for every setting; a BackboneSpec gives arch, width, cifar_stem."""
-    for section in [getattr(config, s) for s in sections] if sections else [config]:
-        for field in _fields(type(section)):
-            value = getattr(section, field.name)
-            if isinstance(value, BackboneSpec):
-                for name, sub in value.to_dict().items():
-                    yield name, sub, _is_recipe(section, field)
-            else:
-                yield field.name, value, _is_recipe(section, field)
-
-
-def _section_to_dict(section: Any, unrecorded: frozenset[str]) -> dict[str, Any]:
+def section_to_dict(section: Any, unrecorded: frozenset[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for field in _fields(type(section)):
+    for field in settings.settings_of(type(section)):
         value = getattr(section, field.name)
         if isinstance(value, BackboneSpec):
             out[field.name] = value.to_dict()
@@ -749,19 +653,14 @@ def _section_to_dict(section: Any, unrecorded: frozenset[str]) -> dict[str, Any]
     return out
 
 
-def _section_from_dict(
-    section_type: type,
-    given: Mapping[str, Any],
-    section_name: str | None,
-    unrecorded: set[str],
-    ignore_unknown: bool = False,
-    flags: bool = False,
+def section_from_dict(
+    section_type: type, given: Mapping[str, Any], section_name: str | None, unrecorded: set[str]
 ) -> Any:
     """A section from its dict; missing keys keep the defaults and are added to `unrecorded`."""
     hints = typing.get_type_hints(section_type)
-    fields = {f.name: f for f in _fields(section_type)}
+    fields = {f.name: f for f in settings.settings_of(section_type)}
     unknown = sorted(set(given) - set(fields))
-    if unknown and not ignore_unknown:
+    if unknown:
         where = f"{section_name}.{unknown[0]}" if section_name else unknown[0]
         raise ConfigError(f"unknown config key {where!r} (written by a newer moco_tf?)")
     kwargs = {}
@@ -769,24 +668,19 @@ def _section_from_dict(
         if hints[name] is BackboneSpec:
             if name not in given:
                 raise ConfigError("the config records no backbone (arch)")
-            kwargs[name] = _backbone(given[name], flags)
+            kwargs[name] = backbone_spec(given[name], flags=False)
         elif name in given:
-            kwargs[name] = _typed(name, given[name], hints[name], flags)
+            kwargs[name] = settings.typed(name, given[name], hints[name], flags=False)
         else:
             unrecorded.add(name)
     return section_type(**kwargs)
 
 
-_BACKBONE_KEYS = ("arch", "width", "cifar_stem")
-
-
-def _backbone(values: Any, flags: bool) -> BackboneSpec:
+def backbone_spec(values: Any, flags: bool) -> BackboneSpec:
     """A BackboneSpec, its errors worded for flags (--width ...) or for a file (width ...)."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"backbone must be an object, got {values!r}")
-    if flags:  # absent flags keep the defaults
-        values = {**BackboneSpec().to_dict(), **{k: v for k, v in values.items() if v is not None}}
-    elif values.get("arch") is None:
+    if values.get("arch") is None:
         raise ConfigError("the config records no arch")
     try:
         get_backbone(values["arch"])
@@ -800,46 +694,6 @@ def _backbone(values: Any, flags: bool) -> BackboneSpec:
         return BackboneSpec.from_dict(values)
     except ValueError as error:
         raise ConfigError(f"{dash}{error}") from None
-
-
-def _from_flat(values: Mapping[str, Any], flags: bool) -> PretrainConfig:
-    """From one object of flag values: flags, or config.json as moco_tf wrote it before format 2
-    (`momentum` = the key encoder's m; keys it does not know, such as moco_version, are ignored)."""
-    values = dict(values)
-    if not flags and "momentum" in values and "moco_momentum" not in values:
-        values["moco_momentum"] = values.pop("momentum")
-    unrecorded: set[str] = set()
-    sections = {}
-    for name, section_type in zip(PretrainConfig.SECTIONS, _SECTION_TYPES, strict=True):
-        names = {f.name for f in _fields(section_type)}
-        # A null where the type has no None (a key an older version wrote as null) counts as absent.
-        given = {k: v for k, v in values.items() if k in names and (v is not None or _optional_field(section_type, k))}
-        if "backbone" in names:
-            given["backbone"] = {k: values[k] for k in _BACKBONE_KEYS if k in values}
-        sections[name] = _section_from_dict(section_type, given, name, unrecorded, flags=flags)
-    if flags:
-        return PretrainConfig(**sections)
-    return PretrainConfig(**sections, source=_source(values), unrecorded=_older_files_implied(unrecorded))
-
-
-# Recipe fields added after config.json files existed, whose defaults are what every run before
-# them did: a file that records the augmentation but not these ran with the defaults, so they are
-# compared on resume (a resume with --flip=false is refused) instead of left out as unrecorded.
-_DEFAULTS_OF_OLDER_FILES = frozenset({"crop_min_scale", "flip", "blur"})
-
-
-def _older_files_implied(unrecorded: set[str]) -> frozenset[str]:
-    if "aug" in unrecorded:  # e.g. a converted checkpoint: its views are unknown altogether
-        return frozenset(unrecorded)
-    return frozenset(unrecorded - _DEFAULTS_OF_OLDER_FILES)
-
-
-def _optional_field(section_type: type, name: str) -> bool:
-    return _optional(typing.get_type_hints(section_type)[name])
-
-
-def _optional(hint: Any) -> bool:
-    return isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
 
 
 def _source(values: Mapping[str, Any]) -> str | None:
@@ -858,39 +712,3 @@ def _extensions(values: Mapping[str, Any]) -> tuple[dict[str, int], ...]:
     if not ok:
         raise ConfigError(f"extensions must be a list of {{from_epochs, to_epochs, at_step}} objects, got {given!r}")
     return tuple(dict(e) for e in given)
-
-
-def _typed(name: str, value: Any, hint: Any, flags: bool) -> Any:
-    """`value` as the field's type, or a ConfigError naming the key (the flag with `flags`).
-    Ranges, and the choices of a flag, are validate()'s to check."""
-    if _optional(hint):
-        if value is None:
-            return None
-        (hint,) = [h for h in typing.get_args(hint) if h is not type(None)]
-    if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif hint is str:
-        ok = isinstance(value, str)
-    elif typing.get_origin(hint) is Literal:
-        ok = value in typing.get_args(hint) or (flags and isinstance(value, str))
-    elif typing.get_origin(hint) is tuple:  # tuple[int, ...]
-        ok = isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        value = tuple(value) if ok else value
-    else:  # pragma: no cover - a new field type needs a rule here
-        raise TypeError(f"no rule for {name}: {hint}")
-    if not ok:
-        raise ConfigError(f"{'--' if flags else ''}{name} must be {_kind(hint)}, got {value!r}")
-    return value
-
-
-def _kind(hint: Any) -> str:
-    if typing.get_origin(hint) is Literal:
-        return "one of " + ", ".join(typing.get_args(hint))
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        hint, "a list of integers"
-    )
