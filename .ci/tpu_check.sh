@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI, after the main suite (.ci/run): the Cloud TPU install (requirements-tpu.txt and
-# requirements-tpu-nodeps.txt, README "Cloud TPU") in a second venv, checked to be TensorFlow's
+# requirements-tpu-nodeps.txt, docs/tpu.md) in a second venv, checked to be TensorFlow's
 # TPU build and no other TensorFlow, and the tests that matter most on a TPU run on it: the
 # static-shape colour stage equals the host's, a bf16 step, and tests/test_tpu_build.py (the
 # install itself; libtpu loads; a few quickstart steps with --steps_per_execution=2 and the colour

@@ -1,8 +1,8 @@
 """The value of pretraining, measured: fine-tuning on a fraction of CIFAR-10's labels from a moco_tf
 encoder against the same recipe from random initialisation.
 
-    .venv/bin/python benchmarks/finetune.py --data_dir=/work/data/cifar10 \
-        --pretrained=/work/runs/cifar10_w16_seed0,/work/runs/cifar10_w16_seed1 [--fractions=0.01,0.1 --seeds=0,1]
+    .venv/bin/python benchmarks/finetune.py --data_dir=CIFAR10_FOLDERS \
+        --pretrained=MODEL_DIR_SEED0,MODEL_DIR_SEED1 [--fractions=0.01,0.1 --seeds=0,1]
 
 Data: the CIFAR-10 JPEG folders DATA_DIR/{train,test}/<class>/*.jpg (`--dataset=folder`). For
 each label fraction a class-balanced subset of the 50,000 train images (`moco_tf.data.subsets`,

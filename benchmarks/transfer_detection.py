@@ -1,6 +1,6 @@
 """Transfer to detection, measured: MoCo pretraining on unlabelled crops of aerial scenes, then a
 KerasHub RetinaNet fine-tuned on the scenes' tree-crown boxes, from the moco_tf encoder against
-random init, AP on held-out pixels (issue 24).
+random init, AP on held-out pixels.
 
     .venv/bin/python benchmarks/transfer_detection.py [--cache_dir=~/.cache/moco_tf/deepforest]
         [--out_dir=benchmarks/out/transfer_detection] [--seeds=0,1] [--pretrain_epochs=30]

@@ -11,9 +11,10 @@ number of files, which on gs:// would be one request per file); a file that turn
 decode is handled by the pipeline, which replaces or drops it and records it in
 `Source.undecodable` (`UndecodableFiles`), reported once per epoch and in TensorBoard.
 Strict mode (`make_source(..., strict=True)`, --strict_data) instead decodes every file of a
-folder in full at start and refuses the first broken one. Measured on CIFAR-10's 60,000 32x32
-JPEGs on 2 busy cores: strict with simplejpeg ~9.5 s; strict without it (TensorFlow's decoder,
-which misses grey-filled JPEGs) ~17.5 s. At ImageNet size a full decode is ~2 ms a file.
+folder in full at start and refuses the first broken one: the only way to find a JPEG cut short
+that still ends in an end marker, at the cost of one full decode per file before training (its
+cost: benchmarks/RESULTS.md, "Strict data check"). simplejpeg, where installed, decodes faster
+and, unlike TensorFlow's decoder, notices grey-filled JPEGs.
 """
 
 from __future__ import annotations
@@ -445,7 +446,7 @@ def _validate_files(paths: list[str], decode: bool = False) -> tuple[list[str], 
 
     Strict mode's up-front check (threads, since much of it is I/O): the header and tail of
     every file (empty, truncated and non-image files) and, with `decode`, a full decode (see
-    `_decode_problem`; one decode per file, measured in the module docstring)."""
+    `_decode_problem`; one decode per file)."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
         reasons = list(pool.map(lambda p: _check_file(p, decode), paths, chunksize=256))
     good = [p for p, r in zip(paths, reasons, strict=True) if r is None]

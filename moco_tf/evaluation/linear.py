@@ -249,7 +249,7 @@ def compile_classifier(
 def exact_epochs(train_ds: tf.data.Dataset, steps_per_epoch: int) -> tf.data.Dataset:
     """Exactly steps_per_epoch batches an epoch, and Keras told so: on a dataset of unknown length
     (image files read with ignore_errors) Keras 3 counted one optimizer iteration more per epoch
-    than there were batches, running a per-step schedule ahead of the epochs (measured: 3 a pass of 2)."""
+    than there were batches, running a per-step schedule ahead of the epochs (3 a pass of 2)."""
     return train_ds.repeat().take(steps_per_epoch).apply(tf.data.experimental.assert_cardinality(steps_per_epoch))
 
 

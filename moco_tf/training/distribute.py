@@ -61,7 +61,9 @@ def make_strategy(
     if name == "multi_worker":
         tf_config = read_tf_config()
         if tf_config is None:
-            raise StrategyError("--strategy=multi_worker needs TF_CONFIG with a cluster (see README: several hosts)")
+            raise StrategyError(
+                "--strategy=multi_worker needs TF_CONFIG with a cluster (see docs/training.md, several hosts)"
+            )
         return multi_worker(tf_config, peer_timeout_s)
     if name == "mirrored":
         return mirrored()

@@ -4,10 +4,10 @@
 each saying what to set. pretrain() prints them on stderr before the first step; they warn,
 never refuse, because a run may mean to do it (a benchmark of the official recipe on a subset).
 
-What they catch, with the numbers that motivated them (README, "Quickstart, measured"): the
-digits quickstart once ran a queue of 1,024 keys over 1,438 images (71%), 11 steps an epoch,
-crops down to 20% of an 8x8 digit, flips, and a blur whose kernel is 3 pixels at 32 px; kNN
-top-1 fell from 78.55% to 75.21%.
+What they catch is what made a small-data recipe worse than no training: a queue that is a
+large share of the images (a query's own image then sits among its negatives), too few steps an
+epoch, a queue that never fills, a blur too small to change small images, flipped digits. The
+recipe that had all of them, and what it did to kNN top-1: benchmarks/RESULTS.md, "Quickstart".
 """
 
 from __future__ import annotations
