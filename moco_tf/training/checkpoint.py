@@ -99,13 +99,15 @@ def write_config(model_dir: str, config: PretrainConfig) -> None:
         raise CheckpointError(f"cannot write {path}: {_reason(error)}") from None
 
 
-def build_model(config: PretrainConfig) -> MoCo:
-    """The MoCo model `config.model` describes, its input size fixed to `config.data.image_size`."""
+def build_model(config: PretrainConfig, color_in_step: bool = False) -> MoCo:
+    """The MoCo model `config.model` describes, its input size fixed to `config.data.image_size`;
+    `color_in_step`: its train step runs the colour stage of `config.data`'s views (MoCo's argument)."""
     m, backbone = config.model, config.model.backbone
     return MoCo(
         backbone=backbone, dim=m.dim,
         queue_size=m.queue_size, momentum=m.moco_momentum, temperature=m.temperature, mlp=m.mlp,
         shuffle_bn=m.shuffle_bn, bn_groups=m.bn_groups, symmetric=m.symmetric, image_size=config.data.image_size,
+        aug=config.data.aug, blur=config.data.blur, color_in_step=color_in_step,
     )
 
 
