@@ -305,9 +305,9 @@ def pretrain_dataset(
         ds = _with_seeds(ds, base, 2, start_step).map(lambda example, seed: (example[0], seed, example[1]))
 
     def element(crops, color_seed, ids) -> PretrainBatch:
-        if not color_in_step:
-            crops = augment.views_from_crops(crops, color_seed, aug, image_size, views.blur)
-        return PretrainBatch(views=crops, color_seed=color_seed, ids=ids)
+        # Coloured here on the host, unless the train step colours them (MoCo(color_in_step=True)).
+        pairs = crops if color_in_step else augment.views_from_crops(crops, color_seed, aug, image_size, views.blur)
+        return PretrainBatch(views=pairs, color_seed=color_seed, ids=ids)
 
     ds = ds.map(element, num_parallel_calls=AUTOTUNE)
     return _options(ds.prefetch(AUTOTUNE), input_context)
