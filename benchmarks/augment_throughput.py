@@ -100,14 +100,12 @@ def run_moco_tf(folder: str, image_size: int, batch: int, workers: int, seconds:
     from moco_tf.data import pipelines, sources
 
     source = sources.make_source("folder", folder)
-    ds = pipelines.pretrain_dataset(source, "train", image_size, "v2", batch, seed=0, color_on_device=crops_only)
+    ds = pipelines.pretrain_dataset(source, "train", image_size, "v2", batch, seed=0, color_in_step=crops_only)
     options = tf.data.Options()
     options.threading.private_threadpool_size = workers
     ds = ds.with_options(options)
     shape = (batch, 2, image_size, image_size, 3)
-    if crops_only:
-        return _time_batches(iter(ds), batch, seconds, lambda x: x["crops"].shape == shape)
-    return _time_batches(iter(ds), batch, seconds, lambda x: x.shape == shape)
+    return _time_batches(iter(ds), batch, seconds, lambda x: x["views"].shape == shape)
 
 
 # ----------------------------------------------------------------------------------------------

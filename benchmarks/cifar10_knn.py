@@ -114,7 +114,7 @@ def run_seed(seed: int, source, args, lr: float, steps_per_epoch: int, steps: in
     seconds = {"moco_tf": 0.0, "torch": 0.0}
     losses = {"moco_tf": [], "torch": []}
     for step in range(steps):
-        views = next(views_stream).numpy()
+        views = next(views_stream)["views"].numpy()
         if train_tf:
             start = time.time()
             losses["moco_tf"].append(float(model.train_on_batch(views, return_dict=True)["loss"]))

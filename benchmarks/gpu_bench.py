@@ -13,7 +13,6 @@ benchmarks/gpu.sh runs it with the PyTorch reference and the host pipeline.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -27,7 +26,6 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from step_time import LR, WD, batch_data, time_moco_tf  # noqa: E402
 
-from moco_tf.data import augment  # noqa: E402
 from moco_tf.models.moco import MoCo  # noqa: E402
 from moco_tf.training.config import PRECISION_POLICIES  # noqa: E402
 from moco_tf.training.optimizers import SGD  # noqa: E402
@@ -38,12 +36,9 @@ SIZE = 224
 def build(policy: str, jit: bool, color_in_step: bool) -> MoCo:
     keras.mixed_precision.set_global_policy(PRECISION_POLICIES[policy])
     # The official v2 recipe on one GPU: queue 65536, T 0.2, m 0.999, MLP head, no BN groups.
-    model = MoCo("resnet50", queue_size=65536, moco_momentum=0.999, temperature=0.2, mlp=True, image_size=SIZE)
+    model = MoCo("resnet50", queue_size=65536, moco_momentum=0.999, temperature=0.2, mlp=True, image_size=SIZE,
+                 aug="v2", color_in_step=color_in_step)  # fmt: skip
     model.compile(optimizer=SGD(LR, momentum=0.9, weight_decay=WD), jit_compile=jit)
-    if color_in_step:
-        model.views_from_crops = functools.partial(
-            augment.views_from_crops, version="v2", image_size=SIZE, static_shapes=True
-        )
     return model
 
 

@@ -14,7 +14,6 @@ and the best round of each counts. The torch side uses CUDA when torch sees a GP
 """
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -26,7 +25,6 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from moco_tf.data import augment  # noqa: E402
 from moco_tf.models.moco import MoCo  # noqa: E402
 from moco_tf.training.config import PRECISION_POLICIES  # noqa: E402
 from moco_tf.training.optimizers import SGD  # noqa: E402
@@ -47,7 +45,7 @@ def time_moco_tf(model: MoCo, views: np.ndarray, steps: int) -> float:
     if views.dtype == np.uint8:  # crop pairs: the colour stage in the step, a new draw each step
         crops = tf.constant(views)
         dataset = tf.data.Dataset.range(1 << 30).map(
-            lambda i: {"crops": crops, "color_seed": tf.stack([i, tf.constant(7, tf.int64)])}
+            lambda i: {"views": crops, "color_seed": tf.stack([i, tf.constant(7, tf.int64)])}
         )
     else:
         dataset = tf.data.Dataset.from_tensors(tf.constant(views)).repeat()
@@ -98,16 +96,12 @@ def main() -> None:
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
 
     model = MoCo(args.arch, queue_size=args.queue_size, moco_momentum=0.99, temperature=0.1, mlp=args.mlp,
-                 width=args.width, cifar_stem=args.cifar_stem, bn_groups=args.bn_groups,
-                 image_size=args.image_size)  # fmt: skip
+                 width=args.width, cifar_stem=args.cifar_stem, bn_groups=args.bn_groups, image_size=args.image_size,
+                 aug="v2", color_in_step=args.color_in_step)  # fmt: skip
     model.compile(optimizer=SGD(LR, momentum=0.9, weight_decay=WD), jit_compile=args.jit_compile)
     shape = (args.batch_size, 2, args.image_size, args.image_size, 3)
     views = batch_data(shape, color_in_step=False)  # the torch step's input
     data = batch_data(shape, color_in_step=True) if args.color_in_step else views  # moco_tf's
-    if args.color_in_step:
-        model.views_from_crops = functools.partial(
-            augment.views_from_crops, version="v2", image_size=args.image_size, static_shapes=True
-        )
     trainer = None
     if args.torch:
         import torch

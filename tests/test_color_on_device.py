@@ -1,6 +1,7 @@
 """The colour stage on the accelerator (`--color_stage=device`): the host only crops, the train step
-colours, and the views are the host's views: same draws, equal to float rounding, with and
-without XLA, for decoded arrays and for encoded files, and the same training steps."""
+colours (the model's own `augment.ColorStage`, `MoCo(color_in_step=True)`), and the views are the
+host's views: same draws, equal to float rounding, with and without XLA, for decoded arrays and for
+encoded files, and the same training steps."""
 
 import numpy as np
 import pytest
@@ -81,13 +82,16 @@ def test_pipeline_crops_then_step_colour_equals_host_views(kind, tmp_path):
         source, size = sources.make_source("folder", data_dir=str(tmp_path)), 16
     options = augment.ViewOptions(crop_min_scale=0.5)
     common = dict(source=source, split=source.pretrain_split, image_size=size, aug="v2", global_batch_size=8,
-                  seed=3, start_step=1, views=options, with_ids=True)
+                  seed=3, start_step=1, views=options)
     host = list(pipelines.pretrain_dataset(**common).take(2))
-    crops = list(pipelines.pretrain_dataset(**common, color_on_device=True).take(2))
+    crops = list(pipelines.pretrain_dataset(**common, color_in_step=True).take(2))
+    color_stage = augment.ColorStage("v2", size, options.blur)  # what MoCo(color_in_step=True) runs
     for h, c in zip(host, crops, strict=True):
-        assert c["crops"].dtype == tf.uint8 and c["crops"].shape == (8, 2, size, size, 3)
+        assert set(c) == set(h)  # one batch type either way
+        assert c["views"].dtype == tf.uint8 and c["views"].shape == (8, 2, size, size, 3)
         np.testing.assert_array_equal(c["ids"], h["ids"])
-        views = augment.views_from_crops(c["crops"], c["color_seed"], "v2", size, options.blur, static_shapes=True)
+        np.testing.assert_array_equal(c["color_seed"], h["color_seed"])
+        views = color_stage(c["views"], c["color_seed"])
         np.testing.assert_allclose(views, h["views"], atol=ATOL)
 
 
@@ -107,7 +111,7 @@ def test_training_with_the_colour_stage_in_the_step(tmp_path):
     runs = {}
     for name, stage, jit in (("host", "host", False), ("device", "device", False), ("device_xla", "device", True)):
         model, history = moco_tf.pretrain(_tiny(str(tmp_path / name), stage, jit), progress="none")
-        assert (model.views_from_crops is not None) == (stage == "device")
+        assert model.color_in_step == (model.color_stage is not None) == (stage == "device")
         runs[name] = (history["loss"][0], model.encoder_q.weights[0].numpy(), model.queue.numpy())
     loss, weights, queue = runs["host"]
     for name in ("device", "device_xla"):
@@ -130,12 +134,34 @@ def test_colour_stage_in_the_step_of_each_mirrored_replica(tmp_path):
 
 def test_auto_keeps_the_colour_stage_on_a_cpu_host(tmp_path):
     model, _ = moco_tf.pretrain(_tiny(str(tmp_path / "auto"), "auto"), progress="none")
-    assert model.views_from_crops is None
+    assert not model.color_in_step and model.color_stage is None
 
 
 def test_crops_without_a_colour_stage_are_refused():
     model = MoCo(arch="resnet18", width=8, cifar_stem=True, dim=8, queue_size=16, image_size=16)
     model.compile(optimizer=SGD(0.1))
     crops = tf.zeros([8, 2, 16, 16, 3], tf.uint8)
-    with pytest.raises(ValueError, match="views_from_crops"):
-        model.train_on_batch({"crops": crops, "color_seed": tf.constant([1, 2], tf.int64)})
+    with pytest.raises(ValueError, match="color_in_step=True"):
+        model.train_on_batch({"views": crops, "color_seed": tf.constant([1, 2], tf.int64), "ids": tf.range(8)})
+
+
+def test_views_with_a_colour_stage_are_refused():
+    model = MoCo(arch="resnet18", width=8, cifar_stem=True, dim=8, queue_size=16, image_size=16, aug="v2",
+                 color_in_step=True)  # fmt: skip
+    model.compile(optimizer=SGD(0.1))
+    views = tf.zeros([8, 2, 16, 16, 3], tf.float32)
+    with pytest.raises(ValueError, match="color_in_step=False"):
+        model.train_on_batch({"views": views, "color_seed": tf.constant([1, 2], tf.int64), "ids": tf.range(8)})
+    with pytest.raises(ValueError, match="needs image_size"):
+        MoCo(arch="resnet18", width=8, cifar_stem=True, dim=8, queue_size=16, color_in_step=True)
+
+
+def test_the_colour_stage_is_part_of_the_model_config():
+    model = MoCo(arch="resnet18", width=8, cifar_stem=True, dim=8, queue_size=16, image_size=16, aug="v2",
+                 blur=False, color_in_step=True)  # fmt: skip
+    config = model.get_config()
+    assert (config["aug"], config["blur"], config["color_in_step"]) == ("v2", False, True)
+    again = MoCo.from_config(config)
+    stage = again.color_stage
+    assert (stage.version, stage.image_size, stage.blur) == ("v2", 16, False)
+    assert not hasattr(again, "views_from_crops")  # nothing to set from outside

@@ -47,8 +47,11 @@ def test_digits_source_and_pipelines():
     assert train_images[:, 0, 0].max() == 0 and train_images.max() == 255
     np.testing.assert_array_equal(train_images[..., 0], train_images[..., 2])
 
-    views = next(iter(pipelines.pretrain_dataset(source, "train", 32, "v2", 16, seed=0)))
+    batch = next(iter(pipelines.pretrain_dataset(source, "train", 32, "v2", 16, seed=0)))
+    assert set(batch) == set(pipelines.PretrainBatch.__annotations__)  # the one batch type
+    views = batch["views"]
     assert views.shape == (16, 2, 32, 32, 3) and views.dtype == tf.float32
+    assert batch["ids"].shape == (16,) and batch["ids"].dtype == tf.int32
     assert np.abs(views[:, 0] - views[:, 1]).max(axis=(1, 2, 3)).min() > 0.1  # independent views
 
     images, labels = next(iter(pipelines.labelled_dataset(source, "test", 32, 359)))
@@ -68,11 +71,11 @@ def test_cifar_folder_source(cifar_dir):
     assert len(source.undecodable) == 0
 
     ds = pipelines.pretrain_dataset(source, "train", 32, "v2", 8, seed=1)
-    assert ds.element_spec.shape == (8, 2, 32, 32, 3)  # static: drop_remainder
-    batches = [b.numpy() for b in ds.take(6)]  # 48 > 40 images: repeats into the next epoch
+    assert ds.element_spec["views"].shape == (8, 2, 32, 32, 3)  # static: drop_remainder
+    batches = [b["views"].numpy() for b in ds.take(6)]  # 48 > 40 images: repeats into the next epoch
     assert all(b.shape == (8, 2, 32, 32, 3) for b in batches)
-    again = [b.numpy() for b in pipelines.pretrain_dataset(source, "train", 32, "v2", 8, seed=1).take(2)]
-    other = next(iter(pipelines.pretrain_dataset(source, "train", 32, "v2", 8, seed=2))).numpy()
+    again = [b["views"].numpy() for b in pipelines.pretrain_dataset(source, "train", 32, "v2", 8, seed=1).take(2)]
+    other = next(iter(pipelines.pretrain_dataset(source, "train", 32, "v2", 8, seed=2)))["views"].numpy()
     np.testing.assert_array_equal(batches[0], again[0])
     np.testing.assert_array_equal(batches[1], again[1])
     assert np.abs(batches[0] - other).max() > 0.5
@@ -125,7 +128,7 @@ def test_sharding_with_input_context(cifar_dir):
         ctx = tf.distribute.InputContext(
             num_input_pipelines=2, input_pipeline_id=pipeline, num_replicas_in_sync=2
         )
-        views = next(iter(pipelines.pretrain_dataset(source, "train", 16, "v1", 8, seed=0, input_context=ctx)))
+        views = next(iter(pipelines.pretrain_dataset(source, "train", 16, "v1", 8, seed=0, input_context=ctx)))["views"]
         assert views.shape == (4, 2, 16, 16, 3)  # per-replica share of the global batch
         images = [x.numpy() for x, _ in pipelines.labelled_dataset(source, "test", 16, 16, input_context=ctx)]
         labels.append(
@@ -181,7 +184,7 @@ def test_folder_with_corrupt_files_lists_them_then_skips_and_names_them(messy_di
     assert len(warnings) == 4 and all("cannot decode image" in w for w in warnings)
     summary = source.undecodable.summary()
     assert summary.startswith("4 image file(s) could not be decoded") and "\n" not in summary
-    views = next(iter(pipelines.pretrain_dataset(source, "train", 32, "v2", 15, seed=0)))
+    views = next(iter(pipelines.pretrain_dataset(source, "train", 32, "v2", 15, seed=0)))["views"]
     assert views.shape == (15, 2, 32, 32, 3) and np.isfinite(views.numpy()).all()
     assert len(source.undecodable) == 4 and source.undecodable.occurrences >= 8
 
@@ -198,7 +201,8 @@ def test_unlabelled_folder(cifar_dir, tmp_path):
         shutil.copy(os.path.join(cifar_dir, "train", "cat", name), tmp_path / name)
     source = sources.make_source("folder", str(tmp_path))
     assert source.num_classes is None and source.num_examples("train") == 6
-    assert next(iter(pipelines.pretrain_dataset(source, "train", 16, "v2", 4, seed=0))).shape == (4, 2, 16, 16, 3)
+    batch = next(iter(pipelines.pretrain_dataset(source, "train", 16, "v2", 4, seed=0)))
+    assert batch["views"].shape == (4, 2, 16, 16, 3)
     with pytest.raises(sources.DataError, match="no labels"):
         pipelines.labelled_dataset(source, "train", 16, 4)
 
@@ -267,7 +271,7 @@ def test_tfds_source(tmp_path):
     source = sources.make_source("moco_tiny_images", str(tmp_path))
     assert (source.num_classes, source.pretrain_split, source.eval_split) == (3, "train", "test")
     assert source.num_examples("train") == 30
-    views = next(iter(pipelines.pretrain_dataset(source, "train", 24, "v2", 8, seed=0)))
+    views = next(iter(pipelines.pretrain_dataset(source, "train", 24, "v2", 8, seed=0)))["views"]
     assert views.shape == (8, 2, 24, 24, 3)
     labels = np.concatenate([y for _, y in pipelines.labelled_dataset(source, "test", 24, 4)])
     np.testing.assert_array_equal(np.sort(labels), np.sort(np.arange(9) % 3))

@@ -21,7 +21,7 @@ def _stream(source, batch, start_step, count, seed=7, input_context=None):
     ds = pipelines.pretrain_dataset(
         source, "train", 16, "v1", batch, seed=seed, input_context=input_context, start_step=start_step
     )
-    return [b.numpy() for b in ds.take(count)]
+    return [b["views"].numpy() for b in ds.take(count)]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ contexts = []
 def dataset_fn(context):
     contexts.append([context.input_pipeline_id, context.num_input_pipelines, context.num_replicas_in_sync,
                      context.get_per_replica_batch_size(batch_size)])
-    return pipelines.pretrain_dataset(source, source.pretrain_split, 32, "v2", batch_size, 5, context, with_ids=True)
+    return pipelines.pretrain_dataset(source, source.pretrain_split, 32, "v2", batch_size, 5, context)
 
 iterator = iter(distribute.per_host_dataset(strategy, dataset_fn))
 steps = []
@@ -79,7 +79,7 @@ def test_one_host_with_two_replicas_is_one_pipeline_split_per_replica():
     def dataset_fn(context):
         contexts.append((context.input_pipeline_id, context.num_input_pipelines, context.num_replicas_in_sync))
         return pipelines.pretrain_dataset(
-            source, source.pretrain_split, 32, "v2", GLOBAL_BATCH, 5, context, with_ids=True
+            source, source.pretrain_split, 32, "v2", GLOBAL_BATCH, 5, context
         )
 
     batch = next(iter(distribute.per_host_dataset(strategy, dataset_fn)))

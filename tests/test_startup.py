@@ -79,12 +79,12 @@ def test_folder_source_opens_no_file(broken_dir, monkeypatch):
 def test_pretrain_stream_replaces_broken_files_and_keeps_positions(broken_dir):
     source = sources.make_source("folder", broken_dir)
     paths = list(source.splits["train"][0])
-    full = list(pipelines.pretrain_dataset(source, "train", 16, "v2", 4, seed=1, with_ids=True).take(6))
+    full = list(pipelines.pretrain_dataset(source, "train", 16, "v2", 4, seed=1).take(6))
     assert _names(source.undecodable.paths, broken_dir) == BROKEN
     assert "2 image file(s)" in source.undecodable.summary() and "\n" not in source.undecodable.summary()
     # Exact resume: from step 2 the stream is the uninterrupted one's, element for element,
     # although two files of every epoch (3 steps of 4) failed before that position.
-    resumed = pipelines.pretrain_dataset(source, "train", 16, "v2", 4, seed=1, start_step=2, with_ids=True)
+    resumed = pipelines.pretrain_dataset(source, "train", 16, "v2", 4, seed=1, start_step=2)
     resumed = list(resumed.take(4))
     for step, batch in enumerate(resumed, start=2):
         np.testing.assert_array_equal(batch["views"], full[step]["views"])

@@ -28,7 +28,7 @@ The colour stage has two forms with the same random draws: the host's (`static_s
 where each image pays only for its own ops (partitions, gathers of the chosen images), and the
 accelerator's (`static_shapes=True`), where every op runs on the whole batch and a per-image
 select keeps the drawn one: no data-dependent shape, so it compiles with XLA (TPU) and runs inside
-the train step, and the host only decodes, crops and flips (`views_from_crops`).
+the train step (`ColorStage`, a layer of the model), and the host only decodes, crops and flips.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import keras
 import tensorflow as tf
 
 from moco_tf.models.backbones import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (also imported from here)
@@ -612,7 +613,7 @@ def views_from_crops(
 
     `color_seed`: int64 [2], one draw over the 2N crops in image-major order (the pairs cropped
     from files), or [2, 2], view v of every image drawn from seed v (`crop_batch` per view).
-    The pipeline calls it on the host; the train step on the accelerator (`static_shapes`).
+    The pipeline calls it on the host; the model's `ColorStage` in the train step (`static_shapes`).
     """
     crops = tf.convert_to_tensor(crops_uint8)
     n = tf.shape(crops)[0]
@@ -630,6 +631,34 @@ def views_from_crops(
         )
     views.set_shape(crops.shape)
     return views
+
+
+class ColorStage(keras.layers.Layer):
+    """The colour stage run inside the train step: a batch's uint8 crop pairs [N, 2, S, S, 3] and its
+    colour seed -> exactly the float32 views the host pipeline would have made from them
+    (`views_from_crops` in its accelerator form, which compiles with XLA). No weights.
+
+    float32 whatever the global precision policy: the draws and the views must be the host's.
+    """
+
+    def __init__(self, version: str, image_size: int, blur: bool = True, **kwargs):
+        super().__init__(**{**kwargs, "dtype": "float32"})
+        _config(version)  # a ValueError naming the known versions
+        self.version, self.image_size, self.blur = version, image_size, blur
+
+    def call(self, crops: tf.Tensor, color_seed: tf.Tensor) -> tf.Tensor:
+        if crops.dtype != tf.uint8:
+            raise ValueError(
+                f"the colour stage colours uint8 crops, got {crops.dtype.name} views: the batch is already "
+                "coloured (pretrain_dataset(color_in_step=False)); build MoCo with color_in_step=False"
+            )
+        return views_from_crops(crops, color_seed, self.version, self.image_size, self.blur, static_shapes=True)
+
+    def compute_output_shape(self, crops_shape, color_seed_shape=None):
+        return crops_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "version": self.version, "image_size": self.image_size, "blur": self.blur}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,13 +1,10 @@
 """The tf.data pipelines of a `moco_tf.data.sources.Source`, for pretraining and evaluation.
 
-- `pretrain_dataset`: shuffled, repeated; each element one float32 tensor [B, 2, S, S, 3] of
-  two independent views (one tensor, not a tuple: MultiWorkerMirroredStrategy + Keras `fit`
-  is fragile with tuples), or with `with_ids` a dict {"views": that tensor, "ids": int32 [B]},
-  each image's index in its split (-1 for TFDS, whose records carry none). Encoded files are
-  cropped per file (JPEG: decode only the crop windows), then jitter/grayscale/blur run on
-  whole batches. `start_step` resumes the seeded
-  stream exactly for digits and folders (by arithmetic, reading no skipped file), and with a
-  fresh order, not bit-exact, for TFDS: see its docstring.
+- `pretrain_dataset`: shuffled, repeated batches of two views per image, each a `PretrainBatch`.
+  Encoded files are cropped per file (JPEG: decode only the crop windows), then
+  jitter/grayscale/blur run on whole batches (or in the train step: `color_in_step`).
+  `start_step` resumes the seeded stream exactly for digits and folders (by arithmetic, reading
+  no skipped file), and with a fresh order, not bit-exact, for TFDS: see its docstring.
 - `labelled_dataset`: (images [b, S, S, 3], labels int32 [b]) for kNN and the linear protocol.
 Both shard per input pipeline when given a `tf.distribute.InputContext`.
 """
@@ -15,12 +12,33 @@ Both shard per input pipeline when given a `tf.distribute.InputContext`.
 from __future__ import annotations
 
 import random
+from typing import TypedDict
 
 import numpy as np
 import tensorflow as tf
 
 from moco_tf.data import augment
 from moco_tf.data.sources import AUTOTUNE, DataError, Source
+
+
+class PretrainBatch(TypedDict):
+    """The one element type of `pretrain_dataset`, whatever its arguments: a dict with these keys
+    (B: the local batch, S: image_size). A dict, not a tuple: MultiWorkerMirroredStrategy + Keras
+    `fit` is fragile with tuples. `MoCo.train_step` takes it as it comes.
+
+    views: [B, 2, S, S, 3], two independent views of each image. float32, normalised; or, with
+        the colour stage in the train step (`color_in_step`), uint8 crops (cropped and flipped)
+        that the model's colour stage (`augment.ColorStage`, `MoCo(color_in_step=True)`) turns
+        into exactly the views the host would have made.
+    color_seed: int64 [2] or [2, 2], this batch's colour-stage seed (`augment.views_from_crops`);
+        already used when the views are float32.
+    ids: int32 [B], each image's index in its split (-1 for TFDS, whose records carry none): what
+        lets MoCo see when a query's own image is among the queue's negatives.
+    """
+
+    views: tf.Tensor
+    color_seed: tf.Tensor
+    ids: tf.Tensor
 
 
 def _check_image_size(source: Source, image_size: int) -> None:
@@ -195,20 +213,14 @@ def pretrain_dataset(
     input_context: tf.distribute.InputContext | None = None,
     start_step: int = 0,
     views: augment.ViewOptions = augment.OFFICIAL_VIEWS,
-    with_ids: bool = False,
-    color_on_device: bool = False,
+    color_in_step: bool = False,
 ) -> tf.data.Dataset:
-    """Two MoCo views per image: infinite batches float32 [local_batch, 2, S, S, 3].
+    """Two MoCo views per image: infinite `PretrainBatch`es of the local batch.
 
-    `color_on_device`: the host only decodes, crops and flips; each batch is {"crops": uint8
-    [local_batch, 2, S, S, 3], "color_seed": int64 [2] or [2, 2]} (plus "ids"), and
-    `augment.views_from_crops(crops, color_seed, ...)` in the train step makes exactly the views
-    this pipeline would have made (same draws); a quarter of the bytes cross to the device.
-
-    `views`: crop scale, flip and blur (default: the official recipe). `with_ids`: each batch is
-    {"views": the views, "ids": int32 [local_batch]}, the index of each image in `split` (-1 for
-    TFDS): what lets MoCo see when a query's own image is among the queue's negatives. The ids
-    do not change the views: the same seed gives the same views with and without them.
+    `views`: crop scale, flip and blur (default: the official recipe). `color_in_step`: the host
+    only decodes, crops and flips, and the batch's views are the uint8 crops, which the train step
+    colours (`MoCo(color_in_step=True)`) with the batch's colour seed: the same draws, so the same
+    views, and a quarter of the bytes cross to the device.
 
     Shuffled anew each epoch, drop_remainder (static shapes) over the repeated stream,
     prefetched. With a seed the stream is the same on every run (per input pipeline).
@@ -291,13 +303,11 @@ def pretrain_dataset(
             ds = ds.ignore_errors(log_warning=True).batch(batch, drop_remainder=True)
         # ...then the colour ops on whole batches of views (below, or in the train step).
         ds = _with_seeds(ds, base, 2, start_step).map(lambda example, seed: (example[0], seed, example[1]))
-    if color_on_device:
-        def element(crops, color_seed, ids):
-            return {"crops": crops, "color_seed": color_seed, **({"ids": ids} if with_ids else {})}
-    else:
-        def element(crops, color_seed, ids):
-            pair = augment.views_from_crops(crops, color_seed, aug, image_size, views.blur)
-            return {"views": pair, "ids": ids} if with_ids else pair
+
+    def element(crops, color_seed, ids) -> PretrainBatch:
+        # Coloured here on the host, unless the train step colours them (MoCo(color_in_step=True)).
+        pairs = crops if color_in_step else augment.views_from_crops(crops, color_seed, aug, image_size, views.blur)
+        return PretrainBatch(views=pairs, color_seed=color_seed, ids=ids)
 
     ds = ds.map(element, num_parallel_calls=AUTOTUNE)
     return _options(ds.prefetch(AUTOTUNE), input_context)

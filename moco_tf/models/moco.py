@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import keras
 import tensorflow as tf
 
+from moco_tf.data.augment import ColorStage
 from moco_tf.models import resnet
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.models.losses import info_nce
+
+if TYPE_CHECKING:
+    from moco_tf.data.pipelines import PretrainBatch
 
 
 class Encoder(keras.Model):
@@ -86,6 +91,10 @@ class MoCo(keras.Model):
         image_size: fixes the input size (static shapes); any size when None.
         width: the ResNet's base channels (64 standard; narrower only for CPU-budget experiments).
         backbone: instead of arch / width / cifar_stem, the BackboneSpec the run config holds.
+        aug, blur: the view recipe's augmentation version (v1/v2) and blur, for the colour stage.
+        color_in_step: the train step runs the colour stage (`augment.ColorStage`, on the
+            accelerator): the batches hold uint8 crops (`pretrain_dataset(color_in_step=True)`).
+            Needs image_size.
     """
 
     def __init__(
@@ -103,6 +112,9 @@ class MoCo(keras.Model):
         image_size: int | None = None,
         width: int = resnet.STANDARD_WIDTH,
         backbone: BackboneSpec | None = None,
+        aug: str = "v1",
+        blur: bool = True,
+        color_in_step: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -119,10 +131,15 @@ class MoCo(keras.Model):
             raise ValueError(f"moco_momentum must be in [0, 1), got {moco_momentum}")
         if queue_size < 1 or dim < 1 or bn_groups < 1:
             raise ValueError("queue_size, dim and bn_groups must be positive")
+        if color_in_step and image_size is None:
+            raise ValueError("color_in_step needs image_size (the colour stage's blur scales with it)")
         self.arch, self.dim, self.queue_size = arch, dim, queue_size
         self.moco_momentum, self.temperature, self.mlp = moco_momentum, temperature, mlp
         self.shuffle_bn, self.bn_groups, self.symmetric = shuffle_bn, bn_groups, symmetric
         self.cifar_stem, self.image_size, self.width = cifar_stem, image_size, width
+        self.aug, self.blur, self.color_in_step = aug, blur, color_in_step
+        # Owned here, not set from outside: what the step does to a batch follows from the arguments.
+        self.color_stage = ColorStage(aug, image_size, blur, name="color_stage") if color_in_step else None
 
         self.backbone_spec = backbone
         args = (backbone, dim, mlp, bn_groups, image_size)
@@ -149,9 +166,6 @@ class MoCo(keras.Model):
             trainable=False, aggregation="only_first_replica", name="queue_ids",
         )
         self._checkpoint_without_ids = False
-        # (crops, color_seed) -> views, run inside the step when the data holds crops
-        # ({"crops", "color_seed"}: colour augmentation on the accelerator); set by its user.
-        self.views_from_crops: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.pos_tracker = keras.metrics.Mean(name="logit_pos")
         self.neg_tracker = keras.metrics.Mean(name="logit_neg")
@@ -204,19 +218,19 @@ class MoCo(keras.Model):
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Every weight exists since __init__ and no loss or metric is compiled: only the optimizer
         # may need building. Keras's own symbolic build first reduces a batch across replicas, which
-        # MultiWorkerMirroredStrategy cannot do for the {"views", "ids"} dict (a TypeError on every
+        # MultiWorkerMirroredStrategy cannot do for the PretrainBatch dict (a TypeError on every
         # multi-worker run).
         if self.optimizer is not None and not self.optimizer.built:
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.encoder_q.trainable_variables)
 
     # ----------------------------------------------------------------------------- the step
-    def train_step(self, data):
-        """One step on a view pair (x_q, x_k), a tensor [N, 2, H, W, C], or a dict {"views": that
-        tensor, "ids": int [N]} (`pretrain_dataset(with_ids=True)`): with ids the step also logs
-        `self_neg` and records the ids of the keys it enqueues (-1 without). Instead of "views",
-        {"crops", "color_seed"} are made into views here by `views_from_crops`."""
-        x_q, x_k, ids = _unpack(data, self.views_from_crops)
+    def train_step(self, data: PretrainBatch | tf.Tensor | tuple[tf.Tensor, tf.Tensor]):
+        """One step on a `pipelines.PretrainBatch` (what `pretrain_dataset` yields), or, for a MoCo
+        fitted directly, on its views alone: a tensor [N, 2, H, W, C] or a pair (x_q, x_k). With ids
+        the step also logs `self_neg` and records the ids of the keys it enqueues (-1 without).
+        With `color_in_step` the batch's views are uint8 crops, coloured here by `color_stage`."""
+        x_q, x_k, ids = _unpack(data, self.color_stage)
         replica = tf.distribute.get_replica_context()
         local_batch = x_q.shape[0]
         if local_batch is not None:  # static shapes: checked while tracing, before any compute
@@ -338,6 +352,7 @@ class MoCo(keras.Model):
             temperature=self.temperature, mlp=self.mlp, shuffle_bn=self.shuffle_bn,
             bn_groups=self.bn_groups, symmetric=self.symmetric, cifar_stem=self.cifar_stem,
             image_size=self.image_size, width=self.width,
+            aug=self.aug, blur=self.blur, color_in_step=self.color_in_step,
         )
         return config
 
@@ -379,21 +394,28 @@ def check_queue_fits(queue_size: int, global_batch_size: int, symmetric: bool = 
         )
 
 
-def _unpack(data, views_from_crops=None):
-    """(x_q, x_k, ids or None) from a pair, one tensor [N, 2, H, W, C] (the multi-worker-safe
-    form), or a dict {"views": that tensor, "ids": [N]} or {"crops", "color_seed", "ids"}."""
+def _unpack(data, color_stage: ColorStage | None = None):
+    """(x_q, x_k, ids or None) from a `PretrainBatch`, a views tensor [N, 2, H, W, C] or a pair,
+    its views coloured by `color_stage` when the model has one."""
     if isinstance(data, (tuple, list)):
         data = [part for part in data if part is not None]  # train_on_batch passes (x, None, None)
         if len(data) == 1:
             data = data[0]
-        else:
+        elif color_stage is None:
             return data[0], data[1], None
-    if isinstance(data, dict):
-        if "crops" in data:
-            if views_from_crops is None:
-                raise ValueError("the data holds crops, not views: set MoCo.views_from_crops to colour them")
-            views = views_from_crops(data["crops"], data["color_seed"])
         else:
-            views = data["views"]
-        return views[:, 0], views[:, 1], data.get("ids")
-    return data[:, 0], data[:, 1], None
+            raise ValueError("a MoCo with color_in_step trains on PretrainBatch dicts (crops and their colour seed)")
+    if isinstance(data, dict):
+        views, color_seed, ids = data["views"], data.get("color_seed"), data.get("ids")
+    else:
+        views, color_seed, ids = data, None, None
+    if color_stage is not None:
+        if color_seed is None:
+            raise ValueError("a MoCo with color_in_step needs each batch's color_seed to colour its crops")
+        views = color_stage(views, color_seed)
+    elif tf.as_dtype(views.dtype) == tf.uint8:
+        raise ValueError(
+            "the batch holds uint8 crops still to colour (pretrain_dataset(color_in_step=True)): "
+            "build MoCo with color_in_step=True"
+        )
+    return views[:, 0], views[:, 1], ids

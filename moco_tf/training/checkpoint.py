@@ -100,11 +100,13 @@ def write_config(model_dir: str, config: PretrainConfig) -> None:
         raise CheckpointError(f"cannot write {path}: {_reason(error)}") from None
 
 
-def build_model(config: PretrainConfig) -> MoCo:
+def build_model(config: PretrainConfig, color_in_step: bool = False) -> MoCo:
     """The MoCo model `config.model` describes (MoCo takes its settings by the same names), its input
-    size fixed to `config.data.image_size`."""
+    size fixed to `config.data.image_size`; `color_in_step`: its train step runs the colour stage of
+    `config.data`'s views."""
     settings = {f.name: getattr(config.model, f.name) for f in dataclasses.fields(config.model)}
-    return MoCo(**settings, image_size=config.data.image_size)
+    return MoCo(**settings, image_size=config.data.image_size, aug=config.data.aug, blur=config.data.blur,
+                color_in_step=color_in_step)
 
 
 def config_values(config: PretrainConfig) -> dict[str, Any]:

@@ -12,7 +12,6 @@ the same model_dir resumes where the run stopped. `config` is a `PretrainConfig`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import random
@@ -25,7 +24,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from moco_tf.data import augment, pipelines, sources
+from moco_tf.data import pipelines, sources
 from moco_tf.errors import RunInterrupted, UserError
 from moco_tf.evaluation import knn
 from moco_tf.models import backbones
@@ -83,7 +82,7 @@ def _write_view_pairs(source: sources.Source, log_dir: str, config: PretrainConf
     data = config.data
     pairs = next(iter(pipelines.pretrain_dataset(
         source, source.pretrain_split, data.image_size, data.aug, 8, seed, views=data.view_options()
-    )))
+    )))["views"]
     mean, std = tf.constant(backbones.IMAGENET_MEAN), tf.constant(backbones.IMAGENET_STD)
     images = tf.clip_by_value(pairs * std + mean, 0.0, 1.0)  # [8, 2, S, S, 3]
     side_by_side = tf.concat([images[:, 0], images[:, 1]], axis=2)
@@ -247,7 +246,8 @@ def pretrain(
             lock.release()
 
 
-def _color_on_device(config: PretrainConfig, strategy: tf.distribute.Strategy) -> bool:
+def _color_in_step(config: PretrainConfig, strategy: tf.distribute.Strategy) -> bool:
+    """Whether the train step runs the colour stage (--color_stage; auto: where it has an accelerator)."""
     if config.runtime.color_stage == "auto":
         return distribute.has_accelerator(strategy)
     return config.runtime.color_stage == "device"
@@ -272,7 +272,7 @@ def _train(
     keras.mixed_precision.set_global_policy(PRECISION_POLICIES[config.runtime.mixed_precision])
 
     with strategy.scope():
-        model = checkpoint.build_model(config)
+        model = checkpoint.build_model(config, color_in_step=_color_in_step(config, strategy))
         optim = config.optim
         schedule = EpochSchedule(
             scaled_lr(optim.lr, optim.batch_size), steps_per_epoch, optim.epochs, optim.schedule,
@@ -281,12 +281,6 @@ def _train(
         optimizer = SGD(schedule, momentum=config.optim.sgd_momentum, weight_decay=config.optim.weight_decay)
         per_call = steps_per_execution(config, strategy)
         model.compile(optimizer=optimizer, jit_compile=config.runtime.jit_compile, steps_per_execution=per_call)
-        color_on_device = _color_on_device(config, strategy)
-        if color_on_device:
-            model.views_from_crops = functools.partial(
-                augment.views_from_crops, version=config.data.aug, image_size=config.data.image_size,
-                blur=config.data.view_options().blur, static_shapes=True,
-            )
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         # The data order's seed is part of the checkpoint, so a resumed run continues the same stream.
         # Created in scope: multi-worker strategies give every worker the chief's initial value.
@@ -368,8 +362,8 @@ def _train(
                 strategy,
                 lambda context, start=step, length=(epochs - initial_epoch) * steps: pipelines.pretrain_dataset(
                     source, source.pretrain_split, config.data.image_size, config.data.aug, optim.batch_size, seed,
-                    context, start_step=start, views=config.data.view_options(), with_ids=True,
-                    color_on_device=color_on_device,
+                    context, start_step=start, views=config.data.view_options(),
+                    color_in_step=model.color_in_step,
                 ).take(length if per_call > 1 else -1)
             )
             result = model.fit(
