@@ -325,12 +325,12 @@ def _train(
         log.info(f"resuming {model_dir} from step {int(optimizer.iterations.numpy())} (epoch {int(epoch.numpy())})")
         if config.runtime.init_from:
             log.info(f"--init_from is read at step 0 only: the weights are the checkpoint's, not those of "
-                  f"{config.runtime.init_from}")
+                     f"{config.runtime.init_from}")
         extended = warm_start.extension(saved, config)
         if extended and chief:
             step_now = int(optimizer.iterations.numpy())
             log.info(f"extending {model_dir} from {extended[0]} to {extended[1]} epochs at step {step_now}: "
-                  f"the {config.optim.schedule} schedule now runs over {extended[1]} epochs")
+                     f"the {config.optim.schedule} schedule now runs over {extended[1]} epochs")
             checkpoint.write_config(model_dir, warm_start.extended_config(saved, config, step_now))
     else:
         if config.runtime.init_from:
@@ -412,8 +412,9 @@ def _train(
         reached = int(optimizer.iterations.numpy())
         if reached > started:
             saver.save()
-            log.info(f"interrupted at step {reached}: checkpoint saved in {model_dir}; "
-                     "call pretrain again to resume")
+            if chief:
+                log.info(f"interrupted at step {reached}: checkpoint saved in {model_dir}; "
+                         "call pretrain again to resume")
         raise
     finally:
         stop.uninstall()
