@@ -1,11 +1,8 @@
-"""moco_tf: MoCo v1/v2 self-supervised pretraining in TensorFlow 2 + Keras 3."""
+"""moco_tf: MoCo v1/v2 self-supervised pretraining in TensorFlow 2 + Keras 3.
 
-from moco_tf._quiet_tf_startup import import_tensorflow_quietly
-
-# First, before any module of ours imports TensorFlow: `python -m moco_tf.X` runs this file
-# before moco_tf/X.py. Keeps TensorFlow's start-up notices (and, with no GPU driver, the
-# certain cuInit failure) off the screen unless TF_CPP_MIN_LOG_LEVEL is set; see the module.
-import_tensorflow_quietly()
+Importing it starts nothing and changes no setting: the quiet TensorFlow start-up is the command
+lines' (moco_tf.cli), and the library reports through `logging` (moco_tf.reporting).
+"""
 
 __version__ = "0.1.0"
 

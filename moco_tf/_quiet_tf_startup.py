@@ -25,6 +25,9 @@ The filter is a child process reading a pipe, so it cannot dead-lock on a full p
 still forwards what TensorFlow printed if the import kills the process (e.g. the FATAL line
 about missing AVX instructions). A user who sets TF_CPP_MIN_LOG_LEVEL (any value, 0 shows
 everything) gets TensorFlow's own behaviour, untouched.
+
+Only the command lines run it (`moco_tf.cli` at import): it sets an environment variable and
+redirects file descriptor 2 for a while, which a library imported into someone's program must not.
 """
 
 from __future__ import annotations

@@ -10,9 +10,12 @@ re-exported here, where earlier versions had it.
 
 from __future__ import annotations
 
+from moco_tf import cli  # first: importing it starts TensorFlow quietly (moco_tf.cli)
+
+# isort: split
 from absl import flags
 
-from moco_tf import cli, outputs
+from moco_tf import outputs
 from moco_tf.cli import flags as cli_flags
 from moco_tf.interop.torch import convert_to_export, convert_to_model_dir, load_torch_state_dict
 

@@ -17,11 +17,14 @@ what moco_tf wrote is ever replaced, and only with --overwrite).
 
 from __future__ import annotations
 
+from moco_tf import cli  # first: importing it starts TensorFlow quietly (moco_tf.cli)
+
+# isort: split
 import os
 
 from absl import flags
 
-from moco_tf import cli, outputs
+from moco_tf import outputs
 from moco_tf.cli import flags as cli_flags
 
 FLAGS = flags.FLAGS

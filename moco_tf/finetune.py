@@ -13,6 +13,9 @@ the labelled subset is `moco_tf.data.subsets`'. --lr is per 256 images (scaled l
 
 from __future__ import annotations
 
+from moco_tf import cli  # first: importing it starts TensorFlow quietly (moco_tf.cli)
+
+# isort: split
 import dataclasses
 import math
 import os
@@ -21,7 +24,7 @@ import keras
 import tensorflow as tf
 from absl import flags, logging
 
-from moco_tf import cli, outputs
+from moco_tf import outputs
 from moco_tf.cli import evaluation as cli_evaluation
 from moco_tf.cli import flags as cli_flags
 from moco_tf.data import sources, subsets

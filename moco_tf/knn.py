@@ -12,9 +12,12 @@ is re-exported here, where earlier versions had it.
 
 from __future__ import annotations
 
+from moco_tf import cli  # first: importing it starts TensorFlow quietly (moco_tf.cli)
+
+# isort: split
 from absl import flags, logging
 
-from moco_tf import cli, outputs
+from moco_tf import outputs
 from moco_tf.cli import evaluation as cli_evaluation
 from moco_tf.cli import flags as cli_flags
 from moco_tf.data.pipelines import labelled_dataset

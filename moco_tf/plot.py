@@ -8,11 +8,14 @@ curves look like, and the ones that mean trouble: README.md, "What normal looks 
 
 from __future__ import annotations
 
+from moco_tf import cli  # first: importing it starts TensorFlow quietly (moco_tf.cli)
+
+# isort: split
 import os
 
 from absl import flags
 
-from moco_tf import cli, outputs
+from moco_tf import outputs
 from moco_tf.cli import flags as cli_flags
 from moco_tf.evaluation import curves
 

@@ -8,13 +8,16 @@ run stopped. When stdout is not a terminal (a log file), progress is one plain l
 
 from __future__ import annotations
 
+from moco_tf import cli  # first: importing it starts TensorFlow quietly (moco_tf.cli)
+
+# isort: split
 import os
 import sys
 
 import keras
 from absl import flags, logging
 
-from moco_tf import cli, outputs
+from moco_tf import outputs
 from moco_tf.cli import flags as cli_flags
 from moco_tf.data.sources import DataError
 from moco_tf.interop import hub
@@ -66,6 +69,7 @@ def train_from_flags() -> keras.Model:
         progress="bar" if sys.stdout.isatty() else "lines",
         before_training=check_export if FLAGS.export_dir else None,
         init_weights=load_initial_weights,
+        handle_signals=True,  # SIGTERM / Ctrl-C: finish the step, save, exit 128 + signal
     )
     if FLAGS.export_dir and result.chief:
         extra = {"epochs": result.epochs_done, "dataset": config.data.dataset, "aug": config.data.aug,

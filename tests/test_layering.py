@@ -16,7 +16,7 @@ COMMAND_LINES = ("train", "knn", "lincls", "finetune", "export", "convert", "plo
 # (evaluation) trains with them too, so they sit with the ground floor, not with training; the
 # checkpoint finder too (lincls and finetune resume as train does).
 LEVELS = {
-    "errors": 0, "_quiet_tf_startup": 0, "outputs": 0,
+    "errors": 0, "_quiet_tf_startup": 0, "outputs": 0, "reporting": 0,
     "models": 1, "data": 1, "training.optimizers": 1, "training.schedules": 1, "training.checkpoint_files": 1,
     "evaluation": 2,
     "training": 3,

@@ -1,14 +1,18 @@
 """`moco_tf.pretrain(PretrainConfig)`: a whole run from Python, no flags (a notebook's way in),
-and the resume of a model_dir whose config.json is in the flat format of earlier versions."""
+the resume of a model_dir whose config.json is in the flat format of earlier versions, and an
+interrupt without signal handlers."""
 
 import json
+import logging
 import os
+import signal
 
 import numpy as np
 import pytest
 
 import moco_tf
 from moco_tf.models.backbones import BackboneSpec
+from moco_tf.training.callbacks import TrainingLogs
 from moco_tf.training.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig, RuntimeConfig
 
 
@@ -52,3 +56,36 @@ def test_pretrain_from_python_then_resume_an_old_flat_config(tmp_path):
             model=ModelConfig(**{**other.model.__dict__, "moco_momentum": 0.9}), data=other.data,
             optim=other.optim, runtime=other.runtime,
         ), progress="none")
+
+
+def test_interrupt_without_handlers_saves_the_step_reached_then_raises_and_a_rerun_resumes(tmp_path, monkeypatch,
+                                                                                            caplog):
+    """No signal handlers unless asked: a notebook's interrupt (KeyboardInterrupt, raised here by a
+    callback at step 3, mid-epoch) ends pretrain with that KeyboardInterrupt, after the step
+    reached is saved; calling pretrain again resumes there."""
+    model_dir = str(tmp_path / "run")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    seen_during_run = []
+    real_hook = TrainingLogs.on_train_batch_end
+
+    def interrupt_at_step_3(self, batch, logs=None):
+        real_hook(self, batch, logs)
+        seen_during_run.append({sig: signal.getsignal(sig) for sig in handlers})
+        if int(self.model.optimizer.iterations.numpy()) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainingLogs, "on_train_batch_end", interrupt_at_step_3)
+    caplog.set_level(logging.INFO, logger="moco_tf")
+    with pytest.raises(KeyboardInterrupt):
+        moco_tf.pretrain(_tiny(model_dir, max_steps=4), progress="none")
+    assert seen_during_run and all(seen == handlers for seen in seen_during_run)  # none installed
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    checkpoints = os.path.join(model_dir, "checkpoints")
+    assert os.path.exists(os.path.join(checkpoints, "ckpt-3.index"))  # not an epoch's end nor a multiple
+    assert any(f"interrupted at step 3: checkpoint saved in {model_dir}" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.setattr(TrainingLogs, "on_train_batch_end", real_hook)
+    caplog.clear()
+    result = moco_tf.pretrain(_tiny(model_dir, max_steps=4), progress="none")
+    assert int(result.model.optimizer.iterations.numpy()) == 4 and len(result.history["loss"]) == 1
+    assert any(f"resuming {model_dir} from step 3" in r.getMessage() for r in caplog.records)

@@ -1,7 +1,10 @@
-"""`import moco_tf` keeps TensorFlow's start-up notices off the screen (moco_tf/_quiet_tf_startup.py):
-INFO notices and, with no GPU driver, the cuInit failure go; warnings, errors and a crash's last
-words stay; a TF_CPP_MIN_LOG_LEVEL the user set is left alone. Fresh processes, clean env."""
+"""The command lines keep TensorFlow's start-up notices off the screen (moco_tf/_quiet_tf_startup.py,
+run by importing moco_tf.cli, which every command line imports first): INFO notices and, with no
+GPU driver, the cuInit failure go; warnings, errors and a crash's last words stay; a
+TF_CPP_MIN_LOG_LEVEL the user set is left alone. `import moco_tf` (the library) does none of it.
+Fresh processes, clean env."""
 
+import ast
 import os
 import re
 import subprocess
@@ -61,7 +64,11 @@ def fake_tf_env(tmp_path):
     return _clean_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
 
 
-REPORT = "import moco_tf, tensorflow, os, sys; print('level', os.environ.get('TF_CPP_MIN_LOG_LEVEL'), file=sys.stderr)"
+# What `python -m moco_tf.<command>` does first: import moco_tf.cli.
+REPORT = (
+    "import moco_tf.cli, tensorflow, os, sys; print('level', os.environ.get('TF_CPP_MIN_LOG_LEVEL'), file=sys.stderr)"
+)
+COMMAND_LINES = ("train", "knn", "lincls", "finetune", "export", "convert", "plot")
 
 
 def test_filter_drops_notices_and_keeps_warnings(fake_tf_env):
@@ -113,3 +120,51 @@ def test_real_tensorflow_start_up_is_quiet_unless_the_user_asks():
     # tf.data's warning for a skipped element (moco_tf.data relies on it for unreadable files)
     assert re.search(r"^W\d{4} .*ignore_errors_dataset_op", quiet.stderr, re.M), quiet.stderr
     assert "[np.float32(1.0)]" in quiet.stdout
+
+
+def test_importing_the_library_starts_nothing_and_changes_nothing(fake_tf_env):
+    """`import moco_tf` (and its lazy names' modules' parent) leaves TensorFlow unimported, the
+    environment as it was and stderr unfiltered: the caller's own `import tensorflow` prints what
+    TensorFlow prints. No child process is started."""
+    code = textwrap.dedent(
+        """
+        import os, subprocess, sys
+        started = []
+        real_init = subprocess.Popen.__init__
+        def spy(self, *args, **kwargs):
+            started.append(args)
+            real_init(self, *args, **kwargs)
+        subprocess.Popen.__init__ = spy
+        import moco_tf
+        print("after import:", "tensorflow" in sys.modules, os.environ.get("TF_CPP_MIN_LOG_LEVEL"), started,
+              file=sys.stderr)
+        import tensorflow
+        """
+    )
+    result = _python(code, fake_tf_env)
+    assert result.returncode == 0, result.stderr
+    assert "after import: False None []" in result.stderr
+    assert HEADER in result.stderr and ONEDNN in result.stderr  # the caller's import, untouched
+
+
+def test_every_command_line_imports_moco_tf_cli_first():
+    """`python -m moco_tf.X` imports moco_tf (now quiet-free), then moco_tf/X.py: its first import
+    must be moco_tf.cli, before anything that imports TensorFlow (keras, the library)."""
+    for name in COMMAND_LINES:
+        tree = ast.parse(open(os.path.join(ROOT, "moco_tf", f"{name}.py")).read())
+        imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+        imports = [node for node in imports if not (isinstance(node, ast.ImportFrom) and node.module == "__future__")]
+        first = imports[0]
+        assert isinstance(first, ast.ImportFrom) and first.module == "moco_tf", name
+        assert [alias.name for alias in first.names] == ["cli"], name
+
+
+def test_a_real_command_line_starts_quietly():
+    """`python -m moco_tf.train` with the real TensorFlow: no INFO notice, no absl header, and
+    (with no driver) no cuInit failure before its help."""
+    result = subprocess.run([sys.executable, "-m", "moco_tf.train", "--helpshort"], cwd=ROOT, env=_clean_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert "--model_dir" in result.stdout, result.stderr  # absl ends a help with status 1
+    assert not INFO_LINE.search(result.stderr) and HEADER not in result.stderr, result.stderr
+    if not nvidia_driver_present():
+        assert CUINIT not in result.stderr, result.stderr

@@ -5,6 +5,7 @@ linear: left out), name them and count them (a summary line, a TensorBoard scala
 import builtins
 import glob
 import io
+import logging
 import os
 
 import numpy as np
@@ -139,7 +140,7 @@ def _scalars(log_dir):
 
 
 @pytest.mark.slow  # a whole (tiny) run: ~15 s alone, 40 s on a loaded 2-core machine
-def test_a_run_on_broken_files_trains_and_reports_them(broken_dir, tmp_path, capsys):
+def test_a_run_on_broken_files_trains_and_reports_them(broken_dir, tmp_path, caplog):
     model_dir = str(tmp_path / "run")
     config = PretrainConfig(
         model=ModelConfig(BackboneSpec("resnet18", width=8, cifar_stem=True), dim=16, queue_size=16,
@@ -148,9 +149,10 @@ def test_a_run_on_broken_files_trains_and_reports_them(broken_dir, tmp_path, cap
         optim=OptimConfig(epochs=1, batch_size=4, lr=0.06),
         runtime=RuntimeConfig(seed=1, model_dir=model_dir, knn_every=0, checkpoint_every=0),
     )
+    caplog.set_level(logging.INFO, logger="moco_tf")  # the summary is an INFO record (moco_tf.reporting)
     result = moco_tf.pretrain(config, progress="none")
     assert int(result.model.optimizer.iterations.numpy()) == 3 and np.isfinite(result.history["loss"]).all()
-    lines = [line for line in capsys.readouterr().out.splitlines() if "could not be decoded" in line]
+    lines = [r.getMessage() for r in caplog.records if "could not be decoded" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("2 image file(s)")
     assert all(os.path.join(broken_dir, b) in lines[0] for b in BROKEN)
     assert _scalars(os.path.join(model_dir, "logs"))[-1] == 2.0

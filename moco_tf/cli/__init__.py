@@ -4,6 +4,8 @@ signal in one line and 128 + the signal's number, as shells report it.
 
 The command lines (`python -m moco_tf.train`, knn, lincls, export, convert) parse their flags
 (`moco_tf.cli.flags`), call the library and print; the library never imports this package.
+Each command line imports this package first: importing it starts TensorFlow quietly (below),
+and `run` shows the library's log records as the command lines print (`moco_tf.reporting`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,14 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from moco_tf import reporting
+from moco_tf._quiet_tf_startup import import_tensorflow_quietly
 from moco_tf.errors import RunFailed, RunInterrupted, UserError
+
+# At import, before any module of a command line imports TensorFlow (none of the above does):
+# keeps TensorFlow's start-up notices (and, with no GPU driver, the certain cuInit failure) off
+# the screen unless TF_CPP_MIN_LOG_LEVEL is set; see the module. The library never does this.
+import_tensorflow_quietly()
 
 __all__ = ["USER_ERRORS", "RunFailed", "RunInterrupted", "UsageError", "reject_extra_arguments", "run"]
 
@@ -44,7 +53,8 @@ def run(
     argv: list[str] | None = None,
 ) -> None:
     """absl's app.run(main), reporting USER_ERRORS and `user_errors` in one line (status 2),
-    RunFailed in one line (status 1) and RunInterrupted in one line (status 128 + signal)."""
+    RunFailed in one line (status 1) and RunInterrupted in one line (status 128 + signal); the
+    library's log records meanwhile on stdout (INFO) and stderr ("warning: ...")."""
     from absl import app
 
     caught = USER_ERRORS + tuple(user_errors)
@@ -65,7 +75,8 @@ def run(
             sys.exit(2)
 
     try:
-        app.run(wrapped, argv=argv)
+        with reporting.console():  # the library's log records, printed as the command lines print
+            app.run(wrapped, argv=argv)
     except (UnicodeError, OSError) as error:  # reading the flags: a --flagfile of bytes, not text
         if os.environ.get(TRACEBACK_VARIABLE):
             raise

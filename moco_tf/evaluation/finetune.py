@@ -19,6 +19,7 @@ command line does, it trains on the very data an uninterrupted run would: exact 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from moco_tf import reporting
 from moco_tf.evaluation.linear import (
     EpochData,
     _finite_datasets,
@@ -158,6 +160,7 @@ class _EpochEnd(keras.callbacks.Callback):
         )
 
 
+@reporting.shown_unless_configured()
 def finetune(
     model: FineTuneClassifier,
     train_ds: EpochData,
@@ -170,7 +173,7 @@ def finetune(
     weight_decay: float = 0.0,
     model_dir: str | None = None,
     eval_every: int = 1,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
     strategy: tf.distribute.Strategy | None = None,
     chief: bool = True,
     tensorboard: bool = True,
@@ -187,10 +190,13 @@ def finetune(
     eval_every: top-1/top-5 on val_ds every N epochs and after the last; 0: never (call `evaluate`).
     strategy: the model must have been made in its scope (`build_classifier`); `chief`: whether
         this process writes files. tensorboard: epoch scalars in model_dir/logs.
+    log: where the epoch lines and notices go; default an INFO record of this module's logger
+        (shown on stdout for the call where logging is not configured: moco_tf.reporting).
     repair_broken: move a broken newest checkpoint into model_dir/checkpoints/broken/ (it is
         always named and skipped); only for a model_dir proven to be this command's own
         (`moco_tf.cli.evaluation.is_own_model_dir`).
     """
+    log = log or logging.getLogger(__name__).info
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
         optimizer = make_optimizer(lr, momentum, nesterov, weight_decay, steps_per_epoch, epochs)

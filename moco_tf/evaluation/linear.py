@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from moco_tf import outputs
+from moco_tf import outputs, reporting
 from moco_tf.data.pipelines import pass_seed
 from moco_tf.evaluation.frozen import FrozenBackbone
 from moco_tf.evaluation.knn import extract_features
@@ -145,6 +146,7 @@ class _Checkpointer(keras.callbacks.Callback):
 EpochData = tf.data.Dataset | Callable[[int], tf.data.Dataset]
 
 
+@reporting.shown_unless_configured()
 def train_linear(
     backbone: FrozenBackbone | None,
     train_ds: EpochData,
@@ -157,7 +159,7 @@ def train_linear(
     weight_decay: float = 0.0,
     milestones: Sequence[int] = (60, 80),
     model_dir: str | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
     strategy: tf.distribute.Strategy | None = None,
     chief: bool = True,
     seed: int | None = None,
@@ -174,10 +176,13 @@ def train_linear(
     strategy: the classifier and its optimizer are made in its scope, and `fit` splits every
         (global) batch over its replicas and workers; `chief`: whether this process writes files.
     seed: of the classifier's initialisation (None: unseeded), so a run with a seed repeats.
+    log: where the epoch lines and notices go; default an INFO record of this module's logger
+        (shown on stdout for the call where logging is not configured: moco_tf.reporting).
     repair_broken: a broken newest checkpoint (named through `log`, the previous one used) is
         moved into model_dir/broken/; only for a model_dir proven to be this command's own
         (`moco_tf.cli.evaluation.is_own_model_dir`, checked before the run writes its config). Otherwise it stays.
     """
+    log = log or logging.getLogger(__name__).info
     strategy = strategy or tf.distribute.get_strategy()
     inputs, labels = next(iter(val_ds.take(1)))
     if seed is not None:

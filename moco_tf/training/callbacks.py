@@ -6,13 +6,17 @@ end of a fit() call), so everything here reads the step from the optimizer, neve
 and a line or checkpoint due every K steps is done at the end of the call that reaches or passes a
 multiple of K (exactly at it when the calls are aligned: K a multiple of N and an epoch a multiple
 of N, or the run in one fit() call).
+
+The epoch summary and the per-step lines are progress output, like Keras's bar: written to stdout
+by the callback itself (the caller chose them with pretrain's `progress`), not logged. The notices
+of a stop on a signal are log records (moco_tf.reporting).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -21,6 +25,9 @@ import numpy as np
 import tensorflow as tf
 
 from moco_tf.errors import RunFailed
+from moco_tf.reporting import AS_IS
+
+log = logging.getLogger(__name__)
 
 
 class StopOnSignal(keras.callbacks.Callback):
@@ -55,15 +62,15 @@ class StopOnSignal(keras.callbacks.Callback):
         if self.received is not None:  # a second signal: leave now
             os._exit(128 + signum)
         self.received = signum
-        print(f"{signal.Signals(signum).name} received: saving a checkpoint after the current step "
-              f"(at most {self.grace_s:.0f} s; send it again to exit now)", file=sys.stderr, flush=True)
+        log.warning(f"{signal.Signals(signum).name} received: saving a checkpoint after the current step "
+                    f"(at most {self.grace_s:.0f} s; send it again to exit now)", extra=AS_IS)
         timer = threading.Timer(self.grace_s, self._give_up, args=(signum,))
         timer.daemon = True
         timer.start()
 
     def _give_up(self, signum: int) -> None:
-        print(f"error: no step ended within {self.grace_s:.0f} s of {signal.Signals(signum).name}; exiting without "
-              "a new checkpoint (the previous one is intact)", file=sys.stderr, flush=True)
+        log.error(f"no step ended within {self.grace_s:.0f} s of {signal.Signals(signum).name}; exiting without "
+                  "a new checkpoint (the previous one is intact)")
         os._exit(128 + signum)
 
     def on_train_batch_end(self, batch, logs=None):

@@ -10,7 +10,9 @@ With several workers each records the files of its own shard; the chief reports 
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
@@ -21,13 +23,16 @@ SCALAR = "data/undecodable_files"
 
 
 class UndecodableFilesReport(keras.callbacks.Callback):
-    """Prints `undecodable.summary()` when it changed, and logs its count to `log_dir`/data."""
+    """Reports `undecodable.summary()` through `log` (default: an INFO record) when it changed,
+    and writes its count to `log_dir`/data."""
 
-    def __init__(self, undecodable: UndecodableFiles, log_dir: str | None, print_fn=print):
+    def __init__(
+        self, undecodable: UndecodableFiles, log_dir: str | None, log: Callable[[str], None] | None = None
+    ):
         super().__init__()
         self.undecodable = undecodable
         self.log_dir = log_dir
-        self.print_fn = print_fn
+        self.log = log or logging.getLogger(__name__).info
         self.reported = 0
         self._writer = None
 
@@ -42,7 +47,7 @@ class UndecodableFilesReport(keras.callbacks.Callback):
                 tf.summary.scalar(SCALAR, count, step=step)
             self._writer.flush()
         if count > self.reported:
-            self.print_fn(self.undecodable.summary())
+            self.log(self.undecodable.summary())
             self.reported = count
 
     def on_epoch_end(self, epoch, logs=None) -> None:

@@ -12,11 +12,11 @@ the same model_dir resumes where the run stopped. `config` is a `PretrainConfig`
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import random
 import signal
-import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from moco_tf import reporting
 from moco_tf.data import pipelines, sources
 from moco_tf.errors import RunInterrupted, UserError
 from moco_tf.evaluation import knn
@@ -48,6 +49,8 @@ PROGRESS = ("bar", "lines", "none")
 # --checkpoint_every up to this. Enough steps per host call to hide the call's overhead, few enough
 # that a SIGTERM (answered between calls) is handled well within --stop_grace_s.
 AUTO_TPU_STEPS_PER_EXECUTION = 32
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -191,11 +194,13 @@ def _segments(
     return out
 
 
+@reporting.shown_unless_configured()
 def pretrain(
     config: PretrainConfig,
     progress: str = "bar",
     before_training: Callable[[str], None] | None = None,
     init_weights: warm_start.Loader | None = None,
+    handle_signals: bool = False,
 ) -> PretrainResult:
     """The whole run: validate, build, resume if model_dir holds a checkpoint, train, save.
 
@@ -205,9 +210,24 @@ def pretrain(
         anything is built (the training command line checks --export_dir there).
     init_weights: reads `config.runtime.init_from` at step 0 (the training command line passes
         `moco_tf.interop.warm_start.load_initial_weights`); never called on a resume.
+    handle_signals: SIGTERM (a preemption notice) and SIGINT end the run cleanly at the end of the
+        current step, saved, within `config.runtime.stop_grace_s` (StopOnSignal); handlers are
+        installed for the run and the previous ones put back. The training command line asks for
+        this. Without it (the default: a notebook's interrupt stays its own), Ctrl-C or an
+        interrupt raises KeyboardInterrupt as usual, after the step reached is saved: calling
+        pretrain again resumes there.
+
+    What happens (resuming, kNN results, where the run is saved) is logged at INFO, and settings
+    that fit the data badly at WARNING, on the "moco_tf" loggers (moco_tf.reporting). Where
+    logging is not configured (no handler on "moco_tf" or above it, as in a plain script or a
+    notebook), pretrain shows them for the call's duration as the command line prints them: INFO
+    lines on stdout, "warning: ..." on stderr. Where it is configured, its configuration decides
+    (`logging.getLogger("moco_tf").setLevel(logging.INFO)` shows the INFO lines). The progress
+    of `progress` is written to stdout directly, as Keras writes its bar.
 
     Raises UserError (and its kinds: DataError, StrategyError, ...) for a mistake in the
-    settings, RunFailed when the run cannot go on, RunInterrupted after a stop on a signal.
+    settings, RunFailed when the run cannot go on, RunInterrupted after a stop on a signal
+    (handle_signals), KeyboardInterrupt after an interrupt without it.
     """
     if progress not in PROGRESS:
         raise ValueError(f"progress must be one of {', '.join(PROGRESS)}, got {progress!r}")
@@ -232,15 +252,15 @@ def pretrain(
         check_writable(model_dir)
         lock = runlock.RunLock(model_dir).acquire()  # released by the OS if this process dies
         if runlock.describe_previous(lock):
-            print(runlock.describe_previous(lock))
+            log.info(runlock.describe_previous(lock))
     try:
         if chief and before_training is not None:
             before_training(model_dir)
         if chief:  # before the first step, after every check of the user's input: settings that fit the data badly
             for warning in guardrails.recipe_warnings(config, source.num_examples(source.pretrain_split)):
-                print(f"warning: {warning}", file=sys.stderr, flush=True)
+                log.warning(warning)
         return _train(config, saved, model_dir, strategy, chief, source, steps_per_epoch,
-                      progress if chief else "none", init_weights)
+                      progress if chief else "none", init_weights, handle_signals)
     finally:
         if lock is not None:
             lock.release()
@@ -256,12 +276,13 @@ def _color_in_step(config: PretrainConfig, strategy: tf.distribute.Strategy) -> 
 def _train(
     config: PretrainConfig, saved: PretrainConfig | None, model_dir: str, strategy, chief: bool,
     source: sources.Source, steps_per_epoch: int, progress: str, init_weights: warm_start.Loader | None = None,
+    handle_signals: bool = False,
 ) -> PretrainResult:
     run_ckpt_dir = os.path.join(model_dir, checkpoint.CHECKPOINT_DIR)
     if chief:
         for path in checkpoint.remove_leftovers(run_ckpt_dir, model_dir):
-            print(f"removed {path}, left by an interrupted run")
-    latest = checkpoint.newest_intact(run_ckpt_dir, log=print if chief else None, repair=chief)
+            log.info(f"removed {path}, left by an interrupted run")
+    latest = checkpoint.newest_intact(run_ckpt_dir, log=log.info if chief else None, repair=chief)
     if saved is None and latest is not None:
         raise checkpoint.CheckpointError(f"{model_dir} holds checkpoints but no {checkpoint.CONFIG_FILE}; restore it")
 
@@ -295,15 +316,15 @@ def _train(
     if latest:
         with model.restoring(latest):  # a checkpoint from before the id queue still restores
             checkpoint.restore_matching(ckpt, latest, f"the run {model_dir}/{checkpoint.CONFIG_FILE} describes")
-        print(f"resuming {model_dir} from step {int(optimizer.iterations.numpy())} (epoch {int(epoch.numpy())})")
+        log.info(f"resuming {model_dir} from step {int(optimizer.iterations.numpy())} (epoch {int(epoch.numpy())})")
         if config.runtime.init_from:
-            print(f"--init_from is read at step 0 only: the weights are the checkpoint's, not those of "
-                  f"{config.runtime.init_from}")
+            log.info(f"--init_from is read at step 0 only: the weights are the checkpoint's, not those of "
+                     f"{config.runtime.init_from}")
         extended = warm_start.extension(saved, config)
         if extended and chief:
             step_now = int(optimizer.iterations.numpy())
-            print(f"extending {model_dir} from {extended[0]} to {extended[1]} epochs at step {step_now}: "
-                  f"the {config.optim.schedule} schedule now runs over {extended[1]} epochs")
+            log.info(f"extending {model_dir} from {extended[0]} to {extended[1]} epochs at step {step_now}: "
+                     f"the {config.optim.schedule} schedule now runs over {extended[1]} epochs")
             checkpoint.write_config(model_dir, warm_start.extended_config(saved, config, step_now))
     else:
         if config.runtime.init_from:
@@ -336,22 +357,25 @@ def _train(
             before = knn.evaluate(
                 model.backbone_q, train_ds, val_ds, config.runtime.knn_k, config.runtime.knn_t, source.num_classes
             )
-            print(f"kNN top-1 before training: {before.top1:.2f}%")
+            log.info(f"kNN top-1 before training: {before.top1:.2f}%")
     callbacks.append(TrainingLogs(schedule, config.optim.batch_size, config.optim.epochs, print_summary=chief))
     if source.kind == "files":  # folders are only listed at start: report files that did not decode
         callbacks.append(data_health.UndecodableFilesReport(
-            source.undecodable, log_dir if chief else None, print if chief else lambda line: None
+            source.undecodable, log_dir if chief else None, log.info if chief else lambda line: None
         ))
     if progress == "lines":
         callbacks.append(StepLines(schedule, config.optim.batch_size, config.runtime.log_every, total))
-    callbacks.append(CheckpointEvery(manager, epoch, config.runtime.checkpoint_every, steps_per_epoch, stop))
+    saver = CheckpointEvery(manager, epoch, config.runtime.checkpoint_every, steps_per_epoch, stop)
+    callbacks.append(saver)
     if chief:
         callbacks.append(_TensorBoard(log_dir, update_freq=config.runtime.log_every, write_graph=False))
         if step == 0:
             _write_view_pairs(source, log_dir, config, seed)
 
     history = {}
-    stop.install()
+    started = step
+    if handle_signals:
+        stop.install()
     try:
         for initial_epoch, epochs, steps in _segments(step, total, steps_per_epoch, per_call):
             # A new stream for each fit() call, positioned at the step it starts from (segments are
@@ -374,6 +398,18 @@ def _train(
             step = int(optimizer.iterations.numpy())
             if stop.requested:
                 break
+    except KeyboardInterrupt:
+        # No handlers of ours (a notebook's interrupt, Ctrl-C in a script): the interrupt lands
+        # between steps (a step runs in TensorFlow, out of Python's reach), so the weights are
+        # those of the optimizer's step; save them, then let the interrupt go on as the caller's.
+        # A second interrupt during the save leaves the previous checkpoint the newest.
+        reached = int(optimizer.iterations.numpy())
+        if reached > started:
+            saver.save()
+            if chief:
+                log.info(f"interrupted at step {reached}: checkpoint saved in {model_dir}; "
+                         "call pretrain again to resume")
+        raise
     finally:
         stop.uninstall()
         checkpoint.remove_worker_dir(ckpt_dir, chief)
@@ -384,10 +420,10 @@ def _train(
             stop.received,
         )
     if step >= total and not history:
-        print(f"{model_dir} already holds {step} steps of {total}: nothing to train")
+        log.info(f"{model_dir} already holds {step} steps of {total}: nothing to train")
 
     if chief and "knn_top1" in history:
-        print(f"kNN top-1 after training: {history['knn_top1'][-1]:.2f}%")
+        log.info(f"kNN top-1 after training: {history['knn_top1'][-1]:.2f}%")
     if chief:
-        print(f"checkpoints and TensorBoard logs in {model_dir}")
+        log.info(f"checkpoints and TensorBoard logs in {model_dir}")
     return PretrainResult(model, history, model_dir, chief, int(epoch.numpy()))
