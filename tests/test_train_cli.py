@@ -98,7 +98,7 @@ def test_short_run_writes_checkpoint_logs_export_and_resumes(tmp_path):
 
 def test_config_without_width_is_the_standard_width(tmp_path):
     from moco_tf.training import checkpoint
-    from moco_tf.training.config import PretrainConfig, RunMismatchError
+    from moco_tf.training.config import PretrainConfig, RunMismatchError, check_same_run
 
     # config.json as moco_tf wrote it before --width existed: flat, `momentum` for the key encoder's m.
     old = {"arch": "resnet18", "cifar_stem": True, "dim": 16, "queue_size": 64, "momentum": 0.99, "lr": 0.06}
@@ -106,9 +106,9 @@ def test_config_without_width_is_the_standard_width(tmp_path):
     saved = checkpoint.read_config(str(tmp_path))
     assert saved.model.backbone.width == 64 and saved.model.moco_momentum == 0.99
     flags = {**{k: v for k, v in old.items() if k != "momentum"}, "moco_momentum": 0.99}
-    checkpoint.check_same_run(saved, PretrainConfig.from_flags({**flags, "width": 64}), str(tmp_path))
+    check_same_run(saved, PretrainConfig.from_flags({**flags, "width": 64}), str(tmp_path))
     with pytest.raises(RunMismatchError, match=r"width=64 \(now 16\)"):
-        checkpoint.check_same_run(saved, PretrainConfig.from_flags({**flags, "width": 16}), str(tmp_path))
+        check_same_run(saved, PretrainConfig.from_flags({**flags, "width": 16}), str(tmp_path))
 
 
 # Slow: CI covers 2 local workers in tests/test_multiworker_resume.py (same weights on both after a

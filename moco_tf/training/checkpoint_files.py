@@ -7,7 +7,6 @@ a caller that owns the folder."""
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import sys
@@ -15,6 +14,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from moco_tf.atomic_write import reason
 from moco_tf.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -26,22 +26,11 @@ class CheckpointError(UserError):
 
 
 _CKPT_FILE = re.compile(r"^ckpt-(\d+)\.(index|data-\d+-of-\d+)$")
-_CKPT_TEMP = re.compile(r"^ckpt-\d+_temp$")
+CKPT_TEMP = re.compile(r"^ckpt-\d+_temp$")
 
 
-def _reason(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error):
-        return "no space left on device"
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def is_disk_full(error: BaseException) -> bool:
-    return _reason(error) == "no space left on device"
 
 
 def checkpoint_files(ckpt_dir: str) -> dict[int, list[str]]:
@@ -63,7 +52,7 @@ def unreadable(prefix: str) -> str | None:
         for name in reader.get_variable_to_shape_map():
             reader.get_tensor(name)
     except Exception as error:  # noqa: BLE001 - TF raises IndexError, DataLossError, NotFoundError, ...
-        return _reason(error)
+        return reason(error)
     return None
 
 

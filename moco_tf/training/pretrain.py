@@ -29,7 +29,7 @@ from moco_tf.data import augment, pipelines, sources
 from moco_tf.errors import RunInterrupted, UserError
 from moco_tf.evaluation import knn
 from moco_tf.models import backbones
-from moco_tf.training import checkpoint, data_health, distribute, guardrails, runlock, warm_start
+from moco_tf.training import checkpoint, checkpoint_files, data_health, distribute, guardrails, runlock, warm_start
 from moco_tf.training.callbacks import (
     CheckpointEvery,
     StepLines,
@@ -38,7 +38,7 @@ from moco_tf.training.callbacks import (
     TrainingLogs,
     passed_multiple,
 )
-from moco_tf.training.config import PRECISION_POLICIES, ConfigError, PretrainConfig
+from moco_tf.training.config import PRECISION_POLICIES, ConfigError, PretrainConfig, check_same_run
 from moco_tf.training.optimizers import SGD
 from moco_tf.training.schedules import EpochSchedule, scaled_lr
 
@@ -220,7 +220,7 @@ def pretrain(
     saved = checkpoint.read_config(model_dir)
     checkpoint.check_run_folder(model_dir, saved)  # before anything in it is moved aside or written
     if saved is not None:  # --allow_more_epochs lets --epochs grow (warm_start)
-        checkpoint.check_same_run(warm_start.comparable(saved, config), config, model_dir)
+        check_same_run(warm_start.comparable(saved, config), config, model_dir)
 
     strategy = distribute.make_strategy(config.runtime.strategy, config.runtime.tpu, config.runtime.peer_timeout)
     chief = distribute.is_chief(strategy)
@@ -257,13 +257,15 @@ def _train(
     config: PretrainConfig, saved: PretrainConfig | None, model_dir: str, strategy, chief: bool,
     source: sources.Source, steps_per_epoch: int, progress: str, init_weights: warm_start.Loader | None = None,
 ) -> PretrainResult:
-    run_ckpt_dir = os.path.join(model_dir, checkpoint.CHECKPOINT_DIR)
+    run_ckpt_dir = os.path.join(model_dir, checkpoint_files.CHECKPOINT_DIR)
     if chief:
         for path in checkpoint.remove_leftovers(run_ckpt_dir, model_dir):
             print(f"removed {path}, left by an interrupted run")
-    latest = checkpoint.newest_intact(run_ckpt_dir, log=print if chief else None, repair=chief)
+    latest = checkpoint_files.newest_intact(run_ckpt_dir, log=print if chief else None, repair=chief)
     if saved is None and latest is not None:
-        raise checkpoint.CheckpointError(f"{model_dir} holds checkpoints but no {checkpoint.CONFIG_FILE}; restore it")
+        raise checkpoint_files.CheckpointError(
+            f"{model_dir} holds checkpoints but no {checkpoint.CONFIG_FILE}; restore it"
+        )
 
     if config.runtime.seed is not None:
         keras.utils.set_random_seed(config.runtime.seed)
@@ -299,8 +301,7 @@ def _train(
     ckpt_dir = checkpoint.worker_checkpoint_dir(model_dir, chief)
     manager = checkpoint.manager(ckpt, ckpt_dir, config.runtime.keep_checkpoints)
     if latest:
-        with model.restoring(latest):  # a checkpoint from before the id queue still restores
-            checkpoint.restore_matching(ckpt, latest, f"the run {model_dir}/{checkpoint.CONFIG_FILE} describes")
+        checkpoint_files.restore_matching(ckpt, latest, f"the run {model_dir}/{checkpoint.CONFIG_FILE} describes")
         print(f"resuming {model_dir} from step {int(optimizer.iterations.numpy())} (epoch {int(epoch.numpy())})")
         if config.runtime.init_from:
             print(f"--init_from is read at step 0 only: the weights are the checkpoint's, not those of "
