@@ -34,8 +34,8 @@ from moco_tf.errors import RunFailed, UserError
 Protected = Sequence[str] | Mapping[str, str]
 
 # A staging folder beside the target: `.NAME.XXXXXXXX.tmp` holding these entries and nothing else.
-_NEW, _OLD, _OWNER = "new", "old", "owner.json"
-_STAGING_ENTRIES = frozenset({_NEW, _OLD, _OWNER})
+_NEW, _OLD, _OWNER, _SCRATCH = "new", "old", "owner.json", "scratch"
+_STAGING_ENTRIES = frozenset({_NEW, _OLD, _OWNER, _SCRATCH})
 
 
 class TargetError(FileExistsError, UserError):
@@ -190,6 +190,14 @@ def replace(
         raise
     finally:
         _remove_staging(staging, target)
+
+
+def scratch_folder(new: str) -> str:
+    """A folder for a `replace` writer's working files (removed with the staging folder): inside
+    the staging folder of `new`, the path its write was given."""
+    path = os.path.join(os.path.dirname(new), _SCRATCH)
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def _remove_staging(staging: str, target: str) -> None:

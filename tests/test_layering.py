@@ -16,15 +16,22 @@ COMMAND_LINES = ("train", "knn", "lincls", "finetune", "export", "convert", "plo
 ALIASES = {"resnet": "models.resnet", "augment": "data.augment", "optimizers": "training.optimizers"}
 # Lowest first. The optimizer and the schedules import nothing of moco_tf: the linear protocol
 # (evaluation) trains with them too, so they sit with the ground floor, not with training; the
-# checkpoint finder too (lincls and finetune resume as train does).
+# checkpoint finder too (lincls and finetune resume as train does). Atomic writes and the rules for
+# replacing a target (atomic_write) serve every writer. A run's recipe (training.config, with the
+# strategies it names) and its model_dir (training.checkpoint) sit below the readers of weights
+# (weights: model_dir, checkpoint, TF-Hub export, .pth), which sit below training: pretraining
+# reads --init_from itself, and the data only goes down. The writers for the outside world
+# (interop: exports, conversions) sit above training.
 LEVELS = {
-    "errors": 0, "_quiet_tf_startup": 0, "outputs": 0,
+    "errors": 0, "_quiet_tf_startup": 0, "atomic_write": 0, "outputs": 0,
     "models": 1, "data": 1, "training.optimizers": 1, "training.schedules": 1, "training.checkpoint_files": 1,
     "evaluation": 2,
-    "training": 3,
-    "interop": 4,
-    "cli": 5,
-    **{name: 6 for name in COMMAND_LINES},
+    "training.config": 3, "training.distribute": 3, "training.checkpoint": 3,
+    "weights": 4,
+    "training": 5,
+    "interop": 6,
+    "cli": 7,
+    **{name: 8 for name in COMMAND_LINES},
 }
 MAX_COMMAND_LINE_LINES = 200
 

@@ -196,7 +196,6 @@ def pretrain(
     config: PretrainConfig,
     progress: str = "bar",
     before_training: Callable[[str], None] | None = None,
-    init_weights: warm_start.Loader | None = None,
 ) -> PretrainResult:
     """The whole run: validate, build, resume if model_dir holds a checkpoint, train, save.
 
@@ -204,8 +203,6 @@ def pretrain(
         `config.runtime.log_every` steps, for logs that are files) or "none"; only the chief prints.
     before_training: called on the chief with the model_dir once the run lock is held, before
         anything is built (the training command line checks --export_dir there).
-    init_weights: reads `config.runtime.init_from` at step 0 (the training command line passes
-        `moco_tf.interop.warm_start.load_initial_weights`); never called on a resume.
 
     Raises UserError (and its kinds: DataError, StrategyError, ...) for a mistake in the
     settings, RunFailed when the run cannot go on, RunInterrupted after a stop on a signal.
@@ -241,7 +238,7 @@ def pretrain(
             for warning in guardrails.recipe_warnings(config, source.num_examples(source.pretrain_split)):
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
         return _train(config, saved, model_dir, strategy, chief, source, steps_per_epoch,
-                      progress if chief else "none", init_weights)
+                      progress if chief else "none")
     finally:
         if lock is not None:
             lock.release()
@@ -255,7 +252,7 @@ def _color_on_device(config: PretrainConfig, strategy: tf.distribute.Strategy) -
 
 def _train(
     config: PretrainConfig, saved: PretrainConfig | None, model_dir: str, strategy, chief: bool,
-    source: sources.Source, steps_per_epoch: int, progress: str, init_weights: warm_start.Loader | None = None,
+    source: sources.Source, steps_per_epoch: int, progress: str,
 ) -> PretrainResult:
     run_ckpt_dir = os.path.join(model_dir, checkpoint_files.CHECKPOINT_DIR)
     if chief:
@@ -314,7 +311,7 @@ def _train(
             checkpoint.write_config(model_dir, warm_start.extended_config(saved, config, step_now))
     else:
         if config.runtime.init_from:
-            config = warm_start.initialise(model, config, init_weights)
+            config = warm_start.initialise(model, config)  # reads --init_from (moco_tf.weights)
         if chief:
             checkpoint.write_config(model_dir, config)
 
