@@ -34,9 +34,9 @@ import keras  # noqa: E402
 
 from moco_tf.data import pipelines, sources, subsets  # noqa: E402
 from moco_tf.evaluation import finetune  # noqa: E402
-from moco_tf.interop.pretrained import load_backbone  # noqa: E402
 from moco_tf.models.backbones import BackboneSpec  # noqa: E402
 from moco_tf.training.schedules import scaled_lr  # noqa: E402
+from moco_tf.weights.pretrained import load_backbone  # noqa: E402
 
 
 def one_run(source, fraction, init, seed, epochs, batch, spec, weights, limit_val, log) -> dict:

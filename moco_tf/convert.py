@@ -4,8 +4,8 @@
         (--export_dir=export/moco_v2_r50 | --model_dir=runs/from_torch) [--overwrite]
 
 --export_dir writes a TF-Hub export; --model_dir a moco_tf model_dir that training and lincls go
-on from. What is read, and how, is `moco_tf.interop.torch`'s; `load_torch_state_dict` is
-re-exported here, where earlier versions had it.
+on from. What is read, and how, is `moco_tf.weights.torch_checkpoint`'s; the conversions are
+`moco_tf.interop.torch`'s.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ from absl import flags
 
 from moco_tf import outputs
 from moco_tf.cli import flags as cli_flags
-from moco_tf.interop.torch import convert_to_export, convert_to_model_dir, load_torch_state_dict
-
-__all__ = ["load_torch_state_dict", "main", "run"]
+from moco_tf.interop.torch import convert_to_export, convert_to_model_dir
 
 FLAGS = flags.FLAGS
 

@@ -11,7 +11,7 @@ moco_tf, or a PyTorch checkpoint (official MoCo .pth.tar, torchvision state_dict
 - keras_hub: a KerasHub preset folder (`moco_tf.interop.keras_hub`; extra `keras_hub`);
 - pth: an official MoCo `.pth.tar` file (`moco_tf.interop.torch`; extra `torch`);
 - onnx: an ONNX model file, opset 17 (`moco_tf.interop.onnx`; extra `onnx`).
-Every format follows the export rules of `moco_tf.interop.hub` (staging + atomic replace; only
+Every format follows the export rules of `moco_tf.atomic_write` (staging + atomic replace; only
 what moco_tf wrote is ever replaced, and only with --overwrite).
 """
 

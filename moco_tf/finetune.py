@@ -4,7 +4,7 @@
     python -m moco_tf.finetune --flagfile=configs/cifar10_finetune.flags --random_init --arch=resnet18 --cifar_stem ...
 
 PATH: a moco_tf model_dir or checkpoint, a TF-Hub export from moco_tf, or a PyTorch checkpoint
-(`moco_tf.interop.pretrained`). The recipe (SimCLR v1's semi-supervised fine-tuning: every
+(`moco_tf.weights.pretrained`). The recipe (SimCLR v1's semi-supervised fine-tuning: every
 weight trains, BatchNorm in training mode, Nesterov SGD, cosine) is `moco_tf.evaluation.finetune`'s;
 the labelled subset is `moco_tf.data.subsets`'. --lr is per 256 images (scaled linearly with
 --batch_size). A rerun with the same --model_dir resumes; another recipe there is refused.
@@ -32,11 +32,11 @@ from moco_tf.data.pipelines import labelled_dataset
 from moco_tf.evaluation import finetune
 from moco_tf.evaluation.linear import write_json
 from moco_tf.interop import hub
-from moco_tf.interop.pretrained import load_backbone
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.training import distribute
 from moco_tf.training.evaluation_config import FinetuneConfig
 from moco_tf.training.schedules import scaled_lr
+from moco_tf.weights.pretrained import load_backbone
 
 FLAGS = flags.FLAGS
 

@@ -6,7 +6,7 @@
 for training; --mixed_precision runs the backbone in bfloat16 / float16, the vote in float32.
 
 PATH: a moco_tf model_dir or checkpoint, a TF-Hub export from moco_tf, or a PyTorch checkpoint
-(`moco_tf.interop.pretrained`). The classifier is `moco_tf.evaluation.knn`'s; `knn_predict`
+(`moco_tf.weights.pretrained`). The classifier is `moco_tf.evaluation.knn`'s; `knn_predict`
 is re-exported here, where earlier versions had it.
 """
 

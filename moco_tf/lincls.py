@@ -3,7 +3,7 @@
     python -m moco_tf.lincls --flagfile=configs/lincls.flags --pretrained=PATH --model_dir=DIR
 
 PATH: a moco_tf model_dir or checkpoint, a TF-Hub export from moco_tf, or a PyTorch checkpoint
-(`moco_tf.interop.pretrained`). --lr is per 256 images (scaled linearly with --batch_size, as in
+(`moco_tf.weights.pretrained`). --lr is per 256 images (scaled linearly with --batch_size, as in
 pretraining): at the official batch 256 it is main_lincls.py's --lr. The protocol (frozen
 backbone in inference mode, SGD on a fresh Dense layer, checkpoints per epoch, the final check
 that the backbone did not move) is `moco_tf.evaluation.linear`'s; see there. A rerun with the same --model_dir resumes.

@@ -7,10 +7,10 @@ plots, result JSONs, evaluation configs):
 - "moco_tf wrote this file" is read from the file's content, never from its name: a PNG holds a
   tEXt chunk `Software: moco_tf` before its image data, a JSON object a `"format": "moco_tf.KIND"`
   key (`is_ours`);
-- every write is atomic (`write_atomic`): a temporary file in the same folder, fsync, rename, so
-  a kill leaves the old file or the new one, never half of one.
+- every write is atomic (`moco_tf.atomic_write.write_atomic`): a kill leaves the old file or the
+  new one, never half of one.
 
-Ground floor: imports nothing of moco_tf but its errors, so any layer can use it.
+Ground floor: imports nothing of moco_tf but its errors and atomic_write, so any layer can use it.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
+from moco_tf.atomic_write import write_atomic
 from moco_tf.errors import UserError
 
 MARKER = "moco_tf"
@@ -207,41 +207,6 @@ def _holds_moco_config(folder: str) -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # writing
-
-
-def write_atomic(path: str, data: bytes) -> str:
-    """`data` at `path`, all or nothing: a temporary file beside it, fsynced, renamed over it.
-    gs:// and other remote paths go through tf.io.gfile (written beside and renamed)."""
-    if "://" in path:
-        import tensorflow as tf
-
-        tf.io.gfile.makedirs(os.path.dirname(path))
-        with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
-            f.write(data)
-        tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-        return path
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
-    try:  # the rename itself survives a power loss once the folder is synced
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
 
 
 def write_png(path: str, png: bytes) -> str:

@@ -21,7 +21,6 @@ from moco_tf import outputs
 from moco_tf.cli import flags as cli_flags
 from moco_tf.data.sources import DataError
 from moco_tf.interop import hub
-from moco_tf.interop.warm_start import load_initial_weights
 from moco_tf.training import distribute
 from moco_tf.training.config import PretrainConfig
 from moco_tf.training.distribute import StrategyError
@@ -68,7 +67,6 @@ def train_from_flags() -> keras.Model:
         config,
         progress="bar" if sys.stdout.isatty() else "lines",
         before_training=check_export if FLAGS.export_dir else None,
-        init_weights=load_initial_weights,
         handle_signals=True,  # SIGTERM / Ctrl-C: finish the step, save, exit 128 + signal
     )
     if FLAGS.export_dir and result.chief:

@@ -62,14 +62,22 @@ def install(point: str, n: int, model_dir: str) -> None:
     from tensorflow.python.checkpoint import checkpoint_management
 
     from moco_tf.interop import hub
-    from moco_tf.training import callbacks, checkpoint, pretrain, runlock
+    from moco_tf.training import callbacks, checkpoint_files, pretrain, runlock
 
-    ckpt_dir = os.path.join(model_dir, checkpoint.CHECKPOINT_DIR)
+    ckpt_dir = os.path.join(model_dir, checkpoint_files.CHECKPOINT_DIR)
     if point == "lock":  # right after taking the run lock
         runlock.RunLock.acquire = _counting(runlock.RunLock.acquire, n, after=_kill)
-    elif point == "config_rename":  # config.json.tmp written, not yet renamed
-        original_rename = tf.io.gfile.rename
-        tf.io.gfile.rename = _counting(original_rename, n, before=_kill)
+    elif point == "config_rename":  # config.json's temporary file written, not yet renamed
+        original_replace, calls = os.replace, [0]
+
+        def replace(src, dst, *args, **kwargs):
+            if os.path.basename(dst) == "config.json":
+                calls[0] += 1
+                if calls[0] == n:
+                    _kill()
+            return original_replace(src, dst, *args, **kwargs)
+
+        os.replace = replace
     elif point == "view_pairs":  # writing the TensorBoard picture of the views
         pretrain._write_view_pairs = _counting(pretrain._write_view_pairs, n, before=_kill)
     elif point in ("step_begin", "step_mid", "sigterm_at_step", "sigterm_then_kill"):

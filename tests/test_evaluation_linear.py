@@ -14,9 +14,9 @@ import torch
 from moco_tf import outputs
 from moco_tf.data import pipelines, sources
 from moco_tf.evaluation import linear
-from moco_tf.interop.pretrained import load_backbone
 from moco_tf.models.resnet import resnet
 from moco_tf.training.checkpoint_files import CheckpointError
+from moco_tf.weights.pretrained import load_backbone
 from tests.helpers import labelled_folder_datasets, randomize, run, run_local_workers, weights_snapshot
 from tests.torch_reference import tf_encoder_state
 

@@ -235,7 +235,7 @@ def test_command_line_random_init_export_and_mistakes(tmp_path):
     loaded = tf.saved_model.load(str(tmp_path / "export"))
     logits = loaded.signatures["serving_default"](images=tf.zeros([2, 32, 32, 3]))["logits"]
     assert tuple(logits.shape) == (2, 10)
-    from moco_tf.interop.pretrained import load_backbone
+    from moco_tf.weights.pretrained import load_backbone
 
     assert load_backbone(str(tmp_path / "export"))[1]["kind"] == "export"  # usable as --pretrained again
     for argv, message in (

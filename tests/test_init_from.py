@@ -13,7 +13,6 @@ import torch
 import moco_tf
 from moco_tf.evaluation import curves
 from moco_tf.interop import hub
-from moco_tf.interop.warm_start import load_initial_weights
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.training import checkpoint, warm_start
 from moco_tf.training.config import (
@@ -40,7 +39,7 @@ def _tiny(model_dir: str, width: int = 8, epochs: int = 2, max_steps: int | None
 
 
 def _pretrain(config: PretrainConfig):
-    return moco_tf.pretrain(config, progress="none", init_weights=load_initial_weights)
+    return moco_tf.pretrain(config, progress="none")
 
 
 def _values(layer) -> list[np.ndarray]:
@@ -68,7 +67,7 @@ def test_model_dir_gives_backbone_and_head_to_both_encoders_then_resume_ignores_
     config = _tiny(model_dir, init_from=source_dir)
     model = checkpoint.build_model(config)
     fresh = _values(model.encoder_q.backbone)
-    recorded = warm_start.initialise(model, config, load_initial_weights)
+    recorded = warm_start.initialise(model, config)
     for encoder in (model.encoder_q, model.encoder_k):
         _assert_same(_values(encoder.backbone), _values(source.encoder_q.backbone))
         _assert_same(_values(encoder.head), _values(source.encoder_q.head))
@@ -96,7 +95,7 @@ def test_export_and_torch_checkpoint(source_dir, tmp_path):
     export = hub.export_moco(source, str(tmp_path / "export"), {"dataset": "digits"})
     config = _tiny(str(tmp_path / "a"), init_from=export)
     model = checkpoint.build_model(config)
-    warm_start.initialise(model, config, load_initial_weights)
+    warm_start.initialise(model, config)
     for encoder in (model.encoder_q, model.encoder_k):
         _assert_same(_values(encoder.backbone), _values(source.encoder_q.backbone))
 
@@ -107,7 +106,7 @@ def test_export_and_torch_checkpoint(source_dir, tmp_path):
     torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state}, path)
     config = _tiny(str(tmp_path / "b"), init_from=path)
     model = checkpoint.build_model(config)
-    warm_start.initialise(model, config, load_initial_weights)
+    warm_start.initialise(model, config)
     images = np.random.RandomState(0).rand(2, 32, 32, 3).astype(np.float32)
     net.fc = torch.nn.Identity()
     with torch.no_grad():

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from moco_tf import atomic_write
 from moco_tf.interop import hub
 from moco_tf.models.moco import MoCo, projection_head
 from moco_tf.models.resnet import resnet
@@ -274,7 +275,7 @@ def user_files(tmp_path):
 )
 def test_refuses_to_replace_what_is_no_export_even_with_overwrite(user_files, target, message):
     before = tree(user_files)
-    with pytest.raises(hub.ExportTargetError, match=message) as error:
+    with pytest.raises(atomic_write.TargetError, match=message) as error:
         hub.export_backbone(
             tiny_backbone(), str(user_files / target), {"arch": "resnet18"}, overwrite=True,
             protected=[str(user_files / "runs" / "q")],
@@ -289,9 +290,9 @@ def test_refuses_an_export_holding_other_files_and_symlinks(tmp_path):
     (tmp_path / "e" / "my_results.csv").write_text("1,2,3")
     os.symlink(target, tmp_path / "link")
     before = tree(tmp_path)
-    with pytest.raises(hub.ExportTargetError, match="besides a moco_tf export it holds my_results.csv"):
+    with pytest.raises(atomic_write.TargetError, match="besides a moco_tf export it holds my_results.csv"):
         hub.export_backbone(tiny_backbone(), target, {"arch": "resnet18"}, overwrite=True)
-    with pytest.raises(hub.ExportTargetError, match="symbolic link"):
+    with pytest.raises(atomic_write.TargetError, match="symbolic link"):
         hub.check_export_target(str(tmp_path / "link"), overwrite=True)
     assert tree(tmp_path) == before
 
@@ -299,9 +300,9 @@ def test_refuses_an_export_holding_other_files_and_symlinks(tmp_path):
 def test_current_directory_and_empty_folder(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     monkeypatch.chdir(tmp_path / "empty")
-    with pytest.raises(hub.ExportTargetError, match="current directory"):
+    with pytest.raises(atomic_write.TargetError, match="current directory"):
         hub.check_export_target(".", overwrite=True)
-    with pytest.raises(hub.ExportTargetError, match="current directory"):
+    with pytest.raises(atomic_write.TargetError, match="current directory"):
         hub.check_export_target(str(tmp_path), overwrite=True)
     monkeypatch.chdir(tmp_path)
     # An empty folder holds nothing to lose: written without overwrite.
@@ -316,7 +317,7 @@ def test_export_command_protects_its_model_dir(user_files):
     before = tree(user_files)
     run_dir = user_files / "runs" / "q"
     for target in (run_dir, user_files / "runs", run_dir / "checkpoints"):
-        with pytest.raises(hub.ExportTargetError, match="must stay untouched"):
+        with pytest.raises(atomic_write.TargetError, match="must stay untouched"):
             hub.export_model_dir(str(run_dir), str(target), overwrite=True)
     assert tree(user_files) == before
 
@@ -340,11 +341,8 @@ def test_leftovers_of_a_killed_export_are_restored_or_removed(tmp_path):
     exported = tree(target)
     staging = _kill_leftover(tmp_path, target)
     assert not os.path.exists(target)
-    # Also: a staging folder of an older moco_tf (no owner), one of a live process (this one), one
-    # holding a user's file, and another export's: only the first is ours to remove.
-    legacy = tmp_path / ".e.abcd1234.tmp"
-    (legacy / "saved_model" / "variables").mkdir(parents=True)
-    (legacy / "moco_config.json").write_text("{}")
+    # Also: a staging folder of a live process (this one), one holding a user's file, and another
+    # export's: none is ours to remove.
     live = tmp_path / ".e.l1ve0000.tmp"
     live.mkdir()
     (live / "owner.json").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
@@ -355,10 +353,10 @@ def test_leftovers_of_a_killed_export_are_restored_or_removed(tmp_path):
     other.mkdir()
     kept = tree(tmp_path / ".e.f0r31gn0.tmp"), tree(live), tree(other)
 
-    with pytest.raises(hub.ExportTargetError, match="already exists"):
+    with pytest.raises(atomic_write.TargetError, match="already exists"):
         hub.check_export_target(target)  # the previous export is back, so it exists
     assert tree(target) == exported
-    assert not os.path.exists(staging) and not legacy.exists()
+    assert not os.path.exists(staging)
     assert (tree(foreign), tree(live), tree(other)) == kept
 
 
@@ -425,14 +423,14 @@ def test_full_disk_keeps_the_previous_export(tmp_path, monkeypatch, error):
         raise error
 
     monkeypatch.setattr(tf.saved_model, "save", full)
-    with pytest.raises(hub.ExportSpaceError) as raised:
+    with pytest.raises(atomic_write.DiskFullError) as raised:
         hub.export_backbone(tiny_backbone(), target, {"arch": "resnet18", "tag": 2}, overwrite=True)
     assert str(raised.value) == (
         f"no space left on device while writing export {target}; the previous export is intact; "
         "free some space and rerun"
     )
     assert tree(target) == exported and os.listdir(tmp_path) == ["e"]
-    with pytest.raises(hub.ExportSpaceError, match="no export was written"):
+    with pytest.raises(atomic_write.DiskFullError, match="no export was written"):
         hub.export_backbone(tiny_backbone(), str(tmp_path / "new"), {"arch": "resnet18"})
     assert os.listdir(tmp_path) == ["e"]
 
@@ -446,7 +444,7 @@ def test_export_from_a_checkpoint_prefix(tmp_path):
     checkpoint.write_model_dir(run_dir, model, {"image_size": 32, "dataset": "digits"})
     prefix = os.path.join(run_dir, "checkpoints", "ckpt-0")
     for inside in (os.path.join(run_dir, "checkpoints"), run_dir):
-        with pytest.raises(hub.ExportTargetError, match="must stay untouched"):
+        with pytest.raises(atomic_write.TargetError, match="must stay untouched"):
             hub.export_model_dir(prefix, inside, overwrite=True)
     with pytest.raises(FileNotFoundError, match="neither a folder nor a checkpoint prefix"):
         hub.export_model_dir(os.path.join(run_dir, "checkpoints", "ckpt-7"), str(tmp_path / "e"))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from moco_tf.interop import hub
-from moco_tf.interop.pretrained import FrozenBackbone, PretrainedError, load_backbone
 from moco_tf.models.moco import projection_head
 from moco_tf.models.resnet import resnet
+from moco_tf.weights.pretrained import FrozenBackbone, PretrainedError, load_backbone
 from tests import torch_reference
 from tests.helpers import randomize, weights_snapshot
 
@@ -192,8 +192,7 @@ def _hostile_saved_model(directory, marker):
 def test_a_saved_model_that_writes_a_file_is_never_run(small_export, tmp_path):
     import shutil
 
-    from moco_tf.interop.warm_start import load_initial_weights
-    from moco_tf.training.warm_start import InitFromError
+    from moco_tf.weights.init_from import InitFromError, load_initial_weights
 
     export, _ = small_export
     marker = str(tmp_path / "written_by_the_model")

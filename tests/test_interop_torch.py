@@ -20,6 +20,7 @@ nn = torch.nn
 from moco_tf.interop import torch as from_torch  # noqa: E402
 from moco_tf.models.moco import MoCo, projection_head  # noqa: E402
 from moco_tf.models.resnet import resnet  # noqa: E402
+from moco_tf.weights import torch_checkpoint  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
@@ -201,10 +202,10 @@ def run(*args, timeout=300):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_backbone_features_match_torch(reference, arch):
     path, outputs, mlp = reference(arch)
-    state = from_torch.state_dict_of(from_torch.read_torch_checkpoint(path))
-    assert from_torch.detect_arch(state) == arch
+    state = torch_checkpoint.state_dict_of(torch_checkpoint.read_torch_checkpoint(path))
+    assert torch_checkpoint.detect_arch(state) == arch
     backbone = resnet(arch)
-    report = from_torch.load_torch_state_dict(backbone, state)
+    report = torch_checkpoint.load_torch_state_dict(backbone, state)
     assert report.layout == "moco" and report.head == ("v2" if mlp else "v1")
     assert "queue" in report.ignored and any(k.startswith("encoder_k.") for k in report.ignored)
     assert any(k.startswith("fc.") for k in report.ignored)
@@ -281,7 +282,7 @@ def test_prefixes(r18, prefix):
     if prefix == "module.base_encoder.":  # MoCo v3 also saves these; they are not v1/v2 parts
         state["module.momentum_encoder.conv1.weight"] = state["module.base_encoder.conv1.weight"]
         state["module.predictor.0.weight"] = np.zeros((4096, 256), np.float32)
-    report = from_torch.load_torch_state_dict(backbone, state)
+    report = torch_checkpoint.load_torch_state_dict(backbone, state)
     assert report.arch == "resnet18" and not report.cifar_stem
     if prefix == "module.base_encoder.":
         assert {"momentum_encoder.conv1.weight", "predictor.0.weight"} <= set(report.ignored)
@@ -311,12 +312,12 @@ def test_detect_arch(arch):
     from moco_tf.models.resnet import SPECS
 
     keys = _synthetic_keys(*SPECS[int(arch[6:])])
-    assert from_torch.detect_arch({f"module.encoder_q.{k}": v for k, v in keys.items()}) == arch
+    assert torch_checkpoint.detect_arch({f"module.encoder_q.{k}": v for k, v in keys.items()}) == arch
 
 
 def test_detect_arch_rejects_other_networks():
-    with pytest.raises(from_torch.CheckpointError, match="not a torchvision ResNet"):
-        from_torch.detect_arch(_synthetic_keys("bottleneck", (3, 4, 5, 3)))
+    with pytest.raises(torch_checkpoint.CheckpointError, match="not a torchvision ResNet"):
+        torch_checkpoint.detect_arch(_synthetic_keys("bottleneck", (3, 4, 5, 3)))
 
 
 def test_mismatches_are_listed_and_nothing_is_written(r18):
@@ -326,8 +327,8 @@ def test_mismatches_are_listed_and_nothing_is_written(r18):
     state["module.encoder_q.layer1.0.conv1.weight"] = np.zeros((64, 64, 1, 1), np.float32)
     backbone = resnet("resnet18")
     before = backbone.get_layer("conv1").kernel.numpy().copy()
-    with pytest.raises(from_torch.CheckpointError) as error:
-        from_torch.load_torch_state_dict(backbone, state)
+    with pytest.raises(torch_checkpoint.CheckpointError) as error:
+        torch_checkpoint.load_torch_state_dict(backbone, state)
     message = str(error.value)
     assert "layer2.1.bn1.running_mean" in message and "missing" in message
     assert "layer5.0.conv1.weight" in message and "unexpected" in message
@@ -336,8 +337,8 @@ def test_mismatches_are_listed_and_nothing_is_written(r18):
 
 
 def test_wrong_arch_is_a_clear_error(r18):
-    with pytest.raises(from_torch.CheckpointError, match="missing"):
-        from_torch.load_torch_state_dict(resnet("resnet34"), _numpy_state(r18))
+    with pytest.raises(torch_checkpoint.CheckpointError, match="missing"):
+        torch_checkpoint.load_torch_state_dict(resnet("resnet34"), _numpy_state(r18))
 
 
 def test_lincls_checkpoint_fc_is_a_classifier(r18):
@@ -347,14 +348,14 @@ def test_lincls_checkpoint_fc_is_a_classifier(r18):
     state["module.fc.bias"] = classifier.bias.detach().numpy()
     head = projection_head(512, 128, mlp=False)
     before = head.get_layer("fc").kernel.numpy().copy()
-    report = from_torch.load_torch_state_dict(resnet("resnet18"), state, head=head)
+    report = torch_checkpoint.load_torch_state_dict(resnet("resnet18"), state, head=head)
     assert report.head == "classifier" and "fc.weight" in report.ignored
     np.testing.assert_array_equal(head.get_layer("fc").kernel.numpy(), before)
 
 
 def test_head_into_bare_backbone_head(r18):
     head = projection_head(512, 128, mlp=False)
-    from_torch.load_torch_state_dict(resnet("resnet18"), _numpy_state(r18, "module.encoder_q."), head=head)
+    torch_checkpoint.load_torch_state_dict(resnet("resnet18"), _numpy_state(r18, "module.encoder_q."), head=head)
     np.testing.assert_array_equal(head.get_layer("fc").kernel.numpy(), r18.fc.weight.detach().numpy().T)
 
 
@@ -375,8 +376,8 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path, r18):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth.tar"
     torch.save({"state_dict": r18.state_dict(), "payload": RunsCode(marker)}, path)
-    with pytest.raises(from_torch.CheckpointError, match="refusing"):
-        from_torch.read_torch_checkpoint(str(path))
+    with pytest.raises(torch_checkpoint.CheckpointError, match="refusing"):
+        torch_checkpoint.read_torch_checkpoint(str(path))
     assert not marker.exists()
 
 
@@ -385,7 +386,7 @@ def test_missing_torch_says_how_to_install(monkeypatch, tmp_path):
     path.write_bytes(b"")
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(ImportError, match="pip install torch"):
-        from_torch.read_torch_checkpoint(str(path))
+        torch_checkpoint.read_torch_checkpoint(str(path))
 
 
 def test_cli_user_errors_are_one_line(tmp_path, r18):
@@ -404,8 +405,8 @@ def test_cli_user_errors_are_one_line(tmp_path, r18):
 def test_not_a_checkpoint(tmp_path, content):
     path = tmp_path / "x.pth"
     path.write_bytes(content)
-    with pytest.raises(from_torch.NotACheckpointError, match="is not a checkpoint torch.load can read"):
-        from_torch.read_torch_checkpoint(str(path))
+    with pytest.raises(torch_checkpoint.NotACheckpointError, match="is not a checkpoint torch.load can read"):
+        torch_checkpoint.read_torch_checkpoint(str(path))
 
 
 def test_missing_checkpoint_file(tmp_path):
@@ -423,7 +424,7 @@ def test_official_checkpoint_into_moco_resumes_a_step(reference):
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint["state_dict"]
     model = MoCo(arch="resnet18", dim=128, queue_size=QUEUE, mlp=mlp)
-    report = from_torch.load_torch_state_dict(model, state)
+    report = torch_checkpoint.load_torch_state_dict(model, state)
     assert report.head == "v2" and not report.ignored
 
     x = (images(*SIZES[1]) - MEAN) / STD
@@ -449,7 +450,7 @@ def test_official_checkpoint_into_moco_resumes_a_step(reference):
 def test_checkpoint_without_moco_head_leaves_the_moco_head(r18):
     model = MoCo(arch="resnet18", dim=128, queue_size=QUEUE, mlp=False)
     before = model.encoder_q.head.get_layer("fc").kernel.numpy().copy()
-    report = from_torch.load_torch_state_dict(model, _numpy_state(r18, "module."))  # lincls-like
+    report = torch_checkpoint.load_torch_state_dict(model, _numpy_state(r18, "module."))  # lincls-like
     assert report.head == "classifier" and "encoder_q.fc.weight" in report.ignored
     np.testing.assert_array_equal(model.encoder_q.head.get_layer("fc").kernel.numpy(), before)
     # No key encoder in the checkpoint: it starts as a copy of the query encoder.
@@ -460,8 +461,8 @@ def test_checkpoint_without_moco_head_leaves_the_moco_head(r18):
 def test_v1_checkpoint_into_v2_model_is_a_clear_error(reference):
     path, _, _ = reference("resnet18")  # a v2 checkpoint
     model = MoCo(arch="resnet18", dim=128, queue_size=QUEUE, mlp=False)
-    with pytest.raises(from_torch.CheckpointError, match="fc.0.weight"):
-        from_torch.load_torch_state_dict(model, torch.load(path, weights_only=True)["state_dict"])
+    with pytest.raises(torch_checkpoint.CheckpointError, match="fc.0.weight"):
+        torch_checkpoint.load_torch_state_dict(model, torch.load(path, weights_only=True)["state_dict"])
 
 
 def test_official_checkpoint_to_model_dir_resumes_and_exports(reference, tmp_path):
@@ -522,7 +523,7 @@ def tiny_official(tmp_path):
 
 
 def test_a_directory_as_torch_checkpoint_asks_for_the_file(tmp_path):
-    with pytest.raises(from_torch.CheckpointError, match="is a directory; give the checkpoint file"):
+    with pytest.raises(torch_checkpoint.CheckpointError, match="is a directory; give the checkpoint file"):
         from_torch.convert_to_export(str(tmp_path), str(tmp_path / "e"))
 
 

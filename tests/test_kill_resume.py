@@ -37,9 +37,9 @@ def _train(model_dir, export_dir=None, *extra, fault=None):
 
 
 def _newest(model_dir):
-    from moco_tf.training import checkpoint
+    from moco_tf.training import checkpoint_files
 
-    return checkpoint.newest_intact(os.path.join(model_dir, checkpoint.CHECKPOINT_DIR))
+    return checkpoint_files.newest_intact(os.path.join(model_dir, checkpoint_files.CHECKPOINT_DIR))
 
 
 def _state(model_dir):
@@ -87,7 +87,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted(reference, tmp_path):
 # rerun continues the same model_dir from whatever the previous kill left.
 KILLS = [
     ("lock", 1),  # a stale lock of a dead run
-    ("config_rename", 1),  # config.json.tmp written, not renamed
+    ("config_rename", 1),  # config.json's temporary file written, not renamed
     ("view_pairs", 1),
     ("step_mid", 1),  # inside the first step's ops
     ("save_begin", 2),

@@ -14,15 +14,24 @@ PACKAGE = os.path.join(ROOT, "moco_tf")
 COMMAND_LINES = ("train", "knn", "lincls", "finetune", "export", "convert", "plot")
 # Lowest first. The optimizer and the schedules import nothing of moco_tf: the linear protocol
 # (evaluation) trains with them too, so they sit with the ground floor, not with training; the
-# checkpoint finder too (lincls and finetune resume as train does).
+# checkpoint finder too (lincls and finetune resume as train does), and the declaration of
+# settings and the named recipes (plain values), which every config reads. Atomic writes and the rules for
+# replacing a target (atomic_write) serve every writer. A run's recipe (training.config, with the
+# strategies it names) and its model_dir (training.checkpoint) sit below the readers of weights
+# (weights: model_dir, checkpoint, TF-Hub export, .pth), which sit below training: pretraining
+# reads --init_from itself, and the data only goes down. The writers for the outside world
+# (interop: exports, conversions) sit above training.
 LEVELS = {
-    "errors": 0, "_quiet_tf_startup": 0, "outputs": 0, "reporting": 0,
+    "errors": 0, "_quiet_tf_startup": 0, "atomic_write": 0, "outputs": 0, "reporting": 0,
     "models": 1, "data": 1, "training.optimizers": 1, "training.schedules": 1, "training.checkpoint_files": 1,
+    "training.settings": 1, "training.recipes": 1,
     "evaluation": 2,
-    "training": 3,
-    "interop": 4,
-    "cli": 5,
-    **{name: 6 for name in COMMAND_LINES},
+    "training.config": 3, "training.evaluation_config": 3, "training.distribute": 3, "training.checkpoint": 3,
+    "weights": 4,
+    "training": 5,
+    "interop": 6,
+    "cli": 7,
+    **{name: 8 for name in COMMAND_LINES},
 }
 MAX_COMMAND_LINE_LINES = 200
 
@@ -51,8 +60,10 @@ def _imports(path: str) -> tuple[set[str], set[str]]:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from moco_tf.x import y`: y may be a module of x, or a name defined in x.
-            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+            # `from moco_tf.x import y`: y may be a module of x, or a name defined in x (an import of x).
+            inner = [f"{node.module}.{alias.name}" for alias in node.names]
+            modules = [n for n in inner if n.startswith("moco_tf.") and n[len("moco_tf."):] in MODULES]
+            names = modules if len(modules) == len(inner) else [*inner, node.module]
         else:
             continue
         for name in names:

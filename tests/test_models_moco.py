@@ -237,51 +237,6 @@ def test_id_queue_under_mirrored_strategy():
         np.testing.assert_array_equal(copy, ids.numpy())
 
 
-class _CheckpointBeforeIds(MoCo):
-    """The variables of a run checkpoint written before the id queue existed."""
-
-    def _trackable_children(self, save_type="checkpoint", **kwargs):
-        children = super()._trackable_children(save_type, **kwargs)
-        children.pop("queue_ids")
-        return children
-
-
-def test_checkpoint_without_id_queue_restores(tmp_path):
-    old = _CheckpointBeforeIds("resnet18", dim=8, queue_size=8, cifar_stem=True, width=8)
-    old.compile(optimizer=SGD(0.1))
-    old.train_step(tf.random.normal([4, 2, 32, 32, 3], seed=6))
-    path = tf.train.Checkpoint(model=old).save(str(tmp_path / "old" / "ckpt"))
-    names = [name for name, _ in tf.train.list_variables(path)]
-    assert any("model/queue/" in n for n in names) and not any("queue_ids" in n for n in names)
-
-    model = MoCo("resnet18", dim=8, queue_size=8, cifar_stem=True, width=8)
-    ckpt = tf.train.Checkpoint(model=model)
-    with pytest.raises(AssertionError, match="not bound"):  # what a plain strict restore says
-        ckpt.restore(path).assert_existing_objects_matched()
-    with model.restoring(path):
-        ckpt.restore(path).assert_existing_objects_matched()
-    np.testing.assert_array_equal(np.asarray(model.queue), np.asarray(old.queue))
-    assert int(model.queue_ptr) == 4
-    np.testing.assert_array_equal(np.asarray(model.queue_ids), [-1] * 8)
-    # Saved again, the checkpoint holds the id queue, and restores strictly.
-    new_path = ckpt.save(str(tmp_path / "new" / "ckpt"))
-    assert any("model/queue_ids/" in name for name, _ in tf.train.list_variables(new_path))
-    with model.restoring(new_path):
-        ckpt.restore(new_path).assert_existing_objects_matched()
-
-    # Only the id queue may be missing: a checkpoint lacking another variable still fails.
-    class _NoPointer(_CheckpointBeforeIds):
-        def _trackable_children(self, save_type="checkpoint", **kwargs):
-            children = super()._trackable_children(save_type, **kwargs)
-            children.pop("queue_ptr")
-            return children
-
-    lacking = _NoPointer("resnet18", dim=8, queue_size=8, cifar_stem=True, width=8)
-    bad_path = tf.train.Checkpoint(model=lacking).save(str(tmp_path / "bad" / "ckpt"))
-    with pytest.raises(AssertionError), model.restoring(bad_path):
-        ckpt.restore(bad_path).assert_existing_objects_matched()
-
-
 def test_self_neg_reaches_step_lines_and_epoch_summary(capsys):
     """The same 8 images twice into a queue of 16: self_neg 0 then 1, printed as the running mean."""
     from moco_tf.training.callbacks import StepLines, TrainingLogs

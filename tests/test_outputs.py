@@ -108,12 +108,12 @@ def test_a_torn_lock_outside_a_run_and_a_live_lock_stay_refused(tmp_path):
 
 
 def test_config_files_are_read_only_when_they_are_moco_tfs_and_within_bounds(tmp_path):
-    from moco_tf.training import checkpoint
+    from moco_tf.training import checkpoint, checkpoint_files
     from moco_tf.training.config import PretrainConfig
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"arch": "resnet18", "learning_rate": 0.1, "architectures": ["x"]}))
-    with pytest.raises(checkpoint.CheckpointError, match="not a moco_tf config: no format_version"):
+    with pytest.raises(checkpoint_files.CheckpointError, match="not a moco_tf config: no format_version"):
         checkpoint.read_config(str(tmp_path))
     config.write_text(json.dumps({"arch": "resnet18", "momentum": 0.99, "moco_version": "v1"}))  # an old one of ours
     assert checkpoint.read_config(str(tmp_path)).model.moco_momentum == 0.99
@@ -123,23 +123,23 @@ def test_config_files_are_read_only_when_they_are_moco_tfs_and_within_bounds(tmp
         bad = json.loads(json.dumps(values))
         bad[section][key] = value
         config.write_text(json.dumps(bad))
-        with pytest.raises(checkpoint.CheckpointError, match=flag):
+        with pytest.raises(checkpoint_files.CheckpointError, match=flag):
             checkpoint.read_config(str(tmp_path))
 
 
 def test_another_projects_checkpoints_are_refused_before_anything_moves(tmp_path):
-    from moco_tf.training import checkpoint
+    from moco_tf.training import checkpoint, checkpoint_files
 
     for folder in (tmp_path, tmp_path / "checkpoints"):
         folder.mkdir(exist_ok=True)
         (folder / "checkpoint").write_text('model_checkpoint_path: "ckpt-2"\n')
         (folder / "ckpt-2.index").write_bytes(b"\0" * 16)
         before = sorted(os.listdir(folder))
-        with pytest.raises(checkpoint.CheckpointError, match="no moco_tf config.json: not touching them"):
+        with pytest.raises(checkpoint_files.CheckpointError, match="no moco_tf config.json: not touching them"):
             checkpoint.check_run_folder(str(tmp_path), None)
         assert sorted(os.listdir(folder)) == before
     (tmp_path / "lincls_config.json").write_text("{}")
-    with pytest.raises(checkpoint.CheckpointError, match="holds a lincls run"):
+    with pytest.raises(checkpoint_files.CheckpointError, match="holds a lincls run"):
         checkpoint.check_run_folder(str(tmp_path), None)
 
 

@@ -64,7 +64,7 @@ def test_short_run_writes_checkpoint_logs_export_and_resumes(tmp_path):
 
     # The narrow encoder loads at its width from the model_dir and from the export, to the same features.
     from moco_tf.interop import hub
-    from moco_tf.interop.pretrained import load_backbone
+    from moco_tf.weights.pretrained import load_backbone
 
     exported = hub.read_config(export_dir)
     assert exported["width"] == 8 and exported["feature_dim"] == 64

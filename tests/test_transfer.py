@@ -23,13 +23,14 @@ import tensorflow as tf
 
 torch = pytest.importorskip("torch")
 
-from moco_tf import export  # noqa: E402
+from moco_tf import atomic_write, export  # noqa: E402
 from moco_tf.interop import hub, targets, transfer  # noqa: E402
 from moco_tf.interop import keras_hub as to_keras_hub  # noqa: E402
 from moco_tf.interop import onnx as to_onnx  # noqa: E402
 from moco_tf.interop import torch as to_torch  # noqa: E402
 from moco_tf.models.backbones import BackboneSpec  # noqa: E402
 from moco_tf.models.moco import MoCo  # noqa: E402
+from moco_tf.weights import torch_checkpoint  # noqa: E402
 from tests import torch_reference  # noqa: E402
 from tests.helpers import randomize, run  # noqa: E402
 
@@ -185,7 +186,8 @@ def test_detectron2_conversion_renames_every_backbone_weight(arch, made):
     if arch == "resnet18":
         state = torch.load(made["pth"], map_location="cpu", weights_only=True)["state_dict"]
     else:  # the bottleneck layout: conv3/bn3 and a shortcut in every stage (weights never computed)
-        state = {f"module.encoder_q.{k}": v for k, v in to_torch.torch_state_dict(BackboneSpec(arch).build()).items()}
+        tensors = torch_checkpoint.torch_state_dict(BackboneSpec(arch).build())
+        state = {f"module.encoder_q.{k}": v for k, v in tensors.items()}
     renamed = {
         _detectron2_name(k): k
         for k in state
@@ -241,7 +243,7 @@ def test_keras_hub_refuses_what_it_cannot_represent():
         (BackboneSpec("resnet18", cifar_stem=True), "CIFAR stem"),
     )
     for spec, why in cases:
-        with pytest.raises(hub.ExportTargetError) as raised:
+        with pytest.raises(atomic_write.TargetError) as raised:
             to_keras_hub.check_representable(spec)
         message = str(raised.value)
         assert why in message and "--format=hub" in message and "--format=pth" in message and "\n" not in message
@@ -292,15 +294,15 @@ def test_files_not_written_by_moco_tf_are_never_replaced(made, encoder, tmp_path
         (to_keras_hub.check_target, foreign_pth, "it is a file"),
     ]
     for check, target, why in cases:
-        with pytest.raises(hub.ExportTargetError, match=why):
+        with pytest.raises(atomic_write.TargetError, match=why):
             check(str(target), True)
     # the source is protected whatever --overwrite says
-    with pytest.raises(hub.ExportTargetError, match="must stay untouched"):
+    with pytest.raises(atomic_write.TargetError, match="must stay untouched"):
         export.export(made["pth"], made["pth"], "pth", overwrite=True)
     # moco_tf's own file: only with overwrite, replaced atomically (nothing left beside it)
     ours = str(tmp_path / "ours.pth.tar")
     to_torch.write_official_checkpoint(encoder, ours)
-    with pytest.raises(hub.ExportTargetError, match="already exists; pass --overwrite"):
+    with pytest.raises(atomic_write.TargetError, match="already exists; pass --overwrite"):
         to_torch.write_official_checkpoint(encoder, ours)
     to_torch.write_official_checkpoint(encoder, ours, overwrite=True)
     assert to_torch.is_moco_tf_checkpoint(ours)
@@ -309,7 +311,7 @@ def test_files_not_written_by_moco_tf_are_never_replaced(made, encoder, tmp_path
 
 
 def test_a_file_moved_aside_by_a_killed_replacement_is_put_back(made, tmp_path):
-    # A kill between the two renames of write_replacing: the old file sits in the staging folder.
+    # A kill between the two renames of atomic_write.replace: the old file sits in the staging folder.
     target = str(tmp_path / "m.pth.tar")
     staging = tmp_path / ".m.pth.tar.abcd1234.tmp"
     staging.mkdir()

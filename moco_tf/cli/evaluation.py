@@ -12,15 +12,15 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from moco_tf import outputs
+from moco_tf import atomic_write, outputs
 from moco_tf.data.sources import Source
 from moco_tf.evaluation.frozen import FrozenBackbone, replicate
 from moco_tf.evaluation.linear import read_results_file
-from moco_tf.interop.pretrained import load_backbone, load_for_evaluation
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.training import distribute
 from moco_tf.training.config import FORMAT_VERSION, PRECISION_POLICIES, ConfigError, check_same_run
 from moco_tf.training.evaluation_config import FinetuneConfig, LinearConfig
+from moco_tf.weights.pretrained import load_backbone, load_for_evaluation
 
 
 @dataclasses.dataclass
@@ -137,4 +137,4 @@ def check_model_dir(config: LinearConfig | FinetuneConfig, config_file: str, chi
         check_same_run(_read_config(type(config), path), config, config.model_dir)
         return
     if chief:
-        outputs.write_atomic(path, config.to_json().encode())
+        atomic_write.write_atomic(path, config.to_json().encode())

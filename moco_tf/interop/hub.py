@@ -27,34 +27,31 @@ once (the variables file is 4 bytes per value).
 
 Writing never destroys what moco_tf did not write: an existing export_dir is replaced only when
 it is a moco_tf export and overwrite was asked, never when it is, contains or lies inside the
-model_dir (`check_export_target`), and the replacement is atomic (`write_replacing`).
+model_dir (`check_export_target`), and the replacement is atomic (`moco_tf.atomic_write.replace`).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import re
-import shutil
-import socket
-import sys
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import keras
 import tensorflow as tf
 
-from moco_tf.errors import RunFailed, UserError
+from moco_tf.atomic_write import (
+    Protected,
+    TargetError,
+    check_existing_folder,
+    recover_leftovers,
+    refuse_overlap,
+    replace,
+    scratch_folder,
+)
 from moco_tf.models.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec
 from moco_tf.training.checkpoint import config_values, restore_model
-
-CONFIG_ASSET = "moco_config.json"
-
-# Paths an export must keep clear of: plain paths are model_dirs; a mapping gives each path's
-# description for the messages ({"ckpt.pth": "the torch checkpoint"}).
-Protected = Sequence[str] | Mapping[str, str]
+from moco_tf.weights.pretrained import CONFIG_ASSET
 
 _IMAGES = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
 
@@ -88,7 +85,7 @@ class HubModule(tf.Module):
         self._keras = _Untracked(backbone=backbone, head=head, maps=None, classifier=classifier)
         layers = [backbone] + [layer for layer in (head, classifier) if layer is not None]
         # Order is part of the format: the backbone's weights first, in `backbone.weights` order,
-        # then the head's, then the classifier's (moco_tf.interop.pretrained rebuilds a Keras backbone
+        # then the head's, then the classifier's (moco_tf.weights.pretrained rebuilds a Keras backbone
         # from an export this way).
         self.variables = [v.value for layer in layers for v in layer.weights]
         # The projection head is exported for inspection; fine-tuning touches the backbone only.
@@ -174,16 +171,15 @@ def export_backbone(
     classifier: a Dense layer on the features (a fine-tuned head); `serving_default` then also
         returns its "logits". Fine-tuning through `hub.KerasLayer` still trains the backbone only.
 
-    Returns export_dir. Raises ExportTargetError (a FileExistsError) when export_dir may not be
-    written (see `check_export_target`), ExportSpaceError when the disk fills up (the previous
-    export, if any, stays as it was).
+    Returns export_dir. Raises atomic_write.TargetError (a FileExistsError) when export_dir may not
+    be written (see `check_export_target`), atomic_write.DiskFullError when the disk fills up (the
+    previous export, if any, stays as it was).
     """
     export_dir = os.path.normpath(export_dir)
     check_export_target(export_dir, overwrite, protected, overwrite_flag)
 
     def write(saved: str) -> None:
-        staging = os.path.dirname(saved)
-        config_path = os.path.join(staging, CONFIG_ASSET)
+        config_path = os.path.join(scratch_folder(saved), CONFIG_ASSET)  # copied into assets/ by the save
         with open(config_path, "w") as f:
             json.dump(_full_config(backbone, config, head, classifier), f, indent=2, sort_keys=True)
         module = HubModule(backbone, head, config_path, classifier)
@@ -195,7 +191,7 @@ def export_backbone(
             signatures["feature_maps"] = module.feature_maps
         tf.saved_model.save(module, saved, signatures=signatures)
 
-    write_replacing(export_dir, write, lambda: _check_existing(export_dir, overwrite, overwrite_flag), what="export")
+    replace(export_dir, write, lambda: _check_existing(export_dir, overwrite, overwrite_flag), what="export")
     return export_dir
 
 
@@ -251,35 +247,14 @@ def _backbone_width(backbone: keras.Model) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# where an export may be written, and replacing one safely
-#
-# An existing export_dir is replaced only when it is recognisably a moco_tf export and the caller
-# asked for it. The new export is written in a staging folder `.NAME.XXXXXXXX.tmp` beside
-# export_dir; then the old export is moved into the staging folder (as `old`), the new one is
-# renamed to export_dir, and the staging folder with the old export is removed. A kill at any
-# point leaves a complete export under export_dir, or (between the two renames) a complete old one
-# in the staging folder, which the next check_export_target puts back.
+# where an export may be written (the rules and the replacement itself: moco_tf.atomic_write)
 
 # What a SavedModel folder holds; an export with anything else in it is not replaced.
 SAVED_MODEL_ENTRIES = frozenset({"saved_model.pb", "fingerprint.pb", "variables", "assets", "assets.extra"})
-_NEW, _OLD, _OWNER = "new", "old", "owner.json"
-# What our staging folders hold: these names, and those of moco_tf versions before this one.
-_STAGING_ENTRIES = frozenset({_NEW, _OLD, _OWNER, CONFIG_ASSET, "saved_model", "saved_model.old"})
-_OLD_ENTRIES = (_OLD, "saved_model.old")
-
-
-class ExportTargetError(FileExistsError, UserError):
-    """export_dir may not be written or replaced; the message says why, in one line."""
-
-
-class ExportSpaceError(RunFailed):
-    """The disk filled up while writing; whatever was at the target before is intact. A
-    `RunFailed`: the CLIs report it in one line with exit status 1."""
 
 
 def is_export(path: str) -> bool:
-    """Whether `path` is a folder written by moco_tf.export: a SavedModel with assets/moco_config.json
-    (what every moco_tf export, older ones included, holds)."""
+    """Whether `path` is a folder written by moco_tf.export: a SavedModel with assets/moco_config.json."""
     return (
         os.path.isdir(path)
         and os.path.isfile(os.path.join(path, "saved_model.pb"))
@@ -306,7 +281,7 @@ def export_source(export_dir: str) -> str | None:
 def check_export_target(
     export_dir: str, overwrite: bool = False, protected: Protected = (), overwrite_flag: str = "--overwrite"
 ) -> None:
-    """Raise ExportTargetError (one line) unless an export may be written at `export_dir`.
+    """Raise TargetError (one line) unless an export may be written at `export_dir`.
 
     Allowed: a path that does not exist or an empty folder; an existing moco_tf export when
     `overwrite`. Refused whatever `overwrite` says: export_dir being, containing or lying inside
@@ -319,7 +294,7 @@ def check_export_target(
     the previous export is put back first.
     """
     if not export_dir:
-        raise ExportTargetError("no export_dir given")
+        raise TargetError("no export_dir given")
     refuse_overlap(export_dir, protected, "export_dir")
     recover_leftovers(export_dir, _is_complete_export)
     _check_existing(export_dir, overwrite, overwrite_flag)
@@ -330,201 +305,6 @@ def _check_existing(export_dir: str, overwrite: bool, overwrite_flag: str = "--o
         export_dir, overwrite, is_export, SAVED_MODEL_ENTRIES, "an export",
         f"a moco_tf export (no saved_model.pb and assets/{CONFIG_ASSET})", "a moco_tf export", overwrite_flag,
     )
-
-
-def check_existing_folder(
-    target: str,
-    overwrite: bool,
-    is_ours: Callable[[str], bool],
-    entries: frozenset[str] | set[str],
-    what: str,
-    not_ours: str,
-    ours: str,
-    overwrite_flag: str = "--overwrite",
-) -> None:
-    """The export rule for a folder target that may exist (a TF-Hub export, a KerasHub preset): it
-    may be absent or empty, or, with overwrite, one moco_tf wrote (`is_ours`, read from its
-    content) holding nothing but its `entries`; anything else is an ExportTargetError in one line.
-    `what` / `ours` / `not_ours` word the format in those lines ("an export", "a moco_tf export")."""
-    refusing = f"refusing to replace {target}:"
-    if os.path.islink(target):
-        raise ExportTargetError(f"{refusing} it is a symbolic link; give the folder it points to")
-    if not os.path.exists(target):
-        return
-    if not os.path.isdir(target):
-        raise ExportTargetError(f"{refusing} it is a file, not {what}; choose another export_dir")
-    present = os.listdir(target)
-    if not present:
-        return  # an empty folder: nothing to lose
-    if not is_ours(target):
-        raise ExportTargetError(f"{refusing} it is not {not_ours}; choose another export_dir")
-    foreign = sorted(set(present) - set(entries))
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ExportTargetError(
-            f"{refusing} besides {ours} it holds {shown}; move them out or choose another export_dir"
-        )
-    if not overwrite:
-        noun = what.split()[-1]
-        raise ExportTargetError(f"{noun} {target} already exists; pass {overwrite_flag} to replace it")
-
-
-def _real(path: str) -> str:
-    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
-
-
-def _within(path: str, folder: str) -> bool:
-    """path is folder or lies inside it (both real paths)."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def refuse_overlap(target: str, protected: Protected, flag: str) -> None:
-    """A target that is, contains or lies inside a protected path (or contains the current
-    directory) would put the protected files at risk when it is replaced: ExportTargetError."""
-    real = _real(target)
-    described = protected.items() if isinstance(protected, Mapping) else ((p, "the model_dir") for p in protected)
-    for path, what in described:
-        if not path or "://" in path:
-            continue  # remote paths (gs://) never meet a local target
-        other = _real(path)
-        if real == other:
-            how = "is"
-        elif _within(other, real):
-            how = "contains"
-        elif _within(real, other):
-            how = "is inside"
-        else:
-            continue
-        raise ExportTargetError(
-            f"refusing --{flag}={target}: it {how} {what} {path}, which must stay untouched; "
-            f"give --{flag} a folder of its own"
-        )
-    if _within(_real(os.getcwd()), real):
-        raise ExportTargetError(
-            f"refusing --{flag}={target}: it is or contains the current directory; give --{flag} a folder of its own"
-        )
-
-
-def write_replacing(
-    target: str, write: Callable[[str], None], recheck: Callable[[], None] | None = None, what: str = "export"
-) -> None:
-    """Call write(path) to build the new content at a fresh `path` in a staging folder beside
-    `target`, then put it at `target`; an existing target (already checked by the caller) is
-    removed only after the new content is in place, and a failure at any point leaves the old one.
-
-    recheck: called just before the swap, to refuse a target that changed in the meantime.
-    A full disk while writing raises ExportSpaceError; the staging folder is removed in any case.
-    """
-    target = os.path.abspath(target)
-    parent, name = os.path.split(target)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        # Same parent folder, so the renames stay on one filesystem and are atomic.
-        staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
-    except OSError as error:
-        _raise_if_disk_full(error, what, target)
-        raise
-    try:
-        with open(os.path.join(staging, _OWNER), "w") as f:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
-        new = os.path.join(staging, _NEW)
-        write(new)
-        if recheck is not None:
-            recheck()
-        old = os.path.join(staging, _OLD)
-        if os.path.lexists(target):
-            os.rename(target, old)
-        os.rename(new, target)
-    except (OSError, tf.errors.OpError) as error:
-        _raise_if_disk_full(error, what, target)
-        raise
-    finally:
-        _remove_staging(staging, target)
-
-
-def _remove_staging(staging: str, target: str) -> None:
-    """Remove a staging folder; an old target inside it is put back first when the target is
-    missing (the swap was interrupted), never deleted."""
-    if not os.path.lexists(target):
-        for entry in _OLD_ENTRIES:
-            old = os.path.join(staging, entry)
-            if os.path.isdir(old) or os.path.isfile(old):  # an export folder, or a .pth.tar / .onnx
-                os.rename(old, target)
-                break
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-def _raise_if_disk_full(error: BaseException, what: str, target: str) -> None:
-    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
-    if full or "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
-        previous = f"the previous {what} is intact" if os.path.lexists(target) else f"no {what} was written"
-        raise ExportSpaceError(
-            f"no space left on device while writing {what} {target}; {previous}; free some space and rerun"
-        ) from None
-
-
-def _staging_folders(target: str) -> list[str]:
-    """Staging folders of ours beside target whose process is gone: our name pattern, and nothing
-    inside but what moco_tf puts there."""
-    parent, name = os.path.split(os.path.abspath(target))
-    pattern = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp\Z")
-    try:
-        entries = os.listdir(parent)
-    except OSError:  # no parent yet (or unreadable): nothing of ours there
-        return []
-    found = []
-    for entry in sorted(entries):
-        path = os.path.join(parent, entry)
-        if not pattern.match(entry) or os.path.islink(path) or not os.path.isdir(path):
-            continue
-        try:
-            if set(os.listdir(path)) <= _STAGING_ENTRIES and not _owner_alive(path):
-                found.append(path)
-        except OSError:
-            continue
-    return found
-
-
-def _owner_alive(staging: str) -> bool:
-    """Whether the process that made a staging folder may still be writing it. Folders of older
-    moco_tf versions, or of a process killed before it wrote owner.json, have no owner."""
-    try:
-        with open(os.path.join(staging, _OWNER)) as f:
-            owner = json.load(f)
-        pid, host = int(owner["pid"]), str(owner["host"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    if host != socket.gethostname() or pid == os.getpid():
-        return True  # another machine's (cannot tell), or this process's own: leave it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def recover_leftovers(target: str, is_complete: Callable[[str], bool]) -> list[str]:
-    """Tidy up after a killed write of `target`: when target is missing and a staging folder holds
-    a complete previous version (is_complete), put it back; then remove our staging folders.
-    Returns a line for each thing done (also printed on stderr)."""
-    done = []
-    leftovers = _staging_folders(target)
-    if not os.path.lexists(target):
-        olds = [os.path.join(s, e) for s in leftovers for e in _OLD_ENTRIES if is_complete(os.path.join(s, e))]
-        if olds:
-            newest = max(olds, key=os.path.getmtime)
-            os.rename(newest, target)
-            done.append(f"restored {target}, which an interrupted replacement had moved to {newest}")
-    for staging in leftovers:
-        if not os.path.lexists(target) and any(os.path.exists(os.path.join(staging, e)) for e in _OLD_ENTRIES):
-            continue  # an old version we could not verify, and nothing in its place: keep it
-        shutil.rmtree(staging, ignore_errors=True)
-        done.append(f"removed {staging}, left by an interrupted write of {target}")
-    for line in done:
-        print(line, file=sys.stderr)
-    return done
 
 
 def read_config(export_dir: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ The folder is timm's layout, which KerasHub's `ResNetBackbone.from_preset(DIR)` 
 - `config.json`: {"architecture": "resnet50", "num_features", "pretrained_cfg": {"input_size",
   "mean", "std", "interpolation", "crop_pct"}, "moco_tf": {...how it was made...}};
 - `model.safetensors`: the backbone in torchvision's key names and torch layouts (the same table
-  as `moco_tf.interop.torch`). The MoCo projection head is left out: KerasHub has no place for
+  as `moco_tf.weights.torch_checkpoint`). The MoCo projection head is left out: KerasHub has no place for
   it, and transfer starts from the pooled features.
 
 Preprocessing: `mean` / `std` are moco_tf's (ImageNet), for pixels scaled to [0, 1] (timm's
@@ -23,17 +23,11 @@ from __future__ import annotations
 import json
 import os
 
-from moco_tf.interop.hub import (
-    ExportTargetError,
-    check_existing_folder,
-    recover_leftovers,
-    refuse_overlap,
-    write_replacing,
-)
+from moco_tf.atomic_write import TargetError, check_existing_folder, recover_leftovers, refuse_overlap, replace
 from moco_tf.interop.targets import require
-from moco_tf.interop.torch import torch_state_dict
 from moco_tf.interop.transfer import Encoder
 from moco_tf.models.backbones import BackboneSpec
+from moco_tf.weights.torch_checkpoint import torch_state_dict
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 PRESET_ENTRIES = frozenset({CONFIG_FILE, WEIGHTS_FILE})
@@ -51,7 +45,7 @@ def check_representable(spec: BackboneSpec) -> None:
     elif spec.arch not in ARCHS:
         why = f"KerasHub's timm converter has no {spec.arch}"
     if why:
-        raise ExportTargetError(
+        raise TargetError(
             f"cannot write a {spec.label}{' (CIFAR stem)' if spec.cifar_stem else ''} as a KerasHub preset: {why}; "
             "use --format=hub (Keras 3 through TFSMLayer / TF-Hub) or --format=pth instead"
         )
@@ -71,7 +65,7 @@ def check_target(target: str, overwrite: bool = False, protected=(), overwrite_f
     """The export rules for a preset folder: new, empty, or (with overwrite) a moco_tf preset
     holding nothing else; never what the source is, contains or lies inside."""
     if not target:
-        raise ExportTargetError("no export_dir given")
+        raise TargetError("no export_dir given")
     refuse_overlap(target, protected, "export_dir")
     recover_leftovers(target, lambda path: is_preset(path) and os.path.isfile(os.path.join(path, WEIGHTS_FILE)))
     _check_existing(target, overwrite, overwrite_flag)
@@ -132,5 +126,5 @@ def write_preset(encoder: Encoder, target: str, overwrite: bool = False) -> str:
         os.umask(umask)
         os.chmod(os.path.join(path, WEIGHTS_FILE), 0o666 & ~umask)  # safetensors creates it 0600
 
-    write_replacing(target, write, lambda: _check_existing(target, overwrite), what="KerasHub preset")
+    replace(target, write, lambda: _check_existing(target, overwrite), what="KerasHub preset")
     return target

@@ -19,8 +19,9 @@ import os
 import keras
 import tensorflow as tf
 
-from moco_tf.interop.hub import stage_outputs, write_replacing
-from moco_tf.interop.targets import check_existing_file, check_file_target, require
+from moco_tf.atomic_write import check_existing_file, replace
+from moco_tf.interop.hub import stage_outputs
+from moco_tf.interop.targets import check_file_target, require
 from moco_tf.interop.transfer import Encoder
 
 OPSET = 17
@@ -88,7 +89,7 @@ def write_onnx(encoder: Encoder, path: str, overwrite: bool = False) -> str:
     entry = proto.metadata_props.add()
     entry.key, entry.value = MARKER, json.dumps(description, sort_keys=True)
     proto.producer_name = "moco_tf (tf2onnx)"
-    write_replacing(
+    replace(
         path,
         lambda new: onnx.save(proto, new),
         lambda: check_existing_file(path, overwrite, is_moco_tf_onnx, WHAT),

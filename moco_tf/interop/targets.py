@@ -1,10 +1,10 @@
 """What every export format's writer (`moco_tf.interop.hub`, `.keras_hub`, `.torch`, `.onnx`)
 needs before it writes: its optional dependency, imported only by that writer (a missing one is
 one line naming the pip command: `require`), and, for a single-file target (.pth.tar, .onnx), the
-export rules of `moco_tf.interop.hub` (only a file moco_tf wrote is ever replaced).
+export rules of `moco_tf.atomic_write` (only a file moco_tf wrote is ever replaced).
 
 Apart from `moco_tf.interop.transfer` (which reads the source encoder through
-`moco_tf.interop.pretrained`) so that the writers need not import the readers.
+`moco_tf.weights.pretrained`) so that the writers need not import the readers.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import os
 from collections.abc import Callable
 from types import ModuleType
 
+from moco_tf.atomic_write import Protected, TargetError, check_existing_file, recover_leftovers, refuse_overlap
 from moco_tf.errors import UserError
-from moco_tf.interop.hub import ExportTargetError, Protected, recover_leftovers, refuse_overlap
 
 # extra name -> what `pip install` needs; the package's optional dependencies (pyproject.toml).
 EXTRAS = {
@@ -41,7 +41,7 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
 
 
 # ----------------------------------------------------------------------------------------------
-# a single-file target (.pth.tar, .onnx): the export rules of moco_tf.interop.hub, for a file
+# a single-file target (.pth.tar, .onnx): the export rules of moco_tf.atomic_write, for a file
 
 
 def check_file_target(
@@ -52,28 +52,12 @@ def check_file_target(
     what: str,
     overwrite_flag: str = "--overwrite",
 ) -> None:
-    """Raise ExportTargetError (one line) unless `target` may be written: it does not exist, or it
+    """Raise TargetError (one line) unless `target` may be written: it does not exist, or it
     is a file moco_tf wrote (`is_ours`, read from its content) and overwrite was asked. Never a
     folder, a symbolic link, a file of anyone else, nor one of `protected`. Also tidies up after a
     write that was killed (a leftover staging folder; a previous file it had moved aside)."""
     if not target:
-        raise ExportTargetError("no export target given")
+        raise TargetError("no export target given")
     refuse_overlap(target, protected, "export_dir")
     recover_leftovers(target, lambda path: os.path.isfile(path) and is_ours(path))
     check_existing_file(target, overwrite, is_ours, what, overwrite_flag)
-
-
-def check_existing_file(
-    target: str, overwrite: bool, is_ours: Callable[[str], bool], what: str, overwrite_flag: str = "--overwrite"
-) -> None:
-    refusing = f"refusing to replace {target}:"
-    if os.path.islink(target):
-        raise ExportTargetError(f"{refusing} it is a symbolic link; give the file it points to")
-    if not os.path.exists(target):
-        return
-    if os.path.isdir(target):
-        raise ExportTargetError(f"{refusing} it is a folder; give a file path for the {what}")
-    if not is_ours(target):
-        raise ExportTargetError(f"{refusing} it is no {what} written by moco_tf; choose another path")
-    if not overwrite:
-        raise ExportTargetError(f"{what} {target} already exists; pass {overwrite_flag} to replace it")

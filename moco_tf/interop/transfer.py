@@ -1,7 +1,7 @@
 """What every transfer format starts from: a MoCo encoder (backbone + projection head if any) read
 from anything `--pretrained` takes, and the rules for writing a single-file target.
 
-`load_encoder(path)` reads the backbone with `moco_tf.interop.pretrained.load_backbone` (the one
+`load_encoder(path)` reads the backbone with `moco_tf.weights.pretrained.load_backbone` (the one
 reader of model_dirs, checkpoints, TF-Hub exports and PyTorch checkpoints) and adds the MoCo
 projection head where the source has one (a model_dir's query head, an export's "projection"
 variables, an official checkpoint's `fc` / `fc.0`, `fc.2`).
@@ -20,9 +20,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from moco_tf.interop.hub import (
-    Protected,
-)
+from moco_tf.atomic_write import Protected
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.models.moco import projection_head
 
@@ -62,7 +60,7 @@ def source_protected(path: str) -> dict[str, str]:
 
 def load_encoder(path: str) -> Encoder:
     """The backbone (via `load_backbone`) and MoCo head of PATH (anything `--pretrained` takes)."""
-    from moco_tf.interop.pretrained import load_backbone
+    from moco_tf.weights.pretrained import load_backbone
 
     frozen, info = load_backbone(path)
     backbone = frozen.model
@@ -99,7 +97,7 @@ def _model_dir_head(path: str) -> tuple[keras.Model, dict[str, Any]]:
 
 def _finished_epochs(path: str) -> int | None:
     """The `epoch` counter (epochs completed) of the checkpoint a model_dir / prefix restores."""
-    from moco_tf.training.checkpoint import CHECKPOINT_DIR, newest_intact
+    from moco_tf.training.checkpoint_files import CHECKPOINT_DIR, newest_intact
 
     path = os.path.normpath(path)
     prefix = path if os.path.isfile(path + ".index") else newest_intact(os.path.join(path, CHECKPOINT_DIR))
@@ -110,9 +108,9 @@ def _finished_epochs(path: str) -> int | None:
 
 
 def _export_head(path: str, backbone_count: int, spec: BackboneSpec) -> tuple[keras.Model | None, dict[str, Any]]:
-    """The export's MoCo head, read as data like its backbone (`interop.pretrained.ExportVariables`):
+    """The export's MoCo head, read as data like its backbone (`weights.pretrained.ExportVariables`):
     the SavedModel's graph is never loaded, so nothing in it runs."""
-    from moco_tf.interop.pretrained import ExportVariables, read_export_config
+    from moco_tf.weights.pretrained import ExportVariables, read_export_config
 
     config = read_export_config(path)
     config = {k: v for k, v in config.items() if k not in ("preprocessing", "signatures", "keras3_endpoints")}
@@ -131,7 +129,7 @@ def _export_head(path: str, backbone_count: int, spec: BackboneSpec) -> tuple[ke
 
 
 def _torch_head(path: str, spec: BackboneSpec) -> tuple[keras.Model | None, dict[str, Any]]:
-    from moco_tf.interop import torch as from_torch
+    from moco_tf.weights import torch_checkpoint as from_torch
 
     checkpoint = from_torch.read_torch_checkpoint(path)
     state = from_torch.state_dict_of(checkpoint)

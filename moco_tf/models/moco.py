@@ -7,9 +7,7 @@ MultiWorkerMirroredStrategy and TPUStrategy, and compiles with XLA.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import keras
@@ -165,7 +163,6 @@ class MoCo(keras.Model):
             shape=(queue_size,), dtype="int32", initializer=keras.initializers.Constant(UNKNOWN_ID),
             trainable=False, aggregation="only_first_replica", name="queue_ids",
         )
-        self._checkpoint_without_ids = False
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.pos_tracker = keras.metrics.Mean(name="logit_pos")
         self.neg_tracker = keras.metrics.Mean(name="logit_neg")
@@ -181,25 +178,6 @@ class MoCo(keras.Model):
     def metrics(self):
         # Our own trackers only: compile()'s built-in "loss" tracker is never updated by this step.
         return [self.loss_tracker, self.pos_tracker, self.neg_tracker, self.acc_tracker, self.self_neg_tracker]
-
-    @contextlib.contextmanager
-    def restoring(self, checkpoint_path: str) -> Iterator[None]:
-        """Around the restore of a run checkpoint: one written before the id queue existed has no
-        `queue_ids`; while restoring it the model does not list that variable (so a strict
-        `assert_existing_objects_matched` still checks everything else), and the ids stay -1
-        (unknown): `self_neg` counts only the rows enqueued after the resume."""
-        names = (name for name, _ in tf.train.list_variables(checkpoint_path))
-        self._checkpoint_without_ids = not any(name.split("/.ATTRIBUTES")[0].endswith("queue_ids") for name in names)
-        try:
-            yield
-        finally:
-            self._checkpoint_without_ids = False
-
-    def _trackable_children(self, save_type="checkpoint", **kwargs):
-        children = super()._trackable_children(save_type, **kwargs)
-        if getattr(self, "_checkpoint_without_ids", False):  # (also asked while __init__ runs)
-            children.pop("queue_ids", None)
-        return children
 
     def keys_per_step(self, global_batch_size: int) -> int:
         return global_batch_size * (2 if self.symmetric else 1)

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from moco_tf.atomic_write import is_disk_full
 from moco_tf.errors import RunFailed
 from moco_tf.reporting import AS_IS
 
@@ -149,8 +150,6 @@ class CheckpointEvery(keras.callbacks.Callback):
         try:
             self.manager.save(checkpoint_number=step)
         except (OSError, tf.errors.OpError) as error:
-            from moco_tf.training.checkpoint import is_disk_full
-
             if not is_disk_full(error):
                 raise
             raise RunFailed(

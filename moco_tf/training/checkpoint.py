@@ -19,29 +19,22 @@ from typing import Any
 
 import tensorflow as tf
 
-from moco_tf import outputs
-from moco_tf.errors import RunFailed
+from moco_tf import atomic_write, outputs
 from moco_tf.models.moco import MoCo
-from moco_tf.training import config as config_module
-from moco_tf.training.checkpoint_files import (  # also re-exported: where earlier versions had them
-    _CKPT_TEMP,
-    _reason,
-    _warn,
+from moco_tf.training.checkpoint_files import (
+    CHECKPOINT_DIR,
+    CKPT_TEMP,
+    CheckpointError,
+    checkpoint_files,
+    newest_intact,
     restore_matching,
+    unreadable,
+    warn,
 )
-from moco_tf.training.checkpoint_files import BROKEN_DIR as BROKEN_DIR
-from moco_tf.training.checkpoint_files import CHECKPOINT_DIR as CHECKPOINT_DIR
-from moco_tf.training.checkpoint_files import CheckpointError as CheckpointError
-from moco_tf.training.checkpoint_files import checkpoint_files as checkpoint_files
-from moco_tf.training.checkpoint_files import is_disk_full as is_disk_full
-from moco_tf.training.checkpoint_files import newest_intact as newest_intact
-from moco_tf.training.checkpoint_files import unreadable as unreadable
 from moco_tf.training.config import ConfigError, PretrainConfig
 from moco_tf.training.optimizers import SGD
 
 CONFIG_FILE = "config.json"
-# Which settings make a run another run, and how two runs are compared: training.config.
-check_same_run = config_module.check_same_run
 
 
 def read_config(model_dir: str) -> PretrainConfig | None:
@@ -87,17 +80,13 @@ def check_run_folder(model_dir: str, saved: PretrainConfig | None) -> None:
 
 
 def write_config(model_dir: str, config: PretrainConfig) -> None:
-    """Atomic: written beside and renamed, so a crash never leaves half a file."""
-    tf.io.gfile.makedirs(model_dir)
+    """Atomic (`atomic_write.write_atomic`, gs:// too), so a crash never leaves half a file."""
     path = os.path.join(model_dir, CONFIG_FILE)
     try:
-        with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-            f.write(config.to_json())
-        tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+        atomic_write.write_atomic(path, config.to_json().encode("utf-8"))
     except (OSError, tf.errors.OpError) as error:
-        if is_disk_full(error):
-            raise RunFailed(f"no space left on device while writing {path}; free some space and rerun") from None
-        raise CheckpointError(f"cannot write {path}: {_reason(error)}") from None
+        atomic_write.raise_if_disk_full(error, "config", path, previous=False)
+        raise CheckpointError(f"cannot write {path}: {atomic_write.reason(error)}") from None
 
 
 def build_model(config: PretrainConfig, color_in_step: bool = False) -> MoCo:
@@ -201,29 +190,26 @@ def restore_model(model_dir: str) -> tuple[MoCo, PretrainConfig]:
     config = read_config(model_dir)
     if config is None:
         raise FileNotFoundError(f"{model_dir} is not a moco_tf model_dir (no {CONFIG_FILE})")
-    prefix = prefix or newest_intact(os.path.join(model_dir, CHECKPOINT_DIR), log=_warn)
+    prefix = prefix or newest_intact(os.path.join(model_dir, CHECKPOINT_DIR), log=warn)
     if prefix is None:
         raise FileNotFoundError(f"{model_dir} holds no checkpoint yet")
     model = build_model(config)
     # Every weight of the network its config.json describes, or one line (the optimizer's slots
     # in the checkpoint are not needed to use the weights).
-    with model.restoring(prefix):
-        restore_matching(tf.train.Checkpoint(model=model), prefix, f"the network {model_dir}/{CONFIG_FILE} describes")
+    restore_matching(tf.train.Checkpoint(model=model), prefix, f"the network {model_dir}/{CONFIG_FILE} describes")
     return model, config
 
 
 def remove_leftovers(ckpt_dir: str, model_dir: str) -> list[str]:
     """Deletes what a killed run of ours leaves behind: TF's `ckpt-N_temp/` save folders and a
-    half-written config.json.tmp. Only names this program creates; call it holding the run lock."""
+    half-written config.json's temporary file. Only names this program creates; call it holding
+    the run lock."""
     removed = []
     if tf.io.gfile.isdir(ckpt_dir):
         for name in tf.io.gfile.listdir(ckpt_dir):
             name = name.rstrip("/")
-            if _CKPT_TEMP.match(name):
+            if CKPT_TEMP.match(name):
                 tf.io.gfile.rmtree(os.path.join(ckpt_dir, name))
                 removed.append(os.path.join(ckpt_dir, name))
-    config_tmp = os.path.join(model_dir, CONFIG_FILE + ".tmp")
-    if tf.io.gfile.exists(config_tmp):
-        tf.io.gfile.remove(config_tmp)
-        removed.append(config_tmp)
+    removed += atomic_write.remove_temp_files(os.path.join(model_dir, CONFIG_FILE))
     return removed

@@ -7,15 +7,17 @@ a caller that owns the folder."""
 
 from __future__ import annotations
 
-import errno
+import logging
 import os
 import re
-import sys
 from collections.abc import Callable
 
 import tensorflow as tf
 
+from moco_tf.atomic_write import reason
 from moco_tf.errors import UserError
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 BROKEN_DIR = "broken"  # where unreadable checkpoints are moved, inside the checkpoints' folder
@@ -26,22 +28,11 @@ class CheckpointError(UserError):
 
 
 _CKPT_FILE = re.compile(r"^ckpt-(\d+)\.(index|data-\d+-of-\d+)$")
-_CKPT_TEMP = re.compile(r"^ckpt-\d+_temp$")
+CKPT_TEMP = re.compile(r"^ckpt-\d+_temp$")
 
 
-def _reason(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error):
-        return "no space left on device"
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def is_disk_full(error: BaseException) -> bool:
-    return _reason(error) == "no space left on device"
+def warn(message: str) -> None:
+    log.warning(message)
 
 
 def checkpoint_files(ckpt_dir: str) -> dict[int, list[str]]:
@@ -63,7 +54,7 @@ def unreadable(prefix: str) -> str | None:
         for name in reader.get_variable_to_shape_map():
             reader.get_tensor(name)
     except Exception as error:  # noqa: BLE001 - TF raises IndexError, DataLossError, NotFoundError, ...
-        return _reason(error)
+        return reason(error)
     return None
 
 

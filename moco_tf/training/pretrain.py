@@ -29,7 +29,7 @@ from moco_tf.data import pipelines, sources
 from moco_tf.errors import RunInterrupted, UserError
 from moco_tf.evaluation import knn
 from moco_tf.models import backbones
-from moco_tf.training import checkpoint, data_health, distribute, guardrails, runlock, warm_start
+from moco_tf.training import checkpoint, checkpoint_files, data_health, distribute, guardrails, runlock, warm_start
 from moco_tf.training.callbacks import (
     CheckpointEvery,
     StepLines,
@@ -38,7 +38,7 @@ from moco_tf.training.callbacks import (
     TrainingLogs,
     passed_multiple,
 )
-from moco_tf.training.config import PRECISION_POLICIES, ConfigError, PretrainConfig
+from moco_tf.training.config import PRECISION_POLICIES, ConfigError, PretrainConfig, check_same_run
 from moco_tf.training.optimizers import SGD
 from moco_tf.training.schedules import EpochSchedule, scaled_lr
 
@@ -199,7 +199,6 @@ def pretrain(
     config: PretrainConfig,
     progress: str = "bar",
     before_training: Callable[[str], None] | None = None,
-    init_weights: warm_start.Loader | None = None,
     handle_signals: bool = False,
 ) -> PretrainResult:
     """The whole run: validate, build, resume if model_dir holds a checkpoint, train, save.
@@ -208,8 +207,6 @@ def pretrain(
         `config.runtime.log_every` steps, for logs that are files) or "none"; only the chief prints.
     before_training: called on the chief with the model_dir once the run lock is held, before
         anything is built (the training command line checks --export_dir there).
-    init_weights: reads `config.runtime.init_from` at step 0 (the training command line passes
-        `moco_tf.interop.warm_start.load_initial_weights`); never called on a resume.
     handle_signals: SIGTERM (a preemption notice) and SIGINT end the run cleanly at the end of the
         current step, saved, within `config.runtime.stop_grace_s` (StopOnSignal); handlers are
         installed for the run and the previous ones put back. The training command line asks for
@@ -239,7 +236,7 @@ def pretrain(
     saved = checkpoint.read_config(model_dir)
     checkpoint.check_run_folder(model_dir, saved)  # before anything in it is moved aside or written
     if saved is not None:  # --allow_more_epochs lets --epochs grow (warm_start)
-        checkpoint.check_same_run(warm_start.comparable(saved, config), config, model_dir)
+        check_same_run(warm_start.comparable(saved, config), config, model_dir)
 
     strategy = distribute.make_strategy(config.runtime.strategy, config.runtime.tpu, config.runtime.peer_timeout)
     chief = distribute.is_chief(strategy)
@@ -260,7 +257,7 @@ def pretrain(
             for warning in guardrails.recipe_warnings(config, source.num_examples(source.pretrain_split)):
                 log.warning(warning)
         return _train(config, saved, model_dir, strategy, chief, source, steps_per_epoch,
-                      progress if chief else "none", init_weights, handle_signals)
+                      progress if chief else "none", handle_signals)
     finally:
         if lock is not None:
             lock.release()
@@ -275,16 +272,17 @@ def _color_in_step(config: PretrainConfig, strategy: tf.distribute.Strategy) -> 
 
 def _train(
     config: PretrainConfig, saved: PretrainConfig | None, model_dir: str, strategy, chief: bool,
-    source: sources.Source, steps_per_epoch: int, progress: str, init_weights: warm_start.Loader | None = None,
-    handle_signals: bool = False,
+    source: sources.Source, steps_per_epoch: int, progress: str, handle_signals: bool = False,
 ) -> PretrainResult:
-    run_ckpt_dir = os.path.join(model_dir, checkpoint.CHECKPOINT_DIR)
+    run_ckpt_dir = os.path.join(model_dir, checkpoint_files.CHECKPOINT_DIR)
     if chief:
         for path in checkpoint.remove_leftovers(run_ckpt_dir, model_dir):
             log.info(f"removed {path}, left by an interrupted run")
-    latest = checkpoint.newest_intact(run_ckpt_dir, log=log.info if chief else None, repair=chief)
+    latest = checkpoint_files.newest_intact(run_ckpt_dir, log=log.info if chief else None, repair=chief)
     if saved is None and latest is not None:
-        raise checkpoint.CheckpointError(f"{model_dir} holds checkpoints but no {checkpoint.CONFIG_FILE}; restore it")
+        raise checkpoint_files.CheckpointError(
+            f"{model_dir} holds checkpoints but no {checkpoint.CONFIG_FILE}; restore it"
+        )
 
     if config.runtime.seed is not None:
         keras.utils.set_random_seed(config.runtime.seed)
@@ -314,8 +312,7 @@ def _train(
     ckpt_dir = checkpoint.worker_checkpoint_dir(model_dir, chief)
     manager = checkpoint.manager(ckpt, ckpt_dir, config.runtime.keep_checkpoints)
     if latest:
-        with model.restoring(latest):  # a checkpoint from before the id queue still restores
-            checkpoint.restore_matching(ckpt, latest, f"the run {model_dir}/{checkpoint.CONFIG_FILE} describes")
+        checkpoint_files.restore_matching(ckpt, latest, f"the run {model_dir}/{checkpoint.CONFIG_FILE} describes")
         log.info(f"resuming {model_dir} from step {int(optimizer.iterations.numpy())} (epoch {int(epoch.numpy())})")
         if config.runtime.init_from:
             log.info(f"--init_from is read at step 0 only: the weights are the checkpoint's, not those of "
@@ -328,7 +325,7 @@ def _train(
             checkpoint.write_config(model_dir, warm_start.extended_config(saved, config, step_now))
     else:
         if config.runtime.init_from:
-            config = warm_start.initialise(model, config, init_weights)
+            config = warm_start.initialise(model, config)  # reads --init_from (moco_tf.weights)
         if chief:
             checkpoint.write_config(model_dir, config)
 

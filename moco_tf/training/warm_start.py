@@ -4,8 +4,8 @@ init_from: both encoders (query and key: the key encoder is a copy of the query 
 as in a run from scratch) take the source's backbone, and its projection head when the source
 has one of the same shapes (a moco_tf model_dir of the same dim/mlp); the optimizer and the
 queue start fresh. Only step 0 reads PATH: a resumed run takes everything from its checkpoint.
-Reading PATH is the interop layer's job (`moco_tf.interop.warm_start.load_initial_weights`,
-which accepts whatever `moco_tf.interop.pretrained` accepts); this module only checks and copies.
+Reading PATH is `moco_tf.weights.init_from`'s (whatever `moco_tf.weights.pretrained` accepts);
+this module checks and copies.
 
 Extension: a finished (or running) model_dir trained again with a larger --epochs and
 --allow_more_epochs; the schedule is recomputed over the new total, and config.json records
@@ -15,37 +15,19 @@ each extension (old and new epochs, the step it happened at).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
 
-from moco_tf.errors import UserError
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.models.moco import MoCo
 from moco_tf.training.config import PretrainConfig
+from moco_tf.weights.init_from import InitFromError, InitialWeights, load_initial_weights
 
-
-class InitFromError(UserError):
-    """--init_from names weights this run cannot start from; one line saying why."""
-
-
-@dataclasses.dataclass
-class InitialWeights:
-    """What a run can start from: a backbone's weights (in `spec.build()` order), the spec they fit,
-    the projection head's weights when the source has one, and where they came from (for messages
-    and config.json's `source`)."""
-
-    backbone: list[np.ndarray]
-    spec: BackboneSpec
-    description: str
-    head: list[np.ndarray] | None = None
-
-
-# PATH -> InitialWeights; the training command line passes moco_tf.interop.warm_start's loader.
-Loader = Callable[[str], InitialWeights]
+log = logging.getLogger(__name__)
 
 
 def check_backbone(init: InitialWeights, spec: BackboneSpec, path: str) -> None:
@@ -118,18 +100,14 @@ def comparable(saved: PretrainConfig, current: PretrainConfig) -> PretrainConfig
     return dataclasses.replace(saved, optim=dataclasses.replace(saved.optim, epochs=current.optim.epochs))
 
 
-def initialise(model: MoCo, config: PretrainConfig, loader: Loader | None) -> PretrainConfig:
+def initialise(model: MoCo, config: PretrainConfig) -> PretrainConfig:
     """At step 0 of a run with --init_from: copies PATH's weights into `model` and returns the config
     to record (init_from made absolute, `source` saying what the weights came from)."""
     path = _absolute(config.runtime.init_from)  # recorded so: a resume may run from another folder
-    if loader is None:
-        raise InitFromError(
-            "init_from needs a loader: pretrain(config, init_weights=moco_tf.interop.warm_start.load_initial_weights)"
-        )
-    init = loader(path)
+    init = load_initial_weights(path)
     check_backbone(init, config.model.backbone, path)
     copied = apply(model, init)
-    print(f"initialised the query and key encoders' {' and '.join(copied)} from {init.description}")
+    log.info(f"initialised the query and key encoders' {' and '.join(copied)} from {init.description}")
     runtime = dataclasses.replace(config.runtime, init_from=path)
     return dataclasses.replace(config, runtime=runtime, source=f"initialised from {init.description}")
 

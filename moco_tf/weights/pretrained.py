@@ -5,7 +5,7 @@ PATH may be
   (the prefix `.../ckpt-N`, as `tf.train.CheckpointManager` names them);
 - a TF-Hub export written by moco_tf (`moco_tf.export`, `moco_tf.convert --export_dir`);
 - a PyTorch checkpoint file: official MoCo v1/v2/v3, a lincls checkpoint or a torchvision
-  ResNet state_dict (converted on the fly by `moco_tf.interop.torch`).
+  ResNet state_dict (converted on the fly by `moco_tf.weights.torch_checkpoint`).
 
 Every kind comes back as the same thing: a moco_tf Keras ResNet taking ImageNet-normalised
 images, called in inference mode. Nothing loaded runs code of its own: a PyTorch file is read
@@ -30,13 +30,14 @@ from moco_tf.data import sources
 from moco_tf.data.sources import MIN_IMAGE_SIZE
 from moco_tf.errors import UserError
 from moco_tf.evaluation.frozen import FrozenBackbone
-from moco_tf.interop import torch as from_torch
-from moco_tf.interop.hub import CONFIG_ASSET
 from moco_tf.models.backbones import BackboneSpec, official_dataset
 from moco_tf.training.checkpoint import config_values, restore_model
 from moco_tf.training.config import ConfigError, check_recorded
+from moco_tf.weights import torch_checkpoint as from_torch
 
 KINDS = ("model_dir", "checkpoint", "export", "torch")
+# What a moco_tf export says about itself, in its assets/ (written by moco_tf.interop.hub).
+CONFIG_ASSET = "moco_config.json"
 
 
 class PretrainedError(UserError):
@@ -162,7 +163,7 @@ def read_export_config(export_dir: str) -> dict[str, Any]:
         raise PretrainedError(f"{where} is not readable JSON ({first})") from None
     if not isinstance(config, dict):
         raise PretrainedError(f"{where} is not a JSON object")
-    try:  # exports written before `width` existed are standard ResNets: from_dict fills it in
+    try:  # a backbone moco_tf can build
         BackboneSpec.from_dict(config)
     except ValueError as error:
         raise PretrainedError(f"{where} names no valid backbone ({error})") from None

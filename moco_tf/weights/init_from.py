@@ -1,16 +1,36 @@
-"""Reading --init_from PATH for training (`moco_tf.training.warm_start` checks and copies).
+"""Reading --init_from PATH for a new pretraining run (`moco_tf.training.warm_start` checks the
+weights and copies them into the model).
 
-PATH is anything `moco_tf.interop.pretrained` loads: a moco_tf model_dir or checkpoint, a
-moco_tf TF-Hub export, an official PyTorch checkpoint. A model_dir also gives its projection head.
+PATH is anything `moco_tf.weights.pretrained` loads: a moco_tf model_dir or checkpoint, a moco_tf
+TF-Hub export, an official PyTorch checkpoint. A model_dir also gives its projection head.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
+
 from moco_tf.errors import UserError
-from moco_tf.interop import pretrained
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.training.checkpoint import restore_model
-from moco_tf.training.warm_start import InitFromError, InitialWeights
+from moco_tf.weights import pretrained
+
+
+class InitFromError(UserError):
+    """--init_from names weights this run cannot start from; one line saying why."""
+
+
+@dataclasses.dataclass
+class InitialWeights:
+    """What a run can start from: a backbone's weights (in `spec.build()` order), the spec they fit,
+    the projection head's weights when the source has one, and where they came from (for messages
+    and config.json's `source`)."""
+
+    backbone: list[np.ndarray]
+    spec: BackboneSpec
+    description: str
+    head: list[np.ndarray] | None = None
 
 
 def load_initial_weights(path: str) -> InitialWeights:
