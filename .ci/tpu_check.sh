@@ -2,7 +2,7 @@
 # CI, after the main suite (.ci/run): the Cloud TPU install (requirements-tpu.txt and
 # requirements-tpu-nodeps.txt, docs/tpu.md) in a second venv, checked to be TensorFlow's
 # TPU build and no other TensorFlow, and the tests that matter most on a TPU run on it: the
-# static-shape colour stage equals the host's, a bf16 step, and tests/test_tpu_build.py (the
+# static-shape colour stage equals the host's, a bf16 step, and tests/test_project_tpu_build.py (the
 # install itself; libtpu loads; a few quickstart steps with --steps_per_execution=2 and the colour
 # stage in the step, export, hub.KerasLayer load). This machine has no TPU: the code runs on the
 # TPU build's CPU device.
@@ -49,12 +49,12 @@ fi
 
 # The code on the TPU build's CPU device, libtpu not loaded (TPU_LOAD_LIBRARY=0): loaded, it lists
 # a TPU_SYSTEM device, Keras's jit_compile="auto" then picks XLA, and this build has no XLA for
-# the host CPU (tests/test_tpu_build.py says more; its libtpu test loads libtpu in a subprocess).
+# the host CPU (tests/test_project_tpu_build.py says more; its libtpu test loads libtpu in a subprocess).
 # So the XLA step itself is checked on plain TensorFlow only (the main suite).
 export TPU_LOAD_LIBRARY=0 TPU_SKIP_MDS_QUERY=1 TF_CPP_MIN_LOG_LEVEL=2
 # -o addopts=: not the main suite's xdist options (the TPU venv has no pytest-xdist).
 "$venv/bin/python" -m pytest -q -o addopts= -p no:cacheprovider --durations=0 \
-  tests/test_tpu_build.py \
-  "tests/test_color_on_device.py::test_pipeline_crops_then_step_colour_equals_host_views[arrays]" \
-  "tests/test_mixed_precision.py::test_one_mixed_step_against_float32[bf16]"
+  tests/test_project_tpu_build.py \
+  "tests/test_data_augment_color_stage.py::test_pipeline_crops_then_step_colour_equals_host_views[arrays]" \
+  "tests/test_training_mixed_precision.py::test_one_mixed_step_against_float32[bf16]"
 echo "tpu_check: done in $((SECONDS - start)) s"

@@ -46,7 +46,7 @@ from moco_tf.interop import hub  # noqa: E402
 from moco_tf.models.moco import MoCo  # noqa: E402
 from moco_tf.training.optimizers import SGD  # noqa: E402
 from moco_tf.training.schedules import EpochSchedule, scaled_lr  # noqa: E402
-from tests import torch_reference as ref  # noqa: E402
+from tests.support import torch_reference as ref  # noqa: E402
 
 # The real CIFAR-10 JPEGs: the folder named by MOCO_TF_DATASETS (as for the tests), default ../shared/datasets.
 CIFAR10_TAR = os.path.join(

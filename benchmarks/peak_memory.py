@@ -8,7 +8,7 @@ resident set (getrusage ru_maxrss) after imports, after building the model and a
 train steps on one fixed batch (queue 65536, dim 128, the v2 MLP head, T 0.2, SGD momentum 0.9):
 - moco_tf: `MoCo` compiled with moco_tf's SGD and trained with `fit` on a repeated in-memory
   batch, as benchmarks/step_time.py times it (its `time_moco_tf`).
-- torch: the official step of tests/torch_reference.py (`OfficialMoCo`, `DemoTrainer.step`) from
+- torch: the official step of tests/support/torch_reference.py (`OfficialMoCo`, `DemoTrainer.step`) from
   a random init. The torch process imports no TensorFlow: torch_reference's one moco_tf import
   (`moco_tf.models.resnet.feature_dim`, which would load TensorFlow and Keras) is stood in for.
 """
@@ -71,7 +71,7 @@ def child_torch(args, report) -> None:
     import torch
     import torch.nn.functional as F
 
-    ref = import_module("tests.torch_reference")
+    ref = import_module("tests.support.torch_reference")
     assert "tensorflow" not in sys.modules
     report("imports")
     torch.manual_seed(0)

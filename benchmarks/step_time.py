@@ -3,7 +3,7 @@
     python benchmarks/step_time.py --arch=resnet18 --image_size=32 --batch_size=256 --cifar_stem
     python benchmarks/step_time.py --cifar_stem --width=16 --torch --threads=1 --rounds=3
 
-With --torch the official step (tests/torch_reference.py: builder.py with the CIFAR demo's
+With --torch the official step (tests/support/torch_reference.py: builder.py with the CIFAR demo's
 SplitBatchNorm and single-GPU key shuffle, SGD momentum 0.9) runs the same model from the same
 weights on the same batch; the two alternate round by round (a shared machine's load hits both)
 and the best round of each counts. The torch side uses CUDA when torch sees a GPU.
@@ -106,7 +106,7 @@ def main() -> None:
     if args.torch:
         import torch
 
-        from tests import torch_reference as ref
+        from tests.support import torch_reference as ref
 
         if args.threads:
             torch.set_num_threads(args.threads)

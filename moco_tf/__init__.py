@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # Lazy so that `import moco_tf.resnet` does not build the whole package.
+    # Lazy so that `import moco_tf` builds nothing and imports no TensorFlow.
     if name == "MoCo":
         from moco_tf.models.moco import MoCo
 

@@ -1,6 +1,6 @@
 """moco_tf.atomic_write on its own: a file written all or nothing with a plain file's permissions,
 the temporary files a kill leaves (and only those) removed, a full disk in one line. The folder
-replacement is exercised through its writers (tests/test_interop_hub.py, tests/test_transfer.py,
+replacement is exercised through its writers (tests/test_interop_hub.py, tests/test_cli_export_formats.py,
 tests/test_interop_torch.py)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """moco_tf.data.pipelines resume: `pretrain_dataset(..., start_step=s)` continues the seeded stream exactly
 (digits, image folders; across epoch boundaries, per input pipeline) without reading the skipped
-files; and the data mistakes of issue 10 (digits + --data_dir, a truncated JPEG in strict mode)."""
+files; and data mistakes (digits + --data_dir, a truncated JPEG in strict mode)."""
 
 import dataclasses
 import io
@@ -121,7 +121,7 @@ def test_bad_start_step_and_record_seed():
 
 
 # ----------------------------------------------------------------------------------------------
-# issue 10's unclear answers
+# answers that must be clear
 
 
 def test_digits_refuses_a_data_dir(tmp_path):

@@ -19,7 +19,7 @@ from moco_tf.data import pipelines, sources
 from moco_tf.evaluation import frozen, knn
 from moco_tf.interop import hub
 from moco_tf.models.resnet import resnet
-from tests.helpers import randomize, run, run_local_workers
+from tests.support.helpers import randomize, run, run_local_workers
 
 S = 1.0 / math.sqrt(2.0)
 # A memory bank on the unit circle: angle 0 (class 0), 90 deg (class 1), 45 deg (class 1), 180 deg (class 2).

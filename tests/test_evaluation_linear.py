@@ -17,8 +17,8 @@ from moco_tf.evaluation import linear
 from moco_tf.models.resnet import resnet
 from moco_tf.training.checkpoint_files import CheckpointError
 from moco_tf.weights.pretrained import load_backbone
-from tests.helpers import labelled_folder_datasets, randomize, run, run_local_workers, weights_snapshot
-from tests.torch_reference import tf_encoder_state
+from tests.support.helpers import labelled_folder_datasets, randomize, run, run_local_workers, weights_snapshot
+from tests.support.torch_reference import tf_encoder_state
 
 BATCH = 16
 
@@ -218,7 +218,7 @@ def _features(n=48, dim=8, seed=0):
 
 def test_stopped_and_resumed_with_a_seed_ends_as_uninterrupted(tmp_path):
     """Each epoch's pass is batched_features(..., epoch=e) (the CLI's --precompute_features; the
-    official protocol's images: labelled_dataset(..., epoch=e), tests/test_finetune.py)."""
+    official protocol's images: labelled_dataset(..., epoch=e), tests/test_evaluation_finetune.py)."""
     import functools
 
     features, labels = _features()

@@ -20,7 +20,7 @@ from moco_tf import atomic_write
 from moco_tf.interop import hub
 from moco_tf.models.moco import MoCo, projection_head
 from moco_tf.models.resnet import resnet
-from tests.helpers import PYTHON, ROOT, randomize, run, tiny_backbone, tree
+from tests.support.helpers import PYTHON, ROOT, randomize, run, tiny_backbone, tree
 
 MEAN = np.array(hub.IMAGENET_MEAN, np.float32)
 STD = np.array(hub.IMAGENET_STD, np.float32)
@@ -370,7 +370,7 @@ def test_kill_between_the_renames_then_rerun(tmp_path):
     script.write_text(
         "import os, signal, sys\n"
         "from moco_tf.interop import hub\n"
-        "from tests.helpers import tiny_backbone\n"
+        "from tests.support.helpers import tiny_backbone\n"
         "rename = os.rename\n"
         "def killing_rename(src, dst):\n"
         "    rename(src, dst)\n"

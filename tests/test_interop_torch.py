@@ -501,7 +501,7 @@ def test_official_checkpoint_to_model_dir_resumes_and_exports(reference, tmp_pat
 
 
 def _tree(root) -> dict[str, bytes | None]:
-    from tests.helpers import tree
+    from tests.support.helpers import tree
 
     return tree(root)
 
@@ -509,7 +509,7 @@ def _tree(root) -> dict[str, bytes | None]:
 @pytest.fixture
 def tiny_official(tmp_path):
     """An official-layout MoCo v2 checkpoint of a width-8 CIFAR ResNet-18 (fast to convert)."""
-    from tests import torch_reference
+    from tests.support import torch_reference
 
     torch.manual_seed(0)
     encoder = torch_reference.ResNet(18, fc=torch_reference.moco_head(64, 16, mlp=True), cifar_stem=True, width=8)

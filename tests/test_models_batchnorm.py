@@ -9,7 +9,7 @@ import tensorflow as tf
 import torch
 
 from moco_tf.models.batchnorm import BatchNorm
-from tests import torch_reference as ref
+from tests.support import torch_reference as ref
 
 CASES = {"float32": (tf.float32, torch.float32, 2e-5), "float64": (tf.float64, torch.float64, 1e-12)}
 

@@ -1,6 +1,6 @@
 """The output rule (moco_tf.outputs), torn run locks, old and foreign config files, results files
 and symbolic-link loops in image folders: the parts the command-line harness
-(tests/test_hostile_inputs.py) cannot show from outside, such as atomicity and take-overs."""
+(tests/test_cli_hostile_inputs.py) cannot show from outside, such as atomicity and take-overs."""
 
 import io
 import json

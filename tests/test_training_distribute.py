@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from moco_tf import cli
 from moco_tf.training import distribute
-from tests.helpers import ENV, free_ports
+from tests.support.helpers import ENV, free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWO = {"worker": ["127.0.0.1:2222", "127.0.0.1:2223"]}

@@ -155,7 +155,7 @@ def export_backbone(
 ) -> str:
     """Write `backbone` (images -> pooled features) as a TF-Hub reusable SavedModel.
 
-    backbone: a `moco_tf.resnet` model taking ImageNet-normalised images, built without a fixed
+    backbone: a `moco_tf.models.resnet` model taking ImageNet-normalised images, built without a fixed
         image size (`export_moco` rebuilds a training-time MoCo backbone so for you).
     export_dir: the folder to create. It is written in a staging folder next to it and renamed
         at the end, so an interrupted export leaves nothing half-written under export_dir.
@@ -197,7 +197,7 @@ def export_backbone(
 
 def stage_outputs(backbone: keras.Model) -> dict[str, Any]:
     """{"layer1": ..., "layer4": ...}: the Keras tensors ending each ResNet stage (the last
-    block's "layerS.N.out"); empty for a backbone without moco_tf.resnet's names."""
+    block's "layerS.N.out"); empty for a backbone without moco_tf.models.resnet's names."""
     last: dict[int, tuple[int, Any]] = {}
     for layer in backbone.layers:
         parts = layer.name.split(".")
@@ -239,10 +239,10 @@ def _full_config(backbone: keras.Model, config: Mapping[str, Any], head, classif
 
 
 def _backbone_width(backbone: keras.Model) -> int | None:
-    """A moco_tf.resnet's base channels: the output channels of its first conv ("conv1")."""
+    """A moco_tf.models.resnet's base channels: the output channels of its first conv ("conv1")."""
     try:
         return int(backbone.get_layer("conv1").filters)
-    except (ValueError, AttributeError):  # not a moco_tf.resnet
+    except (ValueError, AttributeError):  # not a moco_tf.models.resnet
         return None
 
 

@@ -29,7 +29,7 @@ from moco_tf.models.moco import projection_head
 class Encoder:
     """A MoCo query encoder ready to be written in any format."""
 
-    backbone: keras.Model  # moco_tf.resnet, ImageNet-normalised images -> pooled features
+    backbone: keras.Model  # moco_tf.models.resnet, ImageNet-normalised images -> pooled features
     head: keras.Model | None  # the MoCo projection head (layers "fc" or "fc.0", "fc.2"), if any
     spec: BackboneSpec
     config: dict[str, Any] = field(default_factory=dict)  # what an export's moco_config.json records

@@ -370,7 +370,7 @@ def load_torch_state_dict(
 
     model_or_backbone: a `moco_tf.MoCo` (query encoder and head; key encoder from `encoder_k.*`
         or else copied from the query encoder, as MoCo initialises it; queue and queue pointer
-        when present) or a `moco_tf.resnet` backbone (head, key encoder and queue are reported
+        when present) or a `moco_tf.models.resnet` backbone (head, key encoder and queue are reported
         in `LoadReport.ignored`).
     state_dict: torchvision keys, with or without the `module.encoder_q.` / `module.base_encoder.`
         / `module.` / `encoder_q.` prefixes; torch tensors or numpy arrays.

@@ -135,7 +135,7 @@ print("ok")
 
 
 def test_a_training_step_on_an_odd_batch_survives_onednn():
-    from tests.helpers import ENV, PYTHON, ROOT
+    from tests.support.helpers import ENV, PYTHON, ROOT
 
     env = {**ENV, "TF_ENABLE_ONEDNN_OPTS": "1"}
     result = subprocess.run(

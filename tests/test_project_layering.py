@@ -144,3 +144,16 @@ def test_command_lines_are_thin(name):
     with open(MODULES[name]) as f:
         lines = sum(1 for _ in f)
     assert lines <= MAX_COMMAND_LINE_LINES, f"moco_tf/{name}.py has {lines} lines: move the logic into the library"
+
+
+def test_every_test_module_follows_the_naming_scheme_and_is_on_the_map():
+    tests = os.path.join(ROOT, "tests")
+    names = sorted(f[: -len(".py")] for f in os.listdir(tests) if f.startswith("test_") and f.endswith(".py"))
+    owners = {m.split(".")[0] for m in MODULES if m} | {"cli", "run", "project", "benchmarks"}
+    wrong = [n for n in names if n[len("test_"):].split("_")[0] not in owners
+             and not any(n[len("test_"):].startswith(m.replace(".", "_").lstrip("_")) for m in MODULES if m)]
+    assert wrong == []
+    scripts = [f for f in os.listdir(tests) if f.endswith(".py") and not f.startswith("test_")]
+    assert sorted(scripts) == ["__init__.py", "conftest.py"]  # support scripts live in tests/support/
+    the_map = open(os.path.join(tests, "README.md")).read()
+    assert [n for n in names if f"`{n}`" not in the_map] == []

@@ -20,7 +20,7 @@ import torch
 from moco_tf.models import resnet
 from moco_tf.models.moco import MoCo, key_permutation
 from moco_tf.training.optimizers import SGD
-from tests import torch_reference as ref
+from tests.support import torch_reference as ref
 
 STEPS, BATCH, DIM, QUEUE = 3, 8, 32, 16  # 3 x 8 keys > 16 rows: the queue wraps around
 

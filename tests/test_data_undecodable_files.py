@@ -1,4 +1,4 @@
-"""Issue 14, item 2: an image folder is only listed at start; files that do not decode are met by
+"""An image folder is only listed at start; files that do not decode are met by
 the pipelines, which keep positions (pretraining: replaced by another image of the batch; kNN /
 linear: left out), name them and count them (a summary line, a TensorBoard scalar)."""
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.helpers import ENV
+from tests.support.helpers import ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [
@@ -32,7 +32,7 @@ def _train(model_dir, export_dir=None, *extra, fault=None):
     flags = [*RUN, f"--model_dir={model_dir}", *([f"--export_dir={export_dir}"] if export_dir else []), *extra]
     command = [sys.executable, "-m", "moco_tf.train", *flags]
     if fault:
-        command = [sys.executable, os.path.join(ROOT, "tests", "fault_injection.py"), *fault, *flags]
+        command = [sys.executable, os.path.join(ROOT, "tests", "support", "fault_injection.py"), *fault, *flags]
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 

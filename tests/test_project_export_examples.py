@@ -11,7 +11,7 @@ import pytest
 
 from moco_tf.interop import hub
 from moco_tf.models.backbones import BackboneSpec
-from tests.helpers import ROOT, randomize
+from tests.support.helpers import ROOT, randomize
 
 
 def _example():

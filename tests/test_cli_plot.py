@@ -14,7 +14,7 @@ from moco_tf.errors import UserError
 from moco_tf.evaluation import curves
 from moco_tf.evaluation.pictures import summary_scalar
 from moco_tf.plot import PNG_MAGIC, check_out
-from tests.helpers import run
+from tests.support.helpers import run
 
 
 def _write(model_dir, with_self_neg=False):

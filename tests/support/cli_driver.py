@@ -1,9 +1,9 @@
 """Runs many invocations of one moco_tf command line in this one process (one TensorFlow start-up
 instead of one per case) and reports, per case, the exit code, stderr and whether a traceback
-escaped. Used by tests/test_bad_inputs.py:
+escaped. Used by tests/test_cli_train_bad_inputs.py:
 
-    python tests/cli_driver.py train cases.json results.json
-    python tests/cli_driver.py all cases.json results.json   # {command: cases}, every command in turn
+    python tests/support/cli_driver.py train cases.json results.json
+    python tests/support/cli_driver.py all cases.json results.json   # {command: cases}, every command in turn
 
 cases.json: [{"args": [...], "env": {...}, "lock": "DIR"?}, ...]; "lock" holds DIR's run lock from
 another open file (as a second run would see it) during the case. A case {"numeric": {"args": [...],

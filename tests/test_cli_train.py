@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.helpers import ENV, TINY, free_ports
+from tests.support.helpers import ENV, TINY, free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,7 +96,7 @@ def test_short_run_writes_checkpoint_logs_export_and_resumes(tmp_path):
     assert "Traceback" not in other.stderr
 
 
-# Slow: CI covers 2 local workers in tests/test_multiworker_resume.py (same weights on both after a
+# Slow: CI covers 2 local workers in tests/test_run_multiworker_resume.py (same weights on both after a
 # kill and restart) and tests/test_evaluation_knn.py; this one checks a plain run's outputs.
 @pytest.mark.slow
 def test_multi_worker_two_local_processes(tmp_path):
@@ -110,7 +110,7 @@ def test_multi_worker_two_local_processes(tmp_path):
         args = [*TINY, "--strategy=multi_worker", f"--model_dir={model_dir}", "--max_steps=2",
                 f"--dump={tmp_path / f'worker{index}.npz'}"]
         procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "tests", "multiworker_worker.py"), *args],
+            [sys.executable, os.path.join(ROOT, "tests", "support", "multiworker_worker.py"), *args],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
     outputs = [p.communicate(timeout=600) for p in procs]

@@ -13,7 +13,7 @@ import numpy as np
 
 from moco_tf.data import pipelines, sources
 from moco_tf.training import distribute
-from tests.helpers import run_local_workers
+from tests.support.helpers import run_local_workers
 
 GLOBAL_BATCH, STEPS = 32, 3
 

@@ -20,7 +20,7 @@ from moco_tf.models.backbones import BackboneSpec
 from moco_tf.outputs import OutputError
 from moco_tf.training.config import RunMismatchError
 from moco_tf.training.evaluation_config import FinetuneConfig
-from tests.helpers import image_folder, labelled_folder_datasets, randomize, run
+from tests.support.helpers import image_folder, labelled_folder_datasets, randomize, run
 
 SPEC = BackboneSpec("resnet18", 8, True)
 BATCH = 16
@@ -170,7 +170,7 @@ def weights(tmp_path_factory):
     from moco_tf.interop import hub
     from moco_tf.models.moco import MoCo
     from moco_tf.training.checkpoint import write_model_dir
-    from tests.torch_reference import tf_encoder_state
+    from tests.support.torch_reference import tf_encoder_state
 
     root = tmp_path_factory.mktemp("pretrained")
     model = MoCo(arch="resnet18", width=8, cifar_stem=True, dim=16, queue_size=16, image_size=32)
@@ -185,7 +185,7 @@ def weights(tmp_path_factory):
 
 
 # model_dir runs with -m slow (it loads through the same `load_backbone` as kNN and lincls, tested
-# in tests/test_interop_pretrained.py); the export (which also checks the recipe refusal) and the
+# in tests/test_weights_pretrained.py); the export (which also checks the recipe refusal) and the
 # PyTorch checkpoint in CI.
 @pytest.mark.parametrize("kind", [pytest.param("model_dir", marks=pytest.mark.slow), "export", "torch"])
 def test_finetune_from_each_kind_of_path(weights, kind, tmp_path, monkeypatch):

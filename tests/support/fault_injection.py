@@ -1,9 +1,9 @@
 """Runs `python -m moco_tf.train` with one fault injected: a SIGKILL (or SIGTERM) at a named point.
 
-    python tests/fault_injection.py POINT N [train flags...]
+    python tests/support/fault_injection.py POINT N [train flags...]
 
 kills the process at the N-th time POINT is reached. The points are real moments of a run: the
-test (tests/test_kill_resume.py) reruns the same command afterwards and checks that nothing was
+test (tests/test_run_kill_resume.py) reruns the same command afterwards and checks that nothing was
 lost beyond the last checkpoint and nothing half-written was taken for whole.
 """
 

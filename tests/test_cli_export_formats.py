@@ -4,7 +4,7 @@ One ResNet-18 (width 64, random weights and BatchNorm statistics, MoCo v2 head) 
 model_dir is written once per format for the module; inputs are small (64x64 and the non-square
 64x96) to keep the suite's budget.
 - pth: torch.load(weights_only=True); moco_tf.convert of it equals the TF-Hub export (1e-6); a
-  torchvision ResNet (torchvision if installed, else tests/torch_reference.py's copy of its
+  torchvision ResNet (torchvision if installed, else tests/support/torch_reference.py's copy of its
   layout) gives moco_tf's features; main_lincls.py's key handling; the detectron2 renaming of
   facebookresearch/moco's detection/convert-pretrain-to-detectron2.py, re-implemented here.
 - keras_hub: ResNetBackbone.from_preset pooled output and P2..P5, ImageClassifier.from_preset.
@@ -31,8 +31,8 @@ from moco_tf.interop import torch as to_torch  # noqa: E402
 from moco_tf.models.backbones import BackboneSpec  # noqa: E402
 from moco_tf.models.moco import MoCo  # noqa: E402
 from moco_tf.weights import torch_checkpoint  # noqa: E402
-from tests import torch_reference  # noqa: E402
-from tests.helpers import randomize, run  # noqa: E402
+from tests.support import torch_reference  # noqa: E402
+from tests.support.helpers import randomize, run  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)

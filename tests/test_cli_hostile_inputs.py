@@ -4,7 +4,7 @@ against one shared table of hostile inputs, each expected to be refused before a
 - output paths that are a user's file, a user's photo, a folder, the run's own config.json, a
   symbolic link to a user's file, a path inside a run's checkpoints/, a path in no folder;
 - every integer and float flag of each command (walked from its flag definitions by
-  tests/cli_driver.py, so a new flag is covered) at NaN, inf, -1 and 2**40, and --image_size at a
+  tests/support/cli_driver.py, so a new flag is covered) at NaN, inf, -1 and 2**40, and --image_size at a
   size whose batch cannot fit in memory;
 - bookkeeping that is not moco_tf's or is garbled: another program's config.json, another
   project's checkpoints, a garbled config.json, configs whose values break the flags' bounds
@@ -16,7 +16,7 @@ against one shared table of hostile inputs, each expected to be refused before a
 Checks, per case: a nonzero exit status, exactly one line on stderr and no traceback, the line
 naming the hostile input (its flag or its path) so a later, unrelated failure does not pass; and
 for the whole table: every file the harness did not create is byte-for-byte unchanged and no new
-file appeared outside the scratch folder. Every case runs in one process (tests/cli_driver.py
+file appeared outside the scratch folder. Every case runs in one process (tests/support/cli_driver.py
 `all`: one TensorFlow start-up for the seven command lines); the base arguments of each command fail
 late on purpose (no data, no model), so a check missing from the front shows as a wrong message,
 not as minutes of training.
@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import ENV
+from tests.support.helpers import ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ("train", "knn", "lincls", "finetune", "export", "convert", "plot")
@@ -249,7 +249,7 @@ def _run(table: dict[str, list[dict]], folder: str) -> dict[str, list[dict]]:
     with open(cases_path, "w") as f:
         json.dump(table, f)
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "cli_driver.py"), "all", cases_path, results_path],
+        [sys.executable, os.path.join(ROOT, "tests", "support", "cli_driver.py"), "all", cases_path, results_path],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]

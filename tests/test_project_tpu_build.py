@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ENV, ROOT
+from tests.support.helpers import ENV, ROOT
 
 
 def _installed(name: str) -> bool:

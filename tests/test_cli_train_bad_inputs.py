@@ -1,7 +1,7 @@
 """A table of bad inputs across flags, flagfiles, data, model_dirs, checkpoints, exports and TF_CONFIG:
 each ends in one line naming the problem, the right exit code (2: a user mistake) and no traceback,
 and leaves the user's files as they were. All cases of one command line run in one process
-(tests/cli_driver.py) to keep the suite fast."""
+(tests/support/cli_driver.py) to keep the suite fast."""
 
 import hashlib
 import json
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import ENV, TINY
+from tests.support.helpers import ENV, TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +35,8 @@ def _run_cases(command, cases, tmp_path):
     cases_path, results_path = tmp_path / f"{command}_cases.json", tmp_path / f"{command}_results.json"
     cases_path.write_text(json.dumps(cases))
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "cli_driver.py"), command, str(cases_path), str(results_path)],
+        [sys.executable, os.path.join(ROOT, "tests", "support", "cli_driver.py"), command, str(cases_path),
+         str(results_path)],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -24,7 +24,7 @@ from moco_tf.training.config import (
     RuntimeConfig,
 )
 from moco_tf.training.schedules import EpochSchedule, scaled_lr
-from tests import torch_reference
+from tests.support import torch_reference
 
 
 def _tiny(model_dir: str, width: int = 8, epochs: int = 2, max_steps: int | None = None, **runtime) -> PretrainConfig:

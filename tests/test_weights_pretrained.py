@@ -10,8 +10,8 @@ from moco_tf.interop import hub
 from moco_tf.models.moco import projection_head
 from moco_tf.models.resnet import resnet
 from moco_tf.weights.pretrained import FrozenBackbone, PretrainedError, load_backbone
-from tests import torch_reference
-from tests.helpers import randomize, weights_snapshot
+from tests.support import torch_reference
+from tests.support.helpers import randomize, weights_snapshot
 
 MEAN = np.array(hub.IMAGENET_MEAN, np.float32)
 STD = np.array(hub.IMAGENET_STD, np.float32)

@@ -17,8 +17,8 @@ import tensorflow as tf
 from moco_tf.training import pretrain
 from moco_tf.training.callbacks import passed_multiple
 from moco_tf.training.config import ConfigError, PretrainConfig, RuntimeConfig
-from tests.helpers import ENV, ROOT
-from tests.test_kill_resume import _assert_same_state, _state, _step
+from tests.support.helpers import ENV, ROOT
+from tests.test_run_kill_resume import _assert_same_state, _state, _step
 
 # 3 steps an epoch (no multiple of 2 or 3: calls are cut at epoch ends), 4 epochs; lines and
 # checkpoints every 6 steps, a multiple of both call lengths tried.
@@ -33,7 +33,7 @@ TOTAL_STEPS = 12
 def _train(model_dir, *extra, fault=None):
     command = [sys.executable, "-m", "moco_tf.train"]
     if fault:
-        command = [sys.executable, os.path.join(ROOT, "tests", "fault_injection.py"), *fault]
+        command = [sys.executable, os.path.join(ROOT, "tests", "support", "fault_injection.py"), *fault]
     command += [*RUN, f"--model_dir={model_dir}", *extra]
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 

@@ -1,4 +1,4 @@
-"""Issue 10, item 9: 2 local workers (MultiWorkerMirroredStrategy), one SIGKILLed mid-epoch, both
+"""2 local workers (MultiWorkerMirroredStrategy), one SIGKILLed mid-epoch, both
 restarted: the survivor ends by itself with one line naming the lost worker, and the restarted
 pair resumes from the last checkpoint and ends with the same weights on both workers.
 
@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 from moco_tf.training import distribute
-from tests.helpers import ENV, free_ports
+from tests.support.helpers import ENV, free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH, EPOCHS, EVERY, KILL_AT = 4, 3, 2, 7  # killed in epoch 2 of 3, one step after ckpt-6
@@ -36,7 +36,7 @@ def _start(workers, index, model_dir, out_dir, run, *extra):
     stdout = open(out_dir / f"{run}-worker{index}.out", "w")
     stderr = open(out_dir / f"{run}-worker{index}.err", "w")
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "tests", "multiworker_worker.py"), *args],
+        [sys.executable, os.path.join(ROOT, "tests", "support", "multiworker_worker.py"), *args],
         # TMPDIR: the non-chief's temporary checkpoint folder, left behind when it is killed, stays in out_dir.
         cwd=ROOT, env={**ENV, "TF_CONFIG": json.dumps(tf_config), "TMPDIR": str(out_dir)}, stdout=stdout, stderr=stderr,
     )

@@ -1,0 +1,1 @@
+"""What the tests use that is not a test: helpers, a reference PyTorch MoCo, drivers run as processes."""
