@@ -6,8 +6,7 @@
 for training; --mixed_precision runs the backbone in bfloat16 / float16, the vote in float32.
 
 PATH: a moco_tf model_dir or checkpoint, a TF-Hub export from moco_tf, or a PyTorch checkpoint
-(`moco_tf.weights.pretrained`). The classifier is `moco_tf.evaluation.knn`'s; `knn_predict`
-is re-exported here, where earlier versions had it.
+(`moco_tf.weights.pretrained`). The classifier is `moco_tf.evaluation.knn`'s.
 """
 
 from __future__ import annotations
@@ -21,11 +20,11 @@ from moco_tf import outputs
 from moco_tf.cli import evaluation as cli_evaluation
 from moco_tf.cli import flags as cli_flags
 from moco_tf.data.pipelines import labelled_dataset
-from moco_tf.evaluation.knn import evaluate, knn_predict
+from moco_tf.evaluation.knn import evaluate
 from moco_tf.evaluation.pictures import write_png
 from moco_tf.training import distribute
 
-__all__ = ["knn_predict", "main", "run"]
+__all__ = ["main", "run"]
 
 FLAGS = flags.FLAGS
 

@@ -19,7 +19,7 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from moco_tf.atomic_write import write_atomic
@@ -121,12 +121,11 @@ def check_output(
     flag: str,
     kind: Kind,
     protected: Iterable[str] = (),
-    is_own: Callable[[str], bool] | None = None,
 ) -> None:
     """Refuses, in one line naming `flag`, an output path moco_tf may not write: empty, a folder, a
     symbolic link, in a folder that does not exist or is not writable, a run's bookkeeping (or
-    inside a `protected` folder's), or an existing file without moco_tf's marker for `kind`
-    (`is_own` may accept more, e.g. files of earlier versions). Remote paths (gs://) are only
+    inside a `protected` folder's), or an existing file without moco_tf's marker for `kind`. Remote
+    paths (gs://) are only
     checked for being empty."""
     if not path:
         raise OutputError(f"{flag} is empty: give a file path")
@@ -152,7 +151,7 @@ def check_output(
             why = why or f"a bookkeeping file of the run in {folder}"
     if why:
         raise OutputError(f"{shown} is {why}: pick another path")
-    if os.path.exists(full) and not (is_ours(full, kind) or (is_own is not None and is_own(full))):
+    if os.path.exists(full) and not is_ours(full, kind):
         raise OutputError(
             f"{shown} exists and was not written by moco_tf: not replacing it; pick another path or remove the file"
         )
@@ -222,9 +221,9 @@ def write_json(path: str, value: dict[str, Any] | list[Any], kind: str) -> str:
     return write_atomic(path, (json.dumps(marked, indent=2) + "\n").encode())
 
 
-def read_json(path: str, kind: str, legacy: Callable[[Any], bool] | None = None) -> Any:
+def read_json(path: str, kind: str) -> Any:
     """What `write_json(path, value, kind)` wrote, or an OutputError naming the file when it is
-    garbled or not moco_tf's `kind` (`legacy` may accept the unmarked files of earlier versions)."""
+    garbled or not moco_tf's `kind`."""
     import tensorflow as tf  # any tf.io.gfile path
 
     try:
@@ -233,8 +232,6 @@ def read_json(path: str, kind: str, legacy: Callable[[Any], bool] | None = None)
         value = json.loads(text.decode("utf-8"))
     except (ValueError, tf.errors.OpError) as error:
         raise OutputError(f"{path} is not a moco_tf {kind} file ({_first_line(error)}); restore or remove it") from None
-    if legacy is not None and legacy(value):
-        return value
     if not isinstance(value, dict) or value.get(FORMAT_KEY) != f"{MARKER}.{kind}":
         marker = f'"{FORMAT_KEY}": "{MARKER}.{kind}"'
         raise OutputError(f"{path} is not a moco_tf {kind} file (no {marker}); restore or remove it")

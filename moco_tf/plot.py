@@ -3,7 +3,7 @@
     python -m moco_tf.plot --model_dir=DIR --out=curves.png
 
 Reads the TensorBoard event files under DIR/logs (`moco_tf.evaluation.curves`); what healthy
-curves look like, and the ones that mean trouble: README.md, "What normal looks like".
+curves look like, and the ones that mean trouble: docs/reading_a_run.md.
 """
 
 from __future__ import annotations

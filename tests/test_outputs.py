@@ -1,4 +1,4 @@
-"""The output rule (moco_tf.outputs), torn run locks, old and foreign config files, results files
+"""The output rule (moco_tf.outputs), torn run locks, foreign config files, results files
 and symbolic-link loops in image folders: the parts the command-line harness
 (tests/test_cli_hostile_inputs.py) cannot show from outside, such as atomicity and take-overs."""
 
@@ -56,9 +56,8 @@ def test_results_files_read_back_and_garbled_or_foreign_ones_are_named(tmp_path)
     linear.write_json(path, [{"epoch": 1, "val_top1": 50.0}])
     assert json.load(open(path))["format"] == "moco_tf.lincls_results"
     assert linear.read_results_file(path) == [{"epoch": 1, "val_top1": 50.0}]
-    open(path, "w").write('[{"epoch": 1}]')  # written by an earlier moco_tf: unmarked, read as it was
-    assert linear.read_results_file(path) == [{"epoch": 1}]
-    for garbled in ('[{"epoch": 1, ', '{"accuracy": 1}', "\0\0\0", '{"format": "moco_tf.finetune_results"}'):
+    unmarked = '[{"epoch": 1}]'
+    for garbled in (unmarked, '[{"epoch": 1, ', '{"accuracy": 1}', "\0\0\0", '{"format": "moco_tf.finetune_results"}'):
         open(path, "w").write(garbled)
         with pytest.raises(outputs.OutputError, match=f"{path} is not a moco_tf lincls_results file"):
             linear.read_results_file(path)
@@ -115,8 +114,9 @@ def test_config_files_are_read_only_when_they_are_moco_tfs_and_within_bounds(tmp
     config.write_text(json.dumps({"arch": "resnet18", "learning_rate": 0.1, "architectures": ["x"]}))
     with pytest.raises(checkpoint_files.CheckpointError, match="not a moco_tf config: no format_version"):
         checkpoint.read_config(str(tmp_path))
-    config.write_text(json.dumps({"arch": "resnet18", "momentum": 0.99, "moco_version": "v1"}))  # an old one of ours
-    assert checkpoint.read_config(str(tmp_path)).model.moco_momentum == 0.99
+    config.write_text(json.dumps({"arch": "resnet18", "momentum": 0.99, "moco_version": "v1"}))  # flat: not ours
+    with pytest.raises(checkpoint_files.CheckpointError, match="not a moco_tf config: no format_version"):
+        checkpoint.read_config(str(tmp_path))
     values = json.loads(PretrainConfig.from_flags({"arch": "resnet18", "width": 8}).to_json())
     for section, key, value, flag in (("model", "queue_size", 2**40, "--queue_size"), ("model", "dim", -3, "--dim"),
                                       ("optim", "lr", float("nan"), "--lr")):

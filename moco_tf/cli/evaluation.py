@@ -115,18 +115,7 @@ def check_model_dir_first(
             "use another --model_dir"
         )
     read_results_file(os.path.join(model_dir, results_file))
-    outputs.check_output(os.path.join(model_dir, final_file), "the results file", "json",
-                         is_own=_legacy_final)
-
-
-def _legacy_final(path: str) -> bool:
-    """A final-results file of an earlier moco_tf (no format marker): an object with top1 and top5."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(value, dict) and {"top1", "top5"} <= set(value)
+    outputs.check_output(os.path.join(model_dir, final_file), "the results file", "json")
 
 
 def check_model_dir(config: LinearConfig | FinetuneConfig, config_file: str, chief: bool) -> None:

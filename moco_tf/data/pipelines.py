@@ -89,7 +89,7 @@ def _keep_positions(ds: tf.data.Dataset, start: int = 0, length: int | None = No
 
     Why not `ignore_errors` alone: it drops the element and every later one moves up a place,
     so the stream from a step would no longer be the uninterrupted stream's (the exact resume
-    of README "Reliability": step = input position). tf.data has no per-element try, but zip
+    of docs/reliability.md: step = input position). tf.data has no per-element try, but zip
     draws its inputs in order: a counter zipped before `ds` is used up by a failed element too,
     so after `ignore_errors` each survivor carries its position, and a scan puts a placeholder
     in each gap (cost measured: within the noise of a 32 px crop, ~0.4 ms per image).

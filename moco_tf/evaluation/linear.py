@@ -332,8 +332,7 @@ def results_kind(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def legacy_results(value: Any) -> bool:
-    """A per-epoch results list as moco_tf wrote it before results were marked: objects with an epoch."""
+def _per_epoch_rows(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(row, dict) and "epoch" in row for row in value)
 
 
@@ -342,8 +341,8 @@ def read_results_file(path: str) -> list[dict[str, Any]]:
     program's is a one-line OutputError naming it, never read as rows nor overwritten."""
     if not tf.io.gfile.exists(path):
         return []
-    rows = outputs.read_json(path, results_kind(path), legacy=legacy_results)
-    if not legacy_results(rows):
+    rows = outputs.read_json(path, results_kind(path))
+    if not _per_epoch_rows(rows):
         raise outputs.OutputError(f"{path} does not hold per-epoch results; restore or remove it")
     return rows
 

@@ -38,7 +38,7 @@ CONFIG_FILE = "config.json"
 
 
 def read_config(model_dir: str) -> PretrainConfig | None:
-    """model_dir/config.json (structured, or the flat format of earlier versions); None if absent."""
+    """model_dir/config.json; None if absent."""
     path = os.path.join(model_dir, CONFIG_FILE)
     if not tf.io.gfile.exists(path):
         return None
