@@ -7,7 +7,7 @@ On a CPU-only machine `import tensorflow` and its first device probe print, befo
     I0000 ... cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.
     E0000 ... cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: ... (303)
 
-TF_CPP_MIN_LOG_LEVEL alone cannot remove them (measured with TF 2.21): the INFO lines are
+TF_CPP_MIN_LOG_LEVEL alone cannot remove them (TF 2.21): the INFO lines are
 written before TensorFlow reads the variable, so they show even at level 3, and the cuInit line
 is an ERROR, so only level 3 (which also hides every real C++ error) drops it. What this module
 does instead, only when the user has not set TF_CPP_MIN_LOG_LEVEL and TensorFlow is not yet

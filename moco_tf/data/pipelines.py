@@ -92,7 +92,7 @@ def _keep_positions(ds: tf.data.Dataset, start: int = 0, length: int | None = No
     of docs/reliability.md: step = input position). tf.data has no per-element try, but zip
     draws its inputs in order: a counter zipped before `ds` is used up by a failed element too,
     so after `ignore_errors` each survivor carries its position, and a scan puts a placeholder
-    in each gap (cost measured: within the noise of a 32 px crop, ~0.4 ms per image).
+    in each gap (a cost within the noise of cropping).
     `start`: the position of the first element; `length`: for a finite `ds`, its number of
     elements (so that failures at its very end are filled too). Element shapes must be static.
     """
