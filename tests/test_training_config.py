@@ -122,7 +122,8 @@ def test_every_flag_is_a_setting_and_every_setting_a_flag(command, config):
     for leaf in (config.declared() if command == "train" else config.leaves()):
         flag = fv[leaf.name]
         default = tuple(int(v) for v in flag.default) if isinstance(leaf.value, tuple) else flag.default
-        assert default == leaf.value and flag.help.endswith(leaf.help), leaf.name  # enum help: "<choices>: help"
+        role = cli_flags.ROLES[leaf.recipe]
+        assert default == leaf.value and flag.help.endswith(f"{leaf.help} [{role}]"), leaf.name  # enum: "<choices>: "
         assert leaf.help and leaf.help.strip() == leaf.help, leaf.name
         choices = settings.literal_choices(leaf.hint)
         if choices:

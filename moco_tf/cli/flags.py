@@ -25,26 +25,29 @@ AMBIGUOUS_MOMENTUM_MESSAGE = (
 
 
 def _define(leaf: settings.Leaf, fv: flags.FlagValues) -> None:
-    """One absl flag from a setting's declaration: its type, default, choices and help."""
+    """One absl flag from a setting's declaration: its type, default, choices, help and role."""
     hint, default, name = settings.required(leaf.hint), leaf.value, leaf.name
+    text = f"{leaf.help} [{ROLES[leaf.recipe]}]"
     choices = settings.literal_choices(leaf.hint)
     if choices:
-        flags.DEFINE_enum(name, default, list(choices), leaf.help, flag_values=fv)
+        flags.DEFINE_enum(name, default, list(choices), text, flag_values=fv)
     elif name == "arch":
-        flags.DEFINE_enum(name, default, list(backbone_names()), leaf.help, flag_values=fv)
+        flags.DEFINE_enum(name, default, list(backbone_names()), text, flag_values=fv)
     elif hint is bool:
-        flags.DEFINE_bool(name, default, leaf.help, flag_values=fv)
+        flags.DEFINE_bool(name, default, text, flag_values=fv)
     elif hint is int:
-        flags.DEFINE_integer(name, default, leaf.help, flag_values=fv)
+        flags.DEFINE_integer(name, default, text, flag_values=fv)
     elif hint is float:
-        flags.DEFINE_float(name, default, leaf.help, flag_values=fv)
+        flags.DEFINE_float(name, default, text, flag_values=fv)
     elif hint is str:
-        flags.DEFINE_string(name, default, leaf.help, flag_values=fv)
+        flags.DEFINE_string(name, default, text, flag_values=fv)
     else:  # tuple[int, ...]
-        flags.DEFINE_list(name, [str(v) for v in default], leaf.help, flag_values=fv)
+        flags.DEFINE_list(name, [str(v) for v in default], text, flag_values=fv)
     _DECLARED[name] = leaf
 
 
+# How --help shows a setting's role (a resumed run must keep its recipe settings).
+ROLES = {True: "recipe: a resume keeps it", False: "operational: may change on a resume"}
 # Flag name -> its declaration, for check_numbers: every flag defined from a config field, and the
 # command lines' own numeric flags with a bound. Overwritten by each define: the current command's.
 _DECLARED: dict[str, settings.Leaf] = {}

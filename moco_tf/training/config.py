@@ -203,7 +203,7 @@ class RuntimeConfig:
         None, "Train steps per call from the host into the compiled loop (Keras steps_per_execution), so that a TPU "
         "is not idle between steps. Step lines, TensorBoard scalars, checkpoints and the SIGTERM stop happen "
         "between calls: --log_every and --checkpoint_every must be multiples of it. Unset: on a TPU the largest "
-        "divisor of both up to 32, elsewhere 1. Above 1 only on a TPU or a single replica. May change on a resume.",
+        "divisor of both up to 32, elsewhere 1. Above 1 only on a TPU or a single replica.",
         check=POSITIVE_OR_UNSET,
     )
     color_stage: ColorStage = setting(
