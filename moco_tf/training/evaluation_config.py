@@ -46,12 +46,33 @@ from moco_tf.training.settings import (
 )
 
 
+@dataclasses.dataclass
 class _EvaluationRecipe:
     """What the lincls and finetune configs share: one flat section, all of it recipe unless marked
-    operational, written to and read from the model_dir's JSON file, read from the flags."""
+    operational, written to and read from the model_dir's JSON file, read from the flags; and the
+    settings both have."""
 
     RECIPE: ClassVar[bool] = True
-    unrecorded: frozenset[str]
+    pretrained: str | None = setting(None, PRETRAINED_HELP + " Recorded absolute.")
+    dataset: str | None = setting(None, DATASET_HELP)
+    image_size: int | None = setting(None, "Crop size; default: the encoder's (32 with the CIFAR stem, else 224).",
+                                     check=POSITIVE)
+    batch_size: int = setting(256, "Global batch size, over all replicas and workers.", check=POSITIVE)
+X
+    weight_decay: float = setting(0.0, "SGD weight decay, PyTorch style (both protocols: none).",
+                                  check=NON_NEGATIVE_FLOAT)
+    seed: int | None = setting(
+        None, "Seed of the new head's initialisation, the data order and augmentation (each epoch's of (seed, "
+        "epoch)): with it a run stopped and resumed ends as an uninterrupted one.", check=SEED,
+    )
+    data_dir: str | None = setting(None, DATA_DIR_HELP, recipe=False)
+    strict_data: bool = setting(False, STRICT_HELP, recipe=False)
+    limit_val: int = setting(0, "Use only N val images, evenly spaced (quick checks); 0: all.", check=NON_NEGATIVE,
+                             recipe=False)
+    model_dir: str | None = setting(
+        None, "Checkpoints, logs and results of this run; a rerun resumes from it.", recipe=False
+    )
+    unrecorded: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     @classmethod
     def recipe(cls, name: str) -> Any:
@@ -131,19 +152,11 @@ class LinearConfig(_EvaluationRecipe):
     resumes only with the same."""
 
     RUN_KIND: ClassVar[str] = "another linear classifier run"
-    pretrained: str | None = setting(None, PRETRAINED_HELP + " Recorded absolute.")
-    dataset: str | None = setting(None, DATASET_HELP)
-    image_size: int | None = setting(None, "Crop size; default: the encoder's (32 with the CIFAR stem, else 224).",
-                                     check=POSITIVE)
-    batch_size: int = setting(256, "Global batch size, over all replicas and workers (official: 256).",
-                              check=POSITIVE)
     epochs: int = setting(100, "Training epochs (official: 100).", check=POSITIVE)
     lr: float = setting(
         30.0, "SGD learning rate per 256 images, scaled linearly with --batch_size (used: lr x batch_size / 256); "
         "at batch 256 the official --lr (30).", check=POSITIVE_FLOAT,
     )
-    sgd_momentum: float = setting(0.9, "SGD momentum (official --momentum: 0.9).", check=MOMENTUM)
-    weight_decay: float = setting(0.0, "SGD weight decay, PyTorch style (official: 0).", check=NON_NEGATIVE_FLOAT)
     milestones: tuple[int, ...] = setting(
         (60, 80), "Epochs at which the learning rate drops x0.1 (official --schedule: 60,80).", check=POSITIVE_EPOCHS
     )
@@ -151,20 +164,8 @@ class LinearConfig(_EvaluationRecipe):
         False, "Extract features once (eval transform, no augmentation) and train on them: fast on a CPU, but NOT "
         "the official protocol.",
     )
-    seed: int | None = setting(
-        None, "Seed of the data order, augmentation and the classifier's initialisation (each epoch's of "
-        "(seed, epoch)): with it a run stopped and resumed ends as an uninterrupted one.", check=SEED,
-    )
-    data_dir: str | None = setting(None, DATA_DIR_HELP, recipe=False)
-    strict_data: bool = setting(False, STRICT_HELP, recipe=False)
     limit_train: int = setting(0, "Use only N train images, evenly spaced (quick checks); 0: all.", check=NON_NEGATIVE,
                                recipe=False)
-    limit_val: int = setting(0, "Use only N val images, evenly spaced (quick checks); 0: all.", check=NON_NEGATIVE,
-                             recipe=False)
-    model_dir: str | None = setting(
-        None, "Checkpoints and results of this linear run; a rerun resumes from it.", recipe=False
-    )
-    unrecorded: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     def validate(self) -> None:
         self._validate_common()
@@ -178,16 +179,12 @@ class FinetuneConfig(_EvaluationRecipe):
     backbone's (read from --pretrained, or given with --random_init)."""
 
     RUN_KIND: ClassVar[str] = "another fine-tuning run"
-    pretrained: str | None = setting(None, PRETRAINED_HELP + " Recorded absolute; not with --random_init.")
     random_init: bool = setting(
         False, "Train from randomly initialised weights instead of --pretrained (the baseline)."
     )
     arch: str = setting("resnet50", "With --random_init: the backbone (--pretrained gives its own).")
     width: int = setting(64, "With --random_init: the ResNet's base channels (64: standard).", check=POSITIVE)
     cifar_stem: bool = setting(False, "With --random_init: 3x3 stride-1 first conv, no max-pool (32 px images).")
-    dataset: str | None = setting(None, DATASET_HELP)
-    image_size: int | None = setting(None, "Crop size; default: the encoder's (32 with the CIFAR stem, else 224).",
-                                     check=POSITIVE)
     label_fraction: float = setting(
         1.0, "Fraction of the train split's labels to train on, in (0, 1]: a class-balanced subset fixed by "
         "--subset_seed; imagenet2012 at 0.01 / 0.1 uses TFDS's imagenet2012_subset/1pct / 10pct (SimCLR's lists).",
@@ -196,7 +193,6 @@ class FinetuneConfig(_EvaluationRecipe):
     subset_seed: int = setting(
         0, "Seed of the class-balanced label subset (not used for TFDS's lists).", check=SEED
     )
-    batch_size: int = setting(256, "Global batch size, over all replicas and workers (SimCLR: 4096).", check=POSITIVE)
     epochs: int | None = setting(
         None, "Training epochs; default: the recipe's for --label_fraction (60 at 0.01, 30 at 0.1).",
         check=POSITIVE_OR_UNSET,
@@ -205,22 +201,7 @@ class FinetuneConfig(_EvaluationRecipe):
         0.05, "Learning rate per 256 images, scaled linearly with --batch_size (used: lr x batch_size / 256; "
         "SimCLR: 0.05, i.e. 0.8 at batch 4096); decayed by a cosine over the epochs.", check=POSITIVE_FLOAT,
     )
-    sgd_momentum: float = setting(0.9, "SGD momentum.", check=MOMENTUM)
     nesterov: bool = setting(True, "Nesterov momentum (SimCLR's fine-tuning).")
-    weight_decay: float = setting(
-        0.0, "SGD weight decay, PyTorch style (SimCLR's fine-tuning: none).", check=NON_NEGATIVE_FLOAT
-    )
-    seed: int | None = setting(
-        None, "Seed of the head's initialisation, the data order and augmentation (each epoch's of (seed, epoch)): "
-        "with it a run stopped and resumed ends as an uninterrupted one.", check=SEED,
-    )
-    data_dir: str | None = setting(None, DATA_DIR_HELP, recipe=False)
-    strict_data: bool = setting(False, STRICT_HELP, recipe=False)
-    limit_val: int = setting(0, "Use only N val images, evenly spaced (quick checks); 0: all.", check=NON_NEGATIVE,
-                             recipe=False)
-    model_dir: str | None = setting(
-        None, "Checkpoints, TensorBoard logs and results of this run; a rerun resumes.", recipe=False
-    )
     eval_every: int = setting(
         1, "Top-1 / top-5 on the eval split every N epochs (and after the last).", check=POSITIVE, recipe=False
     )
@@ -228,7 +209,6 @@ class FinetuneConfig(_EvaluationRecipe):
         None, "At the end, write the fine-tuned backbone + head here as a TF-Hub SavedModel.", recipe=False
     )
     overwrite_export: bool = setting(False, "Let --export_dir replace an existing moco_tf export.", recipe=False)
-    unrecorded: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     def validate(self) -> None:
         self._validate_common()
