@@ -58,7 +58,7 @@ class _EvaluationRecipe:
     image_size: int | None = setting(None, "Crop size; default: the encoder's (32 with the CIFAR stem, else 224).",
                                      check=POSITIVE)
     batch_size: int = setting(256, "Global batch size, over all replicas and workers.", check=POSITIVE)
-X
+    sgd_momentum: float = setting(0.9, "SGD momentum (the official --momentum).", check=MOMENTUM)
     weight_decay: float = setting(0.0, "SGD weight decay, PyTorch style (both protocols: none).",
                                   check=NON_NEGATIVE_FLOAT)
     seed: int | None = setting(
