@@ -22,7 +22,7 @@ import os
 
 import keras
 import tensorflow as tf
-from absl import flags, logging
+from absl import flags
 
 from moco_tf import outputs
 from moco_tf.cli import evaluation as cli_evaluation
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     )
     if config.export_dir:  # before anything is loaded (run_finetune checks again: tests call it directly)
         protected = [config.model_dir] if config.model_dir else []
-        hub.check_export_target(config.export_dir, config.overwrite_export, protected)
+        hub.check_export_target(config.export_dir, config.overwrite_export, protected, "--overwrite_export")
     with distribute.peer_failures():
         strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.peer_timeout)
         run_finetune(config, strategy)
@@ -83,7 +83,7 @@ def run_finetune(config: FinetuneConfig, strategy: tf.distribute.Strategy) -> di
     config = dataclasses.replace(config, image_size=image_size, epochs=epochs)
     if config.export_dir:  # before training, not after it
         protected = [config.model_dir] if config.model_dir else []
-        hub.check_export_target(config.export_dir, config.overwrite_export, protected)
+        hub.check_export_target(config.export_dir, config.overwrite_export, protected, "--overwrite_export")
     own = bool(config.model_dir) and cli_evaluation.is_own_model_dir(config.model_dir, finetune.CONFIG_FILE)
     if config.model_dir:
         cli_evaluation.check_model_dir(config, finetune.CONFIG_FILE, chief)
@@ -141,7 +141,6 @@ def run(argv: list[str] | None = None) -> None:
     ImportError too (a PyTorch checkpoint without torch installed)."""
     cli_flags.define_finetune_flags()
     flags.adopt_module_key_flags(cli_flags)  # listed by --help as this command line's own
-    logging.set_verbosity(logging.WARNING)
     cli.run(main, user_errors=(ImportError,), argv=argv)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from moco_tf import cli  # first: importing it starts TensorFlow quietly (moco_tf.cli)
 
 # isort: split
-from absl import flags, logging
+from absl import flags
 
 from moco_tf import outputs
 from moco_tf.cli import evaluation as cli_evaluation
@@ -73,7 +73,6 @@ def run(argv: list[str] | None = None) -> None:
     ImportError too (a PyTorch checkpoint without torch installed)."""
     cli_flags.define_knn_flags()
     flags.adopt_module_key_flags(cli_flags)  # listed by --help as this command line's own
-    logging.set_verbosity(logging.WARNING)  # no INFO lines of tf.distribute
     cli.run(main, user_errors=(ImportError,), argv=argv)
 
 

@@ -20,7 +20,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any
 
 from moco_tf.atomic_write import write_atomic
 from moco_tf.errors import UserError
@@ -29,7 +29,7 @@ MARKER = "moco_tf"
 FORMAT_KEY = "format"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _PNG_SOFTWARE = b"Software"
-Kind = Literal["png", "json"]
+Kind = str  # "png", or the kind of a marked JSON file: its name without .json (lincls_final, ...)
 # A model_dir's own files, by the command that writes them: an output path never replaces them.
 RUN_CONFIG_FILES = {"config.json": "train", "lincls_config.json": "lincls", "finetune_config.json": "finetune"}
 RUN_FILES = frozenset({*RUN_CONFIG_FILES, "run.lock"})
@@ -89,9 +89,13 @@ def read_marked_json(path: str) -> Any:
 
 
 def is_ours(path: str, kind: Kind) -> bool:
-    """Whether the file at `path` carries moco_tf's marker for `kind` (its content, not its name)."""
+    """Whether the file at `path` carries moco_tf's marker for `kind` (its content, not its name):
+    a JSON file of another kind (a results file where a final file goes) is not taken as this one."""
     try:
-        return _png_is_ours(path) if kind == "png" else read_marked_json(path) is not None
+        if kind == "png":
+            return _png_is_ours(path)
+        value = read_marked_json(path)
+        return value is not None and value[FORMAT_KEY] == f"{MARKER}.{kind}"
     except OSError:
         return False
 
@@ -125,8 +129,7 @@ def check_output(
     """Refuses, in one line naming `flag`, an output path moco_tf may not write: empty, a folder, a
     symbolic link, in a folder that does not exist or is not writable, a run's bookkeeping (or
     inside a `protected` folder's), or an existing file without moco_tf's marker for `kind`. Remote
-    paths (gs://) are only
-    checked for being empty."""
+    paths (gs://) are only checked for being empty."""
     if not path:
         raise OutputError(f"{flag} is empty: give a file path")
     if "://" in path:

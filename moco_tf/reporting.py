@@ -71,11 +71,25 @@ def console() -> Iterator[None]:
         logger.propagate = saved[1]
 
 
+def _configured() -> bool:
+    """Whether a handler the caller set up would see a "moco_tf" record. absl's own handler does
+    not count: absl installs it on the root logger by itself (TensorFlow logs through absl while
+    saving a checkpoint), so its presence says nothing about what the caller wants to see."""
+    logger: logging.Logger | None = logging.getLogger(LOGGER)
+    while logger is not None:
+        if any(type(h).__name__ != "ABSLHandler" for h in logger.handlers):
+            return True
+        if not logger.propagate:
+            return False
+        logger = logger.parent
+    return False
+
+
 @contextlib.contextmanager
 def shown_unless_configured() -> Iterator[None]:
     """`console()` for the block when no handler would see a "moco_tf" record; else nothing.
     Also a decorator: `@shown_unless_configured()`."""
-    if logging.getLogger(LOGGER).hasHandlers():
+    if _configured():
         yield
         return
     with console():

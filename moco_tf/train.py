@@ -15,7 +15,7 @@ import os
 import sys
 
 import keras
-from absl import flags, logging
+from absl import flags
 
 from moco_tf import outputs
 from moco_tf.cli import flags as cli_flags
@@ -92,7 +92,6 @@ def run(argv: list[str] | None = None) -> None:
     """The command line: flags from argv (default sys.argv), user mistakes reported in one line."""
     cli_flags.define_train_flags()
     flags.adopt_module_key_flags(cli_flags)  # listed by --help as this command line's own
-    logging.set_verbosity(logging.WARNING)
     cli.run(main, user_errors=USER_ERRORS, argv=argv)
 
 

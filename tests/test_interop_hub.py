@@ -258,6 +258,9 @@ def user_files(tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "lookalike" / "assets").mkdir(parents=True)  # an export's file names, not its content
+    (tmp_path / "lookalike" / "saved_model.pb").write_bytes(b"")
+    (tmp_path / "lookalike" / "assets" / "moco_config.json").write_text('{"user": "mine"}')
     return tmp_path
 
 
@@ -270,6 +273,7 @@ def user_files(tmp_path):
         ("runs/q/checkpoints", "it is inside .*runs/q"),
         ("runs/q/hub", "it is inside .*runs/q"),  # even a new folder: the model_dir is the run's
         ("photos", "it is not a moco_tf export"),
+        ("lookalike", "it is not a moco_tf export"),
         ("notes.txt", "it is a file"),
     ],
 )

@@ -63,6 +63,18 @@ def test_results_files_read_back_and_garbled_or_foreign_ones_are_named(tmp_path)
             linear.read_results_file(path)
 
 
+def test_a_marked_file_of_another_kind_is_not_ours(tmp_path):
+    from moco_tf.evaluation import linear
+
+    path = str(tmp_path / "lincls_final.json")
+    linear.write_json(str(tmp_path / "lincls_results.json"), [{"epoch": 1}])
+    os.replace(tmp_path / "lincls_results.json", path)  # a results file where the final one goes
+    with pytest.raises(outputs.OutputError, match="lincls_final.json"):
+        outputs.check_output(path, "the results file", "lincls_final")
+    linear.write_json(path, {"top1": 1.0})
+    outputs.check_output(path, "the results file", "lincls_final")  # its own kind: may be replaced
+
+
 def test_bookkeeping_of_a_run_is_never_an_output(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

@@ -66,3 +66,10 @@ def test_a_library_call_shows_its_records_only_where_logging_is_not_configured(c
     call()
     assert capsys.readouterr() == (EXPECTED_OUT, EXPECTED_ERR)
     assert _logger_state() == before
+    # absl's own handler (TensorFlow's checkpointing puts it on the root logger) is not a caller's
+    # configuration: a second pretrain() in the same process shows its records too.
+    from absl import logging as absl_logging
+
+    monkeypatch.setattr(logging.root, "handlers", [absl_logging.get_absl_handler()])
+    call()
+    assert capsys.readouterr() == (EXPECTED_OUT, EXPECTED_ERR)

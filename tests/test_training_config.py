@@ -49,7 +49,7 @@ def _config(**flat):
 
 def test_defaults_are_the_quickstart_and_fit_the_digits():
     config = PretrainConfig()
-    assert config.recipe_settings() == PretrainConfig.recipe("quickstart").recipe_settings()
+    assert config == PretrainConfig.recipe("quickstart")  # every setting, operational ones too
     assert config.model.backbone == BackboneSpec("resnet18", 16, True) and config.data.image_size == 32
     assert config.data.dataset == "digits" and config.moco_version == "v2"
     config.validate()
@@ -150,6 +150,10 @@ def test_replace_changes_settings_by_flag_name():
         PretrainConfig().replace(momentum=0.9)
     with pytest.raises(ConfigError, match=r"^--lr must be a number, got '0.1'$"):
         PretrainConfig().replace(lr="0.1")
+    with pytest.raises(ConfigError, match=r"^--width must be an integer, got None$"):
+        PretrainConfig().replace(width=None)
+    with pytest.raises(ConfigError, match=r"^model must be a ModelConfig, got \{'dim': 3\}$"):
+        PretrainConfig().replace(model={"dim": 3})
 
 
 def test_json_round_trip_of_every_section():
@@ -335,6 +339,9 @@ def test_unreadable_json_and_files_that_are_not_moco_tf_configs():
         PretrainConfig.from_dict({"arch": "resnet18", "width": 8})
     with pytest.raises(ConfigError, match="^not a moco_tf config: no format_version$"):
         LinearConfig.from_dict({"pretrained": "/r", "lr": 30})
+    twice = PretrainConfig().to_json().replace('"epochs": 15,', '"epochs": 15, "epochs": 99,')
+    with pytest.raises(ConfigError, match="^key 'epochs' is given twice$"):
+        PretrainConfig.from_json(twice)
 
 
 # ----------------------------------------------------------------------------------------------

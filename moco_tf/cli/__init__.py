@@ -55,8 +55,9 @@ def run(
     """absl's app.run(main), reporting USER_ERRORS and `user_errors` in one line (status 2),
     RunFailed in one line (status 1) and RunInterrupted in one line (status 128 + signal); the
     library's log records meanwhile on stdout (INFO) and stderr ("warning: ...")."""
-    from absl import app
+    from absl import app, logging
 
+    logging.set_verbosity(logging.WARNING)  # no INFO lines of tf.distribute, checkpoints and SavedModels
     caught = USER_ERRORS + tuple(user_errors)
 
     def wrapped(args):

@@ -15,7 +15,7 @@ import tensorflow as tf
 from moco_tf import atomic_write, outputs
 from moco_tf.data.sources import Source
 from moco_tf.evaluation.frozen import FrozenBackbone, replicate
-from moco_tf.evaluation.linear import read_results_file
+from moco_tf.evaluation.linear import read_results_file, results_kind
 from moco_tf.models.backbones import BackboneSpec
 from moco_tf.training import distribute
 from moco_tf.training.config import FORMAT_VERSION, PRECISION_POLICIES, ConfigError, check_same_run
@@ -32,14 +32,14 @@ class Setup:
     source: Source
 
 
-def setup(flag_values: Any) -> Setup:
+def setup(flag_values: Any, config: Any = None) -> Setup:
     """The strategy (made first: multi-worker collectives must be set up before any TF op), then
     the encoder of --pretrained, rebuilt in the strategy's scope under --mixed_precision's policy
-    when either applies, and the labelled data source."""
+    when either applies, and the labelled data source. `config` (a LinearConfig: its recipe's
+    values) gives pretrained, dataset, data_dir and strict_data; without one, the flags do."""
+    data = config if config is not None else flag_values
     strategy = distribute.make_strategy(flag_values.strategy, flag_values.tpu, flag_values.peer_timeout)
-    backbone, info, source = load_for_evaluation(
-        flag_values.pretrained, flag_values.dataset, flag_values.data_dir, flag_values.strict_data
-    )
+    backbone, info, source = load_for_evaluation(data.pretrained, data.dataset, data.data_dir, data.strict_data)
     if strategy is not tf.distribute.get_strategy() or flag_values.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(PRECISION_POLICIES[flag_values.mixed_precision])
         backbone = replicate(backbone, BackboneSpec.from_dict(info).build, strategy)
@@ -115,7 +115,8 @@ def check_model_dir_first(
             "use another --model_dir"
         )
     read_results_file(os.path.join(model_dir, results_file))
-    outputs.check_output(os.path.join(model_dir, final_file), "the results file", "json")
+    final = os.path.join(model_dir, final_file)
+    outputs.check_output(final, "the results file", results_kind(final))
 
 
 def check_model_dir(config: LinearConfig | FinetuneConfig, config_file: str, chief: bool) -> None:

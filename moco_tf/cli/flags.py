@@ -68,7 +68,7 @@ def _define_recipe(config_type: type, fv: flags.FlagValues) -> None:
     flags.DEFINE_enum(
         "recipe", None, recipes.names(config_type),
         "A named recipe (moco_tf/training/recipes.py) whose settings replace the defaults; flags given beside it "
-        "override it.", flag_values=fv,
+        "override it. [config.json records each setting, not the name]", flag_values=fv,
     )
 
 
@@ -186,7 +186,7 @@ def define_plot_flags() -> None:
     if "out" in flags.FLAGS:
         return
     flags.DEFINE_string("model_dir", None, "a training run's folder (its logs/ are read)")
-    flags.DEFINE_string("out", "curves.png", "the PNG to write (an existing file is replaced only if it is a PNG)")
+    flags.DEFINE_string("out", "curves.png", "the PNG to write (an existing file is replaced only if moco_tf wrote it)")
     flags.DEFINE_string("title", None, "title above the panels (default: the model_dir's name)")
     flags.DEFINE_integer(
         "steps_per_epoch", None, "steps per epoch, to place per-epoch values (default: from config.json and the data)"

@@ -56,7 +56,8 @@ def read_scalars(log_dir: str) -> dict[str, Series]:
     found: dict[str, list[tuple[float, int, float]]] = {}
     for path in sorted(glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True)):
         run = os.path.relpath(os.path.dirname(path), log_dir).replace(os.sep, "/")
-        for event in tf.compat.v1.train.summary_iterator(path):
+        for record in tf.data.TFRecordDataset(path):  # (summary_iterator warns it is deprecated)
+            event = tf.compat.v1.Event.FromString(record.numpy())
             for value in event.summary.value:
                 number = _scalar(value)
                 if number is not None:

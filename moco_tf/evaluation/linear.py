@@ -333,7 +333,10 @@ def results_kind(path: str) -> str:
 
 
 def _per_epoch_rows(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(row, dict) and "epoch" in row for row in value)
+    """Rows as write_json wrote them: objects, each with its epoch (a positive integer)."""
+    return isinstance(value, list) and all(
+        isinstance(row, dict) and type(row.get("epoch")) is int and row["epoch"] >= 1 for row in value
+    )
 
 
 def read_results_file(path: str) -> list[dict[str, Any]]:

@@ -208,8 +208,13 @@ def stage_outputs(backbone: keras.Model) -> dict[str, Any]:
     return {f"layer{stage}": tensor for stage, (_, tensor) in sorted(last.items())}
 
 
+# The marker in assets/moco_config.json that makes a folder a moco_tf export (read from its
+# content, never its file names): only such a folder may be replaced by another export.
+EXPORT_FORMAT = {"format": "moco_tf.export"}
+
+
 def _full_config(backbone: keras.Model, config: Mapping[str, Any], head, classifier=None) -> dict[str, Any]:
-    full = dict(config)
+    full = {**config, **EXPORT_FORMAT}
     full.setdefault("feature_dim", int(backbone.output.shape[-1]))
     width = _backbone_width(backbone)
     if width is not None:
@@ -254,12 +259,16 @@ SAVED_MODEL_ENTRIES = frozenset({"saved_model.pb", "fingerprint.pb", "variables"
 
 
 def is_export(path: str) -> bool:
-    """Whether `path` is a folder written by moco_tf.export: a SavedModel with assets/moco_config.json."""
-    return (
-        os.path.isdir(path)
-        and os.path.isfile(os.path.join(path, "saved_model.pb"))
-        and os.path.isfile(os.path.join(path, "assets", CONFIG_ASSET))
-    )
+    """Whether `path` is a folder written by moco_tf.export: a SavedModel whose
+    assets/moco_config.json carries moco_tf's export marker (its content, not only its names)."""
+    if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "saved_model.pb"))):
+        return False
+    try:
+        with open(os.path.join(path, "assets", CONFIG_ASSET), "rb") as f:
+            values = json.loads(f.read(1 << 20).decode("utf-8"))
+    except (OSError, ValueError):  # absent, unreadable, not UTF-8 JSON (or larger than ours ever are)
+        return False
+    return isinstance(values, dict) and values.get("format") == EXPORT_FORMAT["format"]
 
 
 def _is_complete_export(path: str) -> bool:

@@ -45,15 +45,17 @@ def read_config(model_dir: str) -> PretrainConfig | None:
     with tf.io.gfile.GFile(path, "rb") as f:
         raw = f.read()
     try:
-        values = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise CheckpointError(f"{path} is not a moco_tf config (not UTF-8 text); use a new --model_dir") from None
+    try:
+        values = json.loads(text)
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is not valid JSON ({error}); restore it or use a new --model_dir") from None
     if not isinstance(values, dict):
         raise CheckpointError(f"{path} does not hold a moco_tf config (a JSON object); use a new --model_dir")
     try:
-        config = PretrainConfig.from_dict(values)
+        config = PretrainConfig.from_json(text)  # (again, refusing a key given twice)
         config.check_bounds()  # a value read from the file has the bounds of the flag that set it
     except ConfigError as error:
         raise CheckpointError(f"{path}: {error}; restore it or use a new --model_dir") from None

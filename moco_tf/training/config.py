@@ -211,11 +211,11 @@ class RuntimeConfig:
         "on the host's CPU cores, or inside the train step on the accelerator, so the host only decodes, crops and "
         "flips. The views are the same either way. auto: device when the run has a GPU or TPU.",
     )
-    checkpoint_every: int = setting(1000, "Checkpoint every N steps (and at every epoch end).", check=NON_NEGATIVE)
+    checkpoint_every: int = setting(100, "Checkpoint every N steps (and at every epoch end).", check=NON_NEGATIVE)
     keep_checkpoints: int = setting(3, "Checkpoints kept in model_dir.", check=POSITIVE)
     log_every: int = setting(50, "TensorBoard scalars (and step lines in a log file) every N steps.", check=POSITIVE)
     knn_every: int = setting(
-        10, "kNN monitor every N epochs when the data set has labels (0: off).", check=NON_NEGATIVE
+        5, "kNN monitor every N epochs when the data set has labels (0: off).", check=NON_NEGATIVE
     )
     knn_k: int = setting(200, "Neighbours of the kNN monitor.", check=POSITIVE)
     knn_t: float = setting(0.1, "Temperature of the kNN monitor's vote weights.", check=POSITIVE_FLOAT)
@@ -293,11 +293,16 @@ class PretrainConfig:
         An image_size that was the old backbone's default follows a changed backbone."""
         flat = {k: v for k, v in changes.items() if k not in self.SECTIONS}
         sections = {s: changes.get(s, getattr(self, s)) for s in self.SECTIONS}
+        for name, section_type in zip(self.SECTIONS, _SECTION_TYPES, strict=True):
+            if not isinstance(sections[name], section_type):
+                raise ConfigError(f"{name} must be a {section_type.__name__}, got {sections[name]!r}")
         owner = _owners()
         unknown = sorted(set(flat) - set(owner))
         if unknown:
             raise ConfigError(f"unknown setting {unknown[0]!r}; settings: {', '.join(sorted(owner))}")
         backbone_given = {k: flat.pop(k) for k in BACKBONE_PARTS if k in flat}
+        part_types = typing.get_type_hints(BackboneSpec)
+        backbone_given = {k: settings.typed(k, v, part_types[k], flags=True) for k, v in backbone_given.items()}
         if backbone_given:
             old = sections["model"].backbone
             new = backbone_spec({**old.to_dict(), **backbone_given}, flags=True)
@@ -628,9 +633,19 @@ def check_format_version(values: Mapping[str, Any]) -> None:
 
 def json_values(text: str) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_no_repeated_keys)
     except json.JSONDecodeError as error:
         raise ConfigError(f"not valid JSON ({error})") from None
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict; a key given twice (a hand edit: which one was meant?) is refused."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError(f"key {key!r} is given twice")
+        seen[key] = value
+    return seen
 
 
 def check_types(sections: list[Any]) -> None:
