@@ -148,7 +148,7 @@ def check_steps_per_execution(config: PretrainConfig) -> None:
 
 def steps_per_execution(config: PretrainConfig, strategy: tf.distribute.Strategy) -> int:
     """--steps_per_execution, or when unset ("auto"): on a TPU the largest divisor of --log_every and
-    --checkpoint_every up to AUTO_TPU_STEPS_PER_EXECUTION (25 with the defaults 50 and 1000), else 1
+    --checkpoint_every up to AUTO_TPU_STEPS_PER_EXECUTION (25 with the defaults 50 and 100), else 1
     (a CPU or GPU step is long enough that the host's call overhead does not show). Refused above 1
     with several replicas of another strategy than TPUStrategy (see below)."""
     tpu = isinstance(strategy, tf.distribute.TPUStrategy)
