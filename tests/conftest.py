@@ -71,18 +71,3 @@ def _seed():
     yield
     keras.backend.clear_session()
 
-
-# The longest modules (minutes of subprocesses and training runs) first: xdist hands out whole
-# files (--dist loadfile) in collection order, so a long file collected late would run on one
-# worker while the other has finished. Measured with --durations; the rest keep their order.
-LONGEST_FIRST = (
-    "test_run_kill_resume.py", "test_data_augment_color_stage.py", "test_cli_train_bad_inputs.py",
-    "test_models_moco_torch_equivalence.py", "test_evaluation_linear.py", "test_training_steps_per_execution.py",
-    "test_run_multiworker_resume.py", "test_models_moco_mirrored.py", "test_cli_train.py", "test_interop_torch.py",
-    "test_training_pretrain.py", "test_evaluation_knn.py", "test_interop_hub.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable

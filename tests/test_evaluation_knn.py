@@ -241,6 +241,9 @@ def _top(stdout: str) -> str:
     return line[line.index("top-1") : line.index("(", line.index("top-1"))].strip()
 
 
+# Slow: CI runs the same evaluation set-up on 2 local workers in tests/test_evaluation_linear.py
+# (cli_evaluation.setup, sharded extraction), and pretraining's in test_run_multiworker_resume.py.
+@pytest.mark.slow
 def test_cli_multi_worker_reports_the_one_device_result(tmp_path):
     """Two local workers (TF_CONFIG on 127.0.0.1, one replica each) extract half of the features
     each; both print the one-device top-1 and top-5; only the chief writes the grid."""

@@ -1,5 +1,5 @@
 """`moco_tf.pretrain(PretrainConfig)`: a whole run from Python, no flags (a notebook's way in),
-its resume, a recipe change refused against it, and an interrupt without signal handlers."""
+interrupted without signal handlers, resumed, and a recipe change refused against it."""
 
 import json
 import logging
@@ -25,31 +25,11 @@ def _tiny(model_dir: str, max_steps: int) -> PretrainConfig:
     )
 
 
-def test_pretrain_from_python_then_resume(tmp_path):
-    model_dir = str(tmp_path / "run")
-    model, history = moco_tf.pretrain(_tiny(model_dir, max_steps=2), progress="none")
-    assert model.width == 8 and model.image_size == 32  # image_size: the CIFAR stem's default
-    assert len(history["loss"]) == 1 and np.isfinite(history["loss"][0]) and history["loss"][0] > 0
-    saved = json.load(open(os.path.join(model_dir, "config.json")))
-    assert saved["format_version"] == 2 and saved["moco_version"] == "v2"
-    assert saved["model"]["backbone"] == {"arch": "resnet18", "width": 8, "cifar_stem": True}
-    assert saved["runtime"]["max_steps"] == 2 and saved["data"]["image_size"] == 32
-    assert os.path.exists(os.path.join(model_dir, "checkpoints", "ckpt-2.index"))
-
-    # The same run again with more steps: it resumes at step 2 (operational settings may change).
-    result = moco_tf.pretrain(_tiny(model_dir, max_steps=3), progress="none")
-    assert int(result.model.optimizer.iterations.numpy()) == 3 and len(result.history["loss"]) == 1
-
-    # ... and a recipe change is refused against it, naming the flag.
-    with pytest.raises(moco_tf.training.config.RunMismatchError, match=r"--moco_momentum=0.99 \(now 0.9\)"):
-        moco_tf.pretrain(_tiny(model_dir, max_steps=4).replace(moco_momentum=0.9), progress="none")
-
-
-def test_interrupt_without_handlers_saves_the_step_reached_then_raises_and_a_rerun_resumes(tmp_path, monkeypatch,
-                                                                                            caplog):
-    """No signal handlers unless asked: a notebook's interrupt (KeyboardInterrupt, raised here by a
-    callback at step 3, mid-epoch) ends pretrain with that KeyboardInterrupt, after the step
-    reached is saved; calling pretrain again resumes there."""
+def test_pretrain_from_python_interrupted_then_resumed(tmp_path, monkeypatch, caplog):
+    """A whole run from Python. No signal handlers unless asked: a notebook's interrupt
+    (KeyboardInterrupt, raised here by a callback at step 3, mid-epoch) ends pretrain with that
+    KeyboardInterrupt, after the step reached is saved; calling pretrain again resumes there; a
+    recipe change is refused against it, naming the flag."""
     model_dir = str(tmp_path / "run")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     seen_during_run = []
@@ -70,9 +50,18 @@ def test_interrupt_without_handlers_saves_the_step_reached_then_raises_and_a_rer
     checkpoints = os.path.join(model_dir, "checkpoints")
     assert os.path.exists(os.path.join(checkpoints, "ckpt-3.index"))  # not an epoch's end nor a multiple
     assert any(f"interrupted at step 3: checkpoint saved in {model_dir}" in r.getMessage() for r in caplog.records)
+    saved = json.load(open(os.path.join(model_dir, "config.json")))
+    assert saved["format_version"] == 2 and saved["moco_version"] == "v2"
+    assert saved["model"]["backbone"] == {"arch": "resnet18", "width": 8, "cifar_stem": True}
+    assert saved["runtime"]["max_steps"] == 4 and saved["data"]["image_size"] == 32  # the CIFAR stem's default
 
     monkeypatch.setattr(TrainingLogs, "on_train_batch_end", real_hook)
     caplog.clear()
-    result = moco_tf.pretrain(_tiny(model_dir, max_steps=4), progress="none")
-    assert int(result.model.optimizer.iterations.numpy()) == 4 and len(result.history["loss"]) == 1
+    model, history = moco_tf.pretrain(_tiny(model_dir, max_steps=4), progress="none")
+    assert model.width == 8 and model.image_size == 32
+    assert int(model.optimizer.iterations.numpy()) == 4 and len(history["loss"]) == 1
+    assert np.isfinite(history["loss"][0]) and history["loss"][0] > 0
     assert any(f"resuming {model_dir} from step 3" in r.getMessage() for r in caplog.records)
+
+    with pytest.raises(moco_tf.training.config.RunMismatchError, match=r"--moco_momentum=0.99 \(now 0.9\)"):
+        moco_tf.pretrain(_tiny(model_dir, max_steps=5).replace(moco_momentum=0.9), progress="none")
