@@ -40,7 +40,7 @@ from moco_tf.data.augment import ViewOptions
 from moco_tf.data.sources import MIN_IMAGE_SIZE
 from moco_tf.models import moco
 from moco_tf.models.backbones import CIFAR_IMAGE_SIZE, IMAGENET_IMAGE_SIZE, BackboneSpec, get_backbone
-from moco_tf.training import settings
+from moco_tf.training import recipes, settings
 from moco_tf.training.distribute import STRATEGIES
 from moco_tf.training.settings import (
     MOMENTUM,
@@ -283,8 +283,6 @@ class PretrainConfig:
     @classmethod
     def recipe(cls, name: str) -> PretrainConfig:
         """A named recipe of moco_tf.training.recipes (quickstart, cifar10_v2, moco_v2_imagenet, ...)."""
-        from moco_tf.training import recipes
-
         return cls().replace(**recipes.settings(cls, name))
 
     def replace(self, **changes: Any) -> PretrainConfig:
@@ -457,8 +455,7 @@ class PretrainConfig:
             )
         name = values.pop("recipe", None)
         base = cls.recipe(name) if name else cls()
-        given = typed_flags(values, _owners())
-        return base.replace(**given)
+        return base.replace(**typed_flags(values, base.declarations()))
 
 
 def _owners() -> dict[str, str]:
@@ -483,13 +480,15 @@ def given_flags(flag_values: Any) -> dict[str, Any]:
     return dict(flag_values)
 
 
-def typed_flags(values: Mapping[str, Any], known: Mapping[str, Any]) -> dict[str, Any]:
-    """The values of the flags that are settings, milestones as a tuple; type errors name the flag."""
+def typed_flags(values: Mapping[str, Any], declared: Mapping[str, settings.Leaf]) -> dict[str, Any]:
+    """The values of the flags that are settings (`declared`: a config's declarations()), a list
+    flag's strings (absl's DEFINE_list) as the tuple of integers its field holds; errors name the flag."""
     out = {}
     for name, value in values.items():
-        if name not in known:
+        if name not in declared:
             continue  # the command line's own flags (--flagfile, --verbosity, ...)
-        out[name] = settings.parse_list_of_ints(name, value) if name == "milestones" else value
+        is_list = typing.get_origin(settings.required(declared[name].hint)) is tuple
+        out[name] = settings.parse_list_of_ints(name, value) if is_list else value
     return out
 
 

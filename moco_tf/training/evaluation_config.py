@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from moco_tf.data.sources import MIN_IMAGE_SIZE
-from moco_tf.training import settings
+from moco_tf.training import recipes, settings
 from moco_tf.training.config import (
     DATA_DIR_HELP,
     DATASET_HELP,
@@ -76,9 +76,7 @@ class _EvaluationRecipe:
 
     @classmethod
     def recipe(cls, name: str) -> Any:
-        """A named recipe of moco_tf.training.recipes (lincls_imagenet, finetune_cifar10, ...)."""
-        from moco_tf.training import recipes
-
+        """A named recipe of moco_tf.training.recipes (lincls_imagenet, finetune_cifar10_1pct, ...)."""
         return cls().replace(**recipes.settings(cls, name))
 
     def replace(self, **changes: Any) -> Any:
@@ -141,8 +139,7 @@ class _EvaluationRecipe:
         values = given_flags(flag_values)
         name = values.pop("recipe", None)
         base = cls.recipe(name) if name else cls()
-        known = {f.name: f for f in settings.settings_of(cls)}
-        return base.replace(**typed_flags(values, known))
+        return base.replace(**typed_flags(values, base.declarations()))
 
 
 @dataclasses.dataclass
