@@ -89,19 +89,20 @@ def raise_if_disk_full(error: BaseException, what: str, target: str, previous: b
 def write_atomic(path: str, data: bytes) -> str:
     """`data` at `path`, all or nothing: a temporary file beside it (`.NAME.XXXXXXXX.tmp`, created
     with the permissions a plain open gives), fsynced, renamed over it. gs:// and other remote
-    paths go through tf.io.gfile (NAME.tmp beside, renamed)."""
+    paths go through tf.io.gfile (the same temporary name, written, then renamed)."""
     if "://" in path:
         import tensorflow as tf
 
         tf.io.gfile.makedirs(os.path.dirname(path))
-        with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
+        temp = _temp_name(path)  # a user's own NAME.tmp beside it is never written over
+        with tf.io.gfile.GFile(temp, "wb") as f:
             f.write(data)
-        tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+        tf.io.gfile.rename(temp, path, overwrite=True)
         return path
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     while True:
-        temp = os.path.join(folder, f".{os.path.basename(path)}.{os.urandom(4).hex()}.tmp")
+        temp = _temp_name(os.path.join(folder, os.path.basename(path)))
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
             break
@@ -128,13 +129,19 @@ def write_atomic(path: str, data: bytes) -> str:
     return path
 
 
+def _temp_name(path: str) -> str:
+    """`.NAME.XXXXXXXX.tmp` beside `path`: a name only write_atomic makes (remove_temp_files' pattern)."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{os.urandom(4).hex()}.tmp")
+
+
 def remove_temp_files(path: str) -> list[str]:
     """Deletes the temporary files that killed `write_atomic`s of `path` left beside it; returns
     them. Call it only where no other process may be writing `path` (holding the run lock)."""
     import tensorflow as tf  # a remote folder too
 
     folder, name = os.path.split(path)
-    pattern = re.compile(rf"(\.{re.escape(name)}\.[0-9a-f]{{8}}|{re.escape(name)})\.tmp\Z")
+    pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{8}}\.tmp\Z")
     removed = []
     if not tf.io.gfile.isdir(folder or "."):
         return removed

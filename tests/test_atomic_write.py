@@ -44,11 +44,27 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
 
 
 def test_remove_temp_files_removes_only_what_killed_writes_of_that_file_left(tmp_path):
-    ours = [".config.json.0a1b2c3d.tmp", "config.json.tmp"]  # a local write's, a remote (gs://) one's
-    kept = ["config.json", ".config.json.notours.tmp", ".other.json.0a1b2c3d.tmp", "notes.tmp"]
+    ours = [".config.json.0a1b2c3d.tmp"]  # what write_atomic makes, local or remote (gs://)
+    kept = ["config.json", ".config.json.notours.tmp", ".other.json.0a1b2c3d.tmp", "notes.tmp", "config.json.tmp"]
     for name in ours + kept:
         (tmp_path / name).write_text("x")
     (tmp_path / ".config.json.deadbeef.tmp").mkdir()  # a folder is never one of these files
     removed = atomic_write.remove_temp_files(str(tmp_path / "config.json"))
     assert sorted(os.path.basename(p) for p in removed) == sorted(ours)
     assert sorted(os.listdir(tmp_path)) == sorted([*kept, ".config.json.deadbeef.tmp"])
+
+
+def test_a_remote_path_is_written_through_a_temporary_name_only_write_atomic_makes():
+    import tensorflow as tf
+
+    folder = "ram://atomic_write_test"
+    tf.io.gfile.makedirs(folder)
+    user = f"{folder}/config.json.tmp"  # a user's file that a fixed temporary name would overwrite
+    with tf.io.gfile.GFile(user, "w") as f:
+        f.write("mine")
+    atomic_write.write_atomic(f"{folder}/config.json", b"ours")
+    with tf.io.gfile.GFile(f"{folder}/config.json", "rb") as f:
+        assert f.read() == b"ours"
+    with tf.io.gfile.GFile(user) as f:
+        assert f.read() == "mine"
+    assert sorted(tf.io.gfile.listdir(folder)) == ["config.json", "config.json.tmp"]
